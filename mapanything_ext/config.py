@@ -1,0 +1,32 @@
+"""Hydra/OmegaConf glue: the `${repo_root:}` resolver and config-to-plain conversion.
+
+The config tree lives in `<checkout>/configs`; profiles point data and experiment
+folders inside the checkout by default, which the `repo_root` resolver makes
+independent of the current working directory.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CONFIG_DIR = REPO_ROOT / "configs"
+
+
+def register_resolvers() -> None:
+    """Register our resolvers once (idempotent: Hydra may import us twice)."""
+    if not OmegaConf.has_resolver("repo_root"):
+        OmegaConf.register_new_resolver("repo_root", lambda: str(REPO_ROOT))
+
+
+def to_plain(cfg: DictConfig | Any) -> Any:
+    """Resolved config as plain dict/list/scalars, safe for torch.load(weights_only=True)."""
+    if isinstance(cfg, DictConfig) or OmegaConf.is_config(cfg):
+        return OmegaConf.to_container(cfg, resolve=True)
+    return cfg
+
+
+register_resolvers()

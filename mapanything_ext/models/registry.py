@@ -1,0 +1,43 @@
+"""Model and loss registry: `model.name` / `loss.name` in the config pick the backend.
+
+`compact` is built in; `mapanything` goes through the adapter, the only module that
+imports MapAnything (an optional, user-installed dependency).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from mapanything_ext.models.compact import CompactMapAnything
+from mapanything_ext.models.compact_loss import CompactLoss
+
+Criterion = Callable[[list, list], tuple]
+
+_COMPACT_ARGS = ("patch_size", "dim", "depth", "num_heads", "mlp_ratio", "gradient_checkpointing")
+
+
+def build_model(model_cfg: DictConfig) -> nn.Module:
+    name = model_cfg.get("name")
+    if name == "compact":
+        return CompactMapAnything(**{k: model_cfg[k] for k in _COMPACT_ARGS if k in model_cfg})
+    if name == "mapanything":
+        from mapanything_ext.models.mapanything_adapter import build_mapanything_model
+
+        return build_mapanything_model(model_cfg)
+    raise ValueError(f"unknown model.name {name!r}: choose model=compact or model=mapanything")
+
+
+def build_criteria(loss_cfg: DictConfig) -> tuple[Criterion, Criterion]:
+    """(train criterion, test criterion), each called as criterion(views, preds) -> (loss, details)."""
+    name = loss_cfg.get("name")
+    if name == "compact_loss":
+        kwargs = OmegaConf.to_container(loss_cfg.get("params", {}), resolve=True)
+        return CompactLoss(use_confidence=True, **kwargs), CompactLoss(use_confidence=False, **kwargs)
+    if name == "overall_loss":
+        from mapanything_ext.models.mapanything_adapter import build_mapanything_criteria
+
+        return build_mapanything_criteria(loss_cfg)
+    raise ValueError(f"unknown loss.name {name!r}: choose loss=compact_loss or loss=overall_loss")

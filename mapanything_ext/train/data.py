@@ -1,0 +1,57 @@
+"""Datasets and loaders of a run: instantiate from the config, batch by image budget."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import torch
+from hydra.utils import instantiate
+from torch.utils.data import DataLoader, default_collate
+
+from mapanything_ext.datasets.batch_sampler import DynamicBatchSampler
+
+
+def build_dataset(node):
+    """Instantiate one dataset node (`_target_` + constructor kwargs) from the dataset config."""
+    return instantiate(node, _convert_="all")
+
+
+def views_counter(dataset):
+    """How many views sample i will have, without loading it."""
+    if hasattr(dataset, "num_views_of"):
+        return dataset.num_views_of
+    fixed = int(dataset.num_views)
+    return lambda _index: fixed
+
+
+def build_loader(dataset, max_imgs: int, shuffle: bool, seed: int, rank: int, world_size: int,
+                 num_workers: int) -> DataLoader:
+    sampler = DynamicBatchSampler(len(dataset), views_counter(dataset), max_imgs, shuffle=shuffle, seed=seed,
+                                  rank=rank, world_size=world_size)
+    return DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        num_workers=num_workers,
+        collate_fn=default_collate,
+        worker_init_fn=_seed_worker,
+        persistent_workers=False,
+        pin_memory=torch.cuda.is_available(),
+    )
+
+
+def _seed_worker(worker_id: int) -> None:
+    # torch gives each worker a distinct base seed; derive numpy/python from it.
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def to_device(batch, device):
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch

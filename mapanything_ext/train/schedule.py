@@ -1,0 +1,23 @@
+"""Learning rate: linear warmup, then a half-cycle cosine down to min_lr.
+
+The rate is a pure function of the fractional epoch, so resuming anywhere (even
+mid-epoch) needs no scheduler state: the position alone restores it.
+"""
+
+from __future__ import annotations
+
+import math
+
+
+def lr_at(epoch: float, lr: float, min_lr: float, warmup_epochs: float, epochs: float) -> float:
+    if epoch < warmup_epochs:
+        return lr * epoch / warmup_epochs
+    span = max(epochs - warmup_epochs, 1e-12)
+    progress = min((epoch - warmup_epochs) / span, 1.0)
+    return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def set_lr(optimizer, lr: float) -> None:
+    """Apply lr to every group, scaled by a group's `lr_scale` when it has one."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)

@@ -1,0 +1,30 @@
+"""Hydra entry point: python -m mapanything_ext.train.training [overrides...]
+
+In-process by default; `-m hydra/launcher=submitit_slurm machine=<profile>` sends the
+same job to Slurm (one job per run, every launcher parameter from the profile).
+"""
+
+from __future__ import annotations
+
+import hydra
+from omegaconf import DictConfig
+
+from mapanything_ext.config import CONFIG_DIR, register_resolvers
+
+register_resolvers()
+
+
+def run(cfg: DictConfig):
+    """Train with a composed config (also what the stage pipeline submits)."""
+    from mapanything_ext.train.engine import train
+
+    return train(cfg)
+
+
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
+def main(cfg: DictConfig) -> None:
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()
