@@ -10,6 +10,7 @@ mapanything_ext.checkpoint (atomic, verifiable).
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -86,6 +87,8 @@ def train(cfg: DictConfig) -> Path:
     dist.barrier()
     run = _build_run(cfg, info, output_dir)
     position = _restore_or_start(run)
+    if cfg.train_params.get("eval_before_training") and position.global_step == 0:
+        _initial_eval(run)
     try:
         _train_epochs(run, position)
     finally:
@@ -118,6 +121,14 @@ def _build_run(cfg: DictConfig, info: dist.DistInfo, output_dir: Path) -> Run:
     watcher.install()
     return Run(cfg, info, output_dir, model, module, build_optimizer(module, tp), train_criterion, test_criterion,
                train_loader, test_loader, Scalars(output_dir, info.rank == 0), watcher)
+
+
+def _initial_eval(run: Run) -> None:
+    """Held-out metrics of the initial model, the baseline a run is judged against."""
+    stats = evaluate(run.model, run.test_criterion, run.test_loader, run.info.device, _amp(run))
+    if run.info.rank == 0:
+        (run.output_dir / "initial_eval.json").write_text(json.dumps(stats, indent=1) + "\n")
+        print("[mapanything_ext] before training: " + ", ".join(f"test_{k}={v:.4g}" for k, v in stats.items()))
 
 
 def _restore_or_start(run: Run) -> Position:
