@@ -1,0 +1,29 @@
+"""Loading checkpoints: ours never unpickle code; foreign ones only when the user trusts them."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import torch
+
+
+class ForeignCheckpointError(RuntimeError):
+    """A file that needs full unpickling was given without the trust switch."""
+
+
+def load_checkpoint(path, map_location="cpu", trust_foreign: bool = False) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        if not trust_foreign:
+            raise ForeignCheckpointError(
+                f"{path} needs full unpickling (it stores Python objects, e.g. the official MapAnything file's "
+                f"OmegaConf config), which can run arbitrary code. If you trust this file, set "
+                f"trust_foreign_checkpoints=true. ({str(err).splitlines()[0]})"
+            ) from err
+    print(f"[checkpoint] loading {path} with full unpickling (trust_foreign_checkpoints=true)", flush=True)
+    return torch.load(path, map_location=map_location, weights_only=False)

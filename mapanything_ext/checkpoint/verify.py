@@ -1,0 +1,107 @@
+"""Is a checkpoint file good enough to resume from? One reason when it is not.
+
+Checks, cheapest first: exists and non-empty; is a zip archive as torch.save writes
+(else: text, legacy or truncated file); every record's CRC-32 matches (streamed: bit
+rot, a flipped byte, a torn write); loads with weights_only=True and mmap=True (a
+pickle that would run code is refused here, never executed; tensors stay on disk);
+is one of our checkpoints (required keys, format version); the tensor manifest
+matches; every floating tensor is finite; epoch and position are in range.
+"""
+
+from __future__ import annotations
+
+import pickle
+import zipfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from mapanything_ext.checkpoint.format import FORMAT_VERSION, REQUIRED_KEYS, iter_tensors, tensor_manifest
+
+
+@dataclass
+class CheckResult:
+    path: str
+    valid: bool
+    reason: str
+    epoch: int | None = None
+    size: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def verify_checkpoint(path) -> CheckResult:
+    path = Path(path)
+    if not path.is_file():
+        return CheckResult(str(path), False, "unreadable: no such file")
+    size = path.stat().st_size
+    if size == 0:
+        return CheckResult(str(path), False, "truncated: empty file (0 bytes)", size=size)
+    problem = _archive_problem(path)
+    if problem:
+        return CheckResult(str(path), False, problem, size=size)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as err:
+        return CheckResult(str(path), False, f"not a checkpoint we wrote: refuses weights_only loading ({_first_line(err)})", size=size)
+    except Exception as err:  # torch raises RuntimeError/EOFError/... for damaged archives
+        return CheckResult(str(path), False, f"unreadable: {_first_line(err)}", size=size)
+    problem = _content_problem(ckpt)
+    epoch = ckpt.get("epoch") if isinstance(ckpt, dict) else None
+    return CheckResult(str(path), problem is None, problem or "ok", epoch if isinstance(epoch, int) else None, size)
+
+
+def _archive_problem(path: Path) -> str | None:
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()  # reads every record in chunks and checks its CRC-32
+    except zipfile.BadZipFile:
+        return "truncated or not a checkpoint: not a torch zip archive (torn write, text or legacy file)"
+    except (OSError, EOFError) as err:
+        return f"unreadable: {err}"
+    if bad is not None:
+        return f"integrity mismatch: CRC-32 of record {bad!r} does not match (corrupted bytes)"
+    return None
+
+
+def _content_problem(ckpt) -> str | None:
+    if not isinstance(ckpt, dict):
+        return f"not a checkpoint: top-level object is {type(ckpt).__name__}, not a dict"
+    missing = [k for k in REQUIRED_KEYS if k not in ckpt]
+    if missing:
+        return f"missing required keys: {', '.join(missing)}"
+    if ckpt["format_version"] != FORMAT_VERSION:
+        return f"unknown format_version {ckpt['format_version']!r} (this code reads {FORMAT_VERSION})"
+    body = {k: v for k, v in ckpt.items() if k not in ("format_version", "integrity")}
+    expected = ckpt["integrity"]
+    actual = tensor_manifest({**body, "format_version": FORMAT_VERSION})
+    if not isinstance(expected, dict) or any(expected.get(k) != actual[k] for k in ("num_tensors", "num_bytes")):
+        return f"integrity mismatch: manifest says {expected}, file holds {actual}"
+    for tensor in iter_tensors(body):
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            return "non-finite tensors: NaN or Inf in the saved state"
+    return _range_problem(ckpt)
+
+
+def _range_problem(ckpt: dict) -> str | None:
+    epoch = ckpt["epoch"]
+    if not isinstance(epoch, int) or epoch < 0:
+        return f"epoch out of range: {epoch!r}"
+    args = ckpt.get("args")
+    max_epochs = args.get("train_params", {}).get("epochs") if isinstance(args, dict) else None
+    if isinstance(max_epochs, int) and epoch > max_epochs:
+        return f"epoch out of range: {epoch} > train_params.epochs={max_epochs}"
+    resume = ckpt.get("resume")
+    if isinstance(resume, dict):
+        if not isinstance(resume.get("iteration", 0), int) or resume.get("iteration", 0) < 0:
+            return f"step out of range: iteration {resume.get('iteration')!r}"
+        if not isinstance(resume.get("global_step", 0), int) or resume.get("global_step", 0) < 0:
+            return f"step out of range: global_step {resume.get('global_step')!r}"
+    return None
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip().splitlines()
+    return text[0][:200] if text else type(err).__name__

@@ -1,0 +1,168 @@
+"""Process-group set-up for torchrun, Slurm/submitit and single-process runs.
+
+Where the rank comes from:
+  torchrun      RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT
+  Slurm         SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID; master = first host of
+                SLURM_JOB_NODELIST, port derived from SLURM_JOB_ID (same on every task)
+  neither       one process, no process group
+
+The collective timeout is TORCH_DIST_TIMEOUT (seconds) when set, else the machine
+profile's `dist_timeout_s`, else 7200 s: a slow or missing peer fails the job in that
+time with a message naming the missing rank instead of hanging.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import re
+import subprocess
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as tdist
+
+DEFAULT_TIMEOUT_S = 7200
+
+
+@dataclass
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    distributed: bool
+    timeout_s: float
+
+
+class WorldSizeMismatch(RuntimeError):
+    """The job got a different number of ranks than the profile or config asked for."""
+
+
+def resolve_timeout(profile_timeout_s=None) -> float:
+    env = os.environ.get("TORCH_DIST_TIMEOUT")
+    if env:
+        try:
+            return float(env)
+        except ValueError:
+            raise ValueError(f"TORCH_DIST_TIMEOUT={env!r} is not a number of seconds") from None
+    return float(profile_timeout_s) if profile_timeout_s else float(DEFAULT_TIMEOUT_S)
+
+
+def _first_host(nodelist: str) -> str:
+    """First host of a Slurm node list such as 'gpu[03-05,07],cpu1' -> 'gpu03'."""
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                             timeout=30, check=True)
+        return out.stdout.split()[0]
+    except (OSError, subprocess.SubprocessError, IndexError):
+        match = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist)
+        prefix, ranges = match.group(1), match.group(2)
+        if not ranges:
+            return prefix
+        first = ranges.split(",")[0].split("-")[0]
+        return prefix + first
+
+
+def _launcher_env() -> tuple[int, int, int] | None:
+    """(rank, world_size, local_rank) from torchrun or Slurm, exporting MASTER_ADDR/PORT for Slurm."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
+    if "SLURM_PROCID" in os.environ and "SLURM_NTASKS" in os.environ:
+        os.environ.setdefault("MASTER_ADDR", _first_host(os.environ.get("SLURM_JOB_NODELIST", "127.0.0.1")))
+        # Same on every task of the job, different between concurrent jobs.
+        os.environ.setdefault("MASTER_PORT", str(20000 + int(os.environ.get("SLURM_JOB_ID", "0")) % 20000))
+        return int(os.environ["SLURM_PROCID"]), int(os.environ["SLURM_NTASKS"]), int(os.environ.get("SLURM_LOCALID", 0))
+    return None
+
+
+def init_distributed_mode(world_size_expected=None, timeout_s=None, backend=None) -> DistInfo:
+    timeout = resolve_timeout(timeout_s)
+    env = _launcher_env()
+    rank, world_size, local_rank = env if env else (0, 1, 0)
+    if world_size_expected is not None and int(world_size_expected) != world_size:
+        raise WorldSizeMismatch(
+            f"distributed.world_size={world_size_expected} but the launcher started {world_size} rank(s): "
+            f"fix the machine profile (nodes x tasks per node) or distributed.world_size"
+        )
+    use_cuda = torch.cuda.is_available()
+    if use_cuda:
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+    device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
+    if rank == 0:
+        print(f"[distributed] rank 0 of {world_size}; collective timeout {timeout:.0f}s "
+              f"({'TORCH_DIST_TIMEOUT' if os.environ.get('TORCH_DIST_TIMEOUT') else 'profile/default'})")
+    if world_size > 1 and not tdist.is_initialized():
+        backend = backend or ("nccl" if use_cuda else "gloo")
+        try:
+            tdist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world_size,
+                                     timeout=datetime.timedelta(seconds=timeout))
+            tdist.barrier()
+        except Exception as err:  # torch raises several types; all mean the group did not form
+            raise RuntimeError(
+                f"rank {rank}: process group of {world_size} ranks did not form within {timeout:.0f}s "
+                f"(master {os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}); missing rank(s) "
+                f"never joined. Set TORCH_DIST_TIMEOUT to change the wait. Cause: {err}"
+            ) from err
+    return DistInfo(rank, world_size, local_rank, device, world_size > 1, timeout)
+
+
+def is_distributed() -> bool:
+    return tdist.is_available() and tdist.is_initialized()
+
+
+def get_rank() -> int:
+    return tdist.get_rank() if is_distributed() else int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0)))
+
+
+def get_world_size() -> int:
+    return tdist.get_world_size() if is_distributed() else 1
+
+
+def is_main_process() -> bool:
+    return get_rank() == 0
+
+
+def barrier() -> None:
+    if is_distributed():
+        tdist.barrier()
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    if is_distributed():
+        tensor = tensor.clone()
+        tdist.all_reduce(tensor)
+    return tensor
+
+
+def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
+    return all_reduce_sum(tensor) / get_world_size()
+
+
+def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
+    if is_distributed():
+        tensor = tensor.clone()
+        tdist.all_reduce(tensor, op=tdist.ReduceOp.MAX)
+    return tensor
+
+
+def all_gather_object(obj) -> list:
+    """Every rank's obj, in rank order (a one-element list when not distributed)."""
+    if not is_distributed():
+        return [obj]
+    out = [None] * get_world_size()
+    tdist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj, src: int = 0):
+    if not is_distributed():
+        return obj
+    holder = [obj]
+    tdist.broadcast_object_list(holder, src=src)
+    return holder[0]
+
+
+def cleanup() -> None:
+    if is_distributed():
+        tdist.destroy_process_group()
