@@ -1,0 +1,64 @@
+"""OPV2V depth PNGs <-> metres. One decoder, chosen by the PNG's mode.
+
+  mode 'L' (8-bit, one channel)   HEAL's OPV2V-H convention: pixel value = z-depth in metres
+                                  (HEAL reads it with PIL and uses ToTensor(img) * 255 as metres;
+                                  inferred from its code, 1 m steps, 255 m at most)
+  mode 'RGB' (8-bit, 3 channels)  CARLA's depth-camera encoding, 24 bits over 1000 m:
+                                  metres = 1000 * (R + 256 G + 65536 B) / (256^3 - 1)
+                                  (sub-millimetre steps; what our synthetic generator writes)
+
+0 means invalid (sky / no return) in both. Anything else is an error naming the file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+CARLA_FAR_M = 1000.0
+_CARLA_SCALE = 256**3 - 1
+
+
+class DepthFormatError(ValueError):
+    """A depth PNG in a mode or size we do not know how to read."""
+
+
+def decode_depth(path, expected_size: tuple[int, int] | None = None) -> np.ndarray:
+    """Depth PNG -> float32 (H, W) z-depth in metres; expected_size is (width, height)."""
+    path = Path(path)
+    try:
+        with Image.open(path) as img:
+            img.load()
+            mode, size = img.mode, img.size
+            data = np.asarray(img)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"depth file missing: {path}") from None
+    except OSError as err:
+        raise DepthFormatError(f"depth file unreadable: {path}: {err}") from None
+    if expected_size is not None and tuple(size) != tuple(expected_size):
+        raise DepthFormatError(f"depth file {path} is {size[0]}x{size[1]}, expected {expected_size[0]}x{expected_size[1]}")
+    if mode == "L":
+        return data.astype(np.float32)
+    if mode == "RGB":
+        rgb = data.astype(np.int64)
+        code = rgb[..., 0] + 256 * rgb[..., 1] + 65536 * rgb[..., 2]
+        return (CARLA_FAR_M * code / _CARLA_SCALE).astype(np.float32)
+    raise DepthFormatError(
+        f"depth file {path} has PNG mode {mode!r}; expected 'L' (8-bit metres, HEAL) or 'RGB' (CARLA 24-bit)"
+    )
+
+
+def encode_depth_carla(depth_m: np.ndarray) -> Image.Image:
+    """float metres (H, W) -> RGB PNG image in CARLA's 24-bit encoding (0 stays 0)."""
+    code = np.rint(np.clip(depth_m, 0.0, CARLA_FAR_M) / CARLA_FAR_M * _CARLA_SCALE).astype(np.int64)
+    rgb = np.stack([code % 256, (code // 256) % 256, code // 65536], axis=-1).astype(np.uint8)
+    return Image.fromarray(rgb, mode="RGB")
+
+
+def encode_depth_heal8(depth_m: np.ndarray) -> Image.Image:
+    """float metres (H, W) -> 8-bit PNG image, pixel = metres (HEAL convention; > 255 m becomes 0)."""
+    metres = np.rint(depth_m)
+    metres[(metres > 255) | (metres < 0)] = 0
+    return Image.fromarray(metres.astype(np.uint8), mode="L")
