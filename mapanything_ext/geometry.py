@@ -124,11 +124,11 @@ def project(points_world: np.ndarray, intrinsics: np.ndarray, cam2world: np.ndar
     return np.stack([u, v], axis=-1), z
 
 
-def resize_crop_intrinsics(intrinsics: np.ndarray, scale: float, crop_x: int, crop_y: int) -> np.ndarray:
-    """Intrinsics after resizing by `scale` (pixel-centre convention) then cropping at (crop_x, crop_y)."""
+def resize_crop_intrinsics(intrinsics: np.ndarray, scale_x: float, scale_y: float, crop_x: int, crop_y: int) -> np.ndarray:
+    """Intrinsics after resizing by (scale_x, scale_y) (pixel-centre convention), then cropping at (crop_x, crop_y)."""
     k = np.array(intrinsics, dtype=np.float64)
-    k[0, 0] *= scale
-    k[1, 1] *= scale
-    k[0, 2] = (k[0, 2] + 0.5) * scale - 0.5 - crop_x
-    k[1, 2] = (k[1, 2] + 0.5) * scale - 0.5 - crop_y
+    k[0, 0] *= scale_x
+    k[1, 1] *= scale_y
+    k[0, 2] = (k[0, 2] + 0.5) * scale_x - 0.5 - crop_x
+    k[1, 2] = (k[1, 2] + 0.5) * scale_y - 0.5 - crop_y
     return k

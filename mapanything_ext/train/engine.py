@@ -230,7 +230,7 @@ def _train_one_epoch(run: Run, position: Position) -> dict:
         _accumulate(position, {"loss": loss_value, **details})
         images += len(views) * views[0]["img"].shape[0] * info.world_size
         rate = images / max(time.perf_counter() - started, 1e-9)
-        bar.set_postfix(loss=f"{loss_value:.4f}", img_s=f"{rate:.1f}", lr=f"{run.optimizer.param_groups[0]['lr']:.2e}")
+        bar.set_postfix(loss=f"{loss_value:.4f}", img_s=f"{rate:.1f}", lr=f"{run.optimizer.param_groups[0]['lr']:.2e}", refresh=False)
         bar.update(1)
         if it % int(tp.print_freq) == 0:
             run.scalars.add("train", {"loss": loss_value, "lr": run.optimizer.param_groups[0]["lr"], **details},
