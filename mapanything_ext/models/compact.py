@@ -7,7 +7,7 @@ CPU in minutes. Architecture, per sample of V views:
   patch embedding (conv, stride = patch) + 2-D sinusoidal positions + reference-view embedding
   -> blocks alternating frame attention (tokens of one view) and global attention (all views)
   -> dense head: per-patch linear to patch*patch pixels, refined by a 3x3 conv that also
-     sees the input image (ray direction, depth along ray, confidence)
+     sees the input image and pixel coordinates (ray direction, depth along ray, confidence)
   -> pose head per view (translation + x-y-z-w quaternion, in the first view's camera frame)
   -> scale head on a learned scale token (metric scaling factor)
 
@@ -85,7 +85,7 @@ class CompactMapAnything(nn.Module):
         self.blocks = nn.ModuleList(Block(dim, num_heads, mlp_ratio) for _ in range(2 * depth))
         self.head_norm = nn.LayerNorm(dim)
         self.dense_head = nn.Linear(dim, patch_size * patch_size * 5)
-        self.refine = nn.Sequential(nn.Conv2d(5 + 3, 32, 3, padding=1), nn.GELU(), nn.Conv2d(32, 5, 3, padding=1))
+        self.refine = nn.Sequential(nn.Conv2d(5 + 3 + 2, 32, 3, padding=1), nn.GELU(), nn.Conv2d(32, 5, 3, padding=1))
         self.pose_head = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, 7))
         self.scale_head = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, 1))
         nn.init.constant_(self.scale_head[-1].bias, math.log(_INITIAL_SCALE_M))
@@ -121,7 +121,10 @@ class CompactMapAnything(nn.Module):
         p = self.patch_size
         raw = self.dense_head(tokens.reshape(-1, h * w, self.dim))  # (B*V, N, p*p*5)
         raw = raw.view(-1, h, w, 5, p, p).permute(0, 3, 1, 4, 2, 5).reshape(-1, 5, h * p, w * p)
-        return raw + self.refine(torch.cat([raw, imgs], dim=1))
+        # Normalised pixel coordinates let the head learn the smooth per-pixel ray field directly.
+        ys = torch.linspace(-1, 1, h * p, device=imgs.device).view(1, 1, -1, 1).expand(imgs.shape[0], 1, h * p, w * p)
+        xs = torch.linspace(-1, 1, w * p, device=imgs.device).view(1, 1, 1, -1).expand(imgs.shape[0], 1, h * p, w * p)
+        return raw + self.refine(torch.cat([raw, imgs, xs, ys], dim=1))
 
     def forward(self, views: list[dict]) -> list[dict]:
         num_views = len(views)
