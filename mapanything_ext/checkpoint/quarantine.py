@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -31,7 +32,7 @@ def quarantine(path: Path, reason: str, output_dir: Path, stamp: str | None = No
     shutil.move(str(path), target)
     record = {"file": str(path), "moved_to": str(target), "reason": reason, "utc": stamp}
     (folder / f"{path.name}.reason.json").write_text(json.dumps(record, indent=1) + "\n")
-    print(f"[checkpoint] quarantined {path.name}: {reason} -> {target}", flush=True)
+    print(f"[checkpoint] quarantined {path.name}: {reason} -> {target}", file=sys.stderr, flush=True)
     return target
 
 

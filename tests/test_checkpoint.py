@@ -1,0 +1,189 @@
+"""Atomic saves, verification reasons, quarantine and resume choice, foreign files, check_ckpt."""
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from mapanything_ext.checkpoint import (
+    CheckpointWriteError, ForeignCheckpointError, load_checkpoint, prepare_resume, save_on_master, verify_checkpoint,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def state(epoch=1, fill=1.0, size=1000):
+    return {"model": {"w": torch.full((size,), fill), "b": torch.zeros(3)}, "optimizer": {"state": {}},
+            "epoch": epoch, "args": {"train_params": {"epochs": 5}}, "best_so_far": 0.5,
+            "resume": {"epoch": epoch, "iteration": 0, "global_step": 10}}
+
+
+def test_save_writes_a_verified_weights_only_file(tmp_path):
+    path = save_on_master(state(), tmp_path / "checkpoint-last.pth")
+    result = verify_checkpoint(path)
+    assert result.valid and result.epoch == 1 and result.reason == "ok"
+    loaded = torch.load(path, weights_only=True)
+    assert loaded["format_version"] == 1 and loaded["integrity"]["num_tensors"] == 2
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_other_ranks_never_touch_the_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    assert save_on_master(state(), tmp_path / "c.pth") is None
+    assert not list(tmp_path.iterdir())
+
+
+def corrupt(path: Path, how: str) -> None:
+    data = bytearray(path.read_bytes())
+    if how == "truncated":
+        path.write_bytes(data[: len(data) // 2])
+    elif how == "flipped":
+        offset = data.find(bytes(torch.full((4,), 7.0).numpy().tobytes()))
+        assert offset > 0
+        data[offset + 1] ^= 0x01
+        path.write_bytes(data)
+    elif how == "empty":
+        path.write_bytes(b"")
+    elif how == "text":
+        path.write_text("this is not a checkpoint\n")
+
+
+@pytest.mark.parametrize("how,reason", [("truncated", "truncated"), ("flipped", "integrity mismatch"),
+                                        ("empty", "empty file"), ("text", "not a torch zip archive")])
+def test_damaged_files_are_detected(tmp_path, how, reason):
+    path = save_on_master(state(fill=7.0), tmp_path / "checkpoint-last.pth")
+    corrupt(path, how)
+    result = verify_checkpoint(path)
+    assert not result.valid and reason in result.reason
+
+
+class Payload:
+    """Unpickling this runs os.system: the file it would create must never appear."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_malicious_pickle_is_refused_and_never_runs(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "checkpoint-last.pth"
+    torch.save({"model": {}, "epoch": 0, "args": Payload(marker)}, path)
+    result = verify_checkpoint(path)
+    assert not result.valid and "weights_only" in result.reason
+    with pytest.raises(ForeignCheckpointError):
+        load_checkpoint(path)
+    assert prepare_resume(tmp_path) is None
+    assert not marker.exists()
+    assert list((tmp_path / "quarantine").rglob("checkpoint-last.pth"))
+
+
+@pytest.mark.parametrize("edit,reason", [
+    (lambda c: c.pop("epoch"), "missing required keys: epoch"),
+    (lambda c: c["model"].__setitem__("w", torch.tensor([float("nan")])), "non-finite"),
+    (lambda c: c.__setitem__("epoch", 9), "epoch out of range"),
+    (lambda c: c["resume"].__setitem__("iteration", -1), "step out of range"),
+])
+def test_content_problems_are_detected(tmp_path, edit, reason):
+    ckpt = state()
+    edit(ckpt)
+    path = tmp_path / "c.pth"
+    save_on_master(ckpt, path)
+    result = verify_checkpoint(path)
+    assert not result.valid and reason in result.reason
+
+
+def test_tampered_manifest_is_an_integrity_mismatch(tmp_path):
+    path = save_on_master(state(), tmp_path / "c.pth")
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["model"]["extra"] = torch.ones(2)
+    torch.save(ckpt, path)  # a valid archive whose content no longer matches its manifest
+    assert "integrity mismatch" in verify_checkpoint(path).reason
+
+
+def test_prepare_resume_quarantines_and_falls_back(tmp_path, capsys):
+    save_on_master(state(epoch=1), tmp_path / "checkpoint-1.pth")
+    save_on_master(state(epoch=3), tmp_path / "checkpoint-3.pth")
+    save_on_master(state(epoch=4), tmp_path / "checkpoint-best.pth")
+    save_on_master(state(epoch=4), tmp_path / "checkpoint-last.pth")
+    corrupt(tmp_path / "checkpoint-last.pth", "truncated")
+    (tmp_path / "checkpoint-last.pth.tmp").write_bytes(b"half a checkpoint")
+    choice = prepare_resume(tmp_path)
+    assert choice == tmp_path / "checkpoint-3.pth"  # newest numbered, never best
+    moved = sorted(p.name for p in (tmp_path / "quarantine").rglob("*") if p.is_file())
+    assert moved == ["checkpoint-last.pth", "checkpoint-last.pth.reason.json", "checkpoint-last.pth.tmp",
+                     "checkpoint-last.pth.tmp.reason.json"]
+    reason = json.loads(next((tmp_path / "quarantine").rglob("checkpoint-last.pth.reason.json")).read_text())
+    assert "truncated" in reason["reason"]
+    assert (tmp_path / "checkpoint-best.pth").exists()
+    assert "resuming from checkpoint-3.pth" in capsys.readouterr().out
+
+
+def test_prepare_resume_says_so_when_starting_fresh(tmp_path, capsys):
+    save_on_master(state(), tmp_path / "checkpoint-best.pth")
+    assert prepare_resume(tmp_path) is None
+    assert "starting from scratch" in capsys.readouterr().out
+
+
+def test_foreign_checkpoint_needs_the_trust_switch(tmp_path):
+    path = tmp_path / "facebook_map-anything.pth"
+    torch.save({"model": {"w": torch.ones(2)}, "args": OmegaConf.create({"lr": 1.0})}, path)
+    with pytest.raises(ForeignCheckpointError, match="trust_foreign_checkpoints=true"):
+        load_checkpoint(path)
+    assert torch.equal(load_checkpoint(path, trust_foreign=True)["model"]["w"], torch.ones(2))
+
+
+def test_file_size_limit_during_save_keeps_the_previous_checkpoint(tmp_path):
+    """A real write failure: RLIMIT_FSIZE in a child process makes the disk 'full' mid-save."""
+    target = tmp_path / "checkpoint-last.pth"
+    save_on_master(state(epoch=1), target)
+    before = target.read_bytes()
+    code = f"""
+import resource, signal, torch
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
+from mapanything_ext.checkpoint import save_on_master
+from tests.test_checkpoint import state
+save_on_master(state(epoch=2, size=1_000_000), {str(target)!r})
+"""
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert "CheckpointWriteError" in proc.stderr and "previous file at that path (if any) is untouched" in proc.stderr
+    assert target.read_bytes() == before and verify_checkpoint(target).valid
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_write_error_class_is_an_oserror():
+    assert issubclass(CheckpointWriteError, OSError)
+
+
+def run_tool(*args):
+    return subprocess.run([sys.executable, str(REPO / "tools" / "check_ckpt.py"), *map(str, args)],
+                          capture_output=True, text=True)
+
+
+def test_check_ckpt_exit_codes_json_and_quarantine(tmp_path):
+    run_dir = tmp_path / "exp"
+    save_on_master(state(), run_dir / "checkpoint-last.pth")
+    ok = run_tool(run_dir)
+    assert ok.returncode == 0 and "OK " in ok.stdout and "epoch=1" in ok.stdout
+    save_on_master(state(), run_dir / "sub" / "checkpoint-2.pth")
+    corrupt(run_dir / "sub" / "checkpoint-2.pth", "empty")
+    bad = run_tool(run_dir, "--json")
+    assert bad.returncode == 1
+    report = json.loads(bad.stdout)
+    assert not report["all_valid"] and len(report["files"]) == 2
+    moved = run_tool(run_dir / "sub" / "checkpoint-2.pth", "--quarantine")
+    assert moved.returncode == 1 and not (run_dir / "sub" / "checkpoint-2.pth").exists()
+    assert list((run_dir / "sub" / "quarantine").rglob("checkpoint-2.pth.reason.json"))
+    assert run_tool(run_dir).returncode == 0  # quarantine/ folders are skipped
+    assert run_tool(tmp_path / "missing").returncode == 2
+    assert run_tool("--bogus-flag", run_dir).returncode == 2
