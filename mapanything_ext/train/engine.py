@@ -142,7 +142,13 @@ def _restore_or_start(run: Run) -> Position:
             load_pretrained(run.module, pretrained, trust_foreign=bool(run.cfg.get("trust_foreign_checkpoints")))
         return Position()
     ckpt = load_checkpoint(resume_from, map_location="cpu")
-    run.module.load_state_dict(ckpt["model"])
+    try:
+        run.module.load_state_dict(ckpt["model"])
+    except RuntimeError as err:
+        raise RuntimeError(
+            f"cannot resume from {resume_from}: it was written with a different model configuration than this run's "
+            f"(use the original overrides, or a new output_dir to start over). {str(err).splitlines()[0]}"
+        ) from None
     run.optimizer.load_state_dict(ckpt["optimizer"])
     state = ckpt["resume"]
     position = Position(epoch=state["epoch"], iteration=state["iteration"], global_step=state["global_step"],

@@ -1,0 +1,101 @@
+"""End-to-end training through the real entry point: it learns, it resumes exactly, it stops safely."""
+
+import json
+import signal
+
+import pytest
+import torch
+
+from mapanything_ext.checkpoint import verify_checkpoint
+from tests.training_runs import run_training, start_ranks, tiny_overrides, wait_all, wait_for_text
+
+pytestmark = pytest.mark.slow
+
+
+def records(output_dir):
+    return [json.loads(line) for line in (output_dir / "log.txt").read_text().splitlines()]
+
+
+def test_stage1_learns_and_writes_everything(synthetic_root, tmp_path):
+    out = tmp_path / "stage1"
+    overrides = tiny_overrides(synthetic_root, out, "stage=stage1", "train_params.epochs=8",
+                               "train_params.max_num_of_imgs_per_gpu=4", "train_params.eval_before_training=true",
+                               "dataset.resolution_train=[112,84]", "dataset.resolution_test=[112,84]",
+                               "model.dim=64", "model.depth=2", "train_params.lr=1e-3")
+    proc = run_training(overrides)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    initial = json.loads((out / "initial_eval.json").read_text())
+    final = records(out)[-1]
+    assert [r["epoch"] for r in records(out)] == list(range(8))
+    # held-out loss clearly below its starting value, and the depth metric improves
+    assert final["test_loss"] < 0.6 * initial["loss"]
+    assert final["test_depth_abs_rel"] < 0.8 * initial["depth_abs_rel"]
+    for name in ("checkpoint-last.pth", "checkpoint-best.pth", "checkpoint-final.pth"):
+        assert verify_checkpoint(out / name).valid
+        ckpt = torch.load(out / name, weights_only=True)
+        assert isinstance(ckpt["args"], dict) and ckpt["args"]["train_params"]["max_num_of_imgs_per_gpu"] == 4
+    console = (out / "console.log").read_text()
+    assert "train_params:" in console and "max_num_of_imgs_per_gpu: 4" in console
+    assert list((out / "tensorboard").iterdir())
+    # a rerun of the finished command resumes from checkpoint-last and only writes the final checkpoint again
+    again = run_training(overrides)
+    assert again.returncode == 0 and "resumed from" in again.stdout
+    assert len(records(out)) == 8
+    # resuming with a different model is refused with a message, not a tensor-shape traceback
+    other = run_training(overrides + ["model.dim=32"])
+    assert other.returncode != 0 and "different model configuration" in other.stderr
+
+
+def test_two_rank_run_preempted_mid_epoch_matches_an_uninterrupted_run_bitwise(synthetic_root, tmp_path):
+    """Real processes, real gloo, a real SIGUSR2 delivered to one rank only."""
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    extra = ("train_params.max_num_of_imgs_per_gpu=4", "distributed.world_size=2")
+    assert wait_all(start_ranks(tiny_overrides(synthetic_root, straight, *extra), 2, tmp_path)) == [0, 0]
+
+    procs = start_ranks(tiny_overrides(synthetic_root, interrupted, *extra), 2, tmp_path)
+    wait_for_text(interrupted / "console.log", "starting from scratch")
+    procs[1].send_signal(signal.SIGUSR2)
+    assert wait_all(procs) == [3, 3]  # both ranks stop at the same boundary, then leave for requeue
+    state = torch.load(interrupted / "checkpoint-last.pth", weights_only=True)["resume"]
+    assert state["epoch"] == 0 and not state["epoch_complete"] and 0 < state["iteration"]
+
+    assert wait_all(start_ranks(tiny_overrides(synthetic_root, interrupted, *extra), 2, tmp_path)) == [0, 0]
+    a = torch.load(straight / "checkpoint-final.pth", weights_only=True)
+    b = torch.load(interrupted / "checkpoint-final.pth", weights_only=True)
+    assert a["model"].keys() == b["model"].keys()
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    assert [r["epoch"] for r in records(interrupted)] == [0, 1]
+    assert records(interrupted)[0]["train_loss"] == pytest.approx(records(straight)[0]["train_loss"], rel=1e-6)
+    assert "resumed from" in (interrupted / "console.log").read_text()
+
+
+def test_loss_instability_stops_without_writing_checkpoints(synthetic_root, tmp_path):
+    out = tmp_path / "unstable"
+    proc = run_training(tiny_overrides(synthetic_root, out, "train_params.loss_instability_threshold=0.001"))
+    assert proc.returncode != 0
+    assert "loss_instability_threshold=0.001" in proc.stderr and "stopping without saving" in proc.stderr
+    assert not list(out.glob("*.pth"))
+
+
+def test_stages_chain_through_checkpoint_best(synthetic_root, tmp_path):
+    """Stage 1 -> 2 -> 3 with the stage configs: each later stage starts from the earlier best."""
+    experiments = tmp_path / "experiments"
+    for stage, folder in (("stage1", "opv2v_ft_stage1"), ("stage2", "opv2v_coop_stage2_full"),
+                          ("stage3", "opv2v_coop_stage3_varviews")):
+        out = experiments / folder
+        proc = run_training(tiny_overrides(synthetic_root, out, f"stage={stage}", "train_params.epochs=1"))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert verify_checkpoint(out / "checkpoint-best.pth").valid
+        if stage != "stage1":
+            assert "[pretrained]" in proc.stdout and "loaded" in proc.stdout
+    args = torch.load(experiments / "opv2v_coop_stage3_varviews" / "checkpoint-final.pth", weights_only=True)["args"]
+    assert args["model"]["gradient_checkpointing"] is True
+    assert args["dataset"]["num_views"] == 10 and args["train_params"]["max_num_of_imgs_per_gpu"] == 12
+
+
+def test_missing_pretrained_checkpoint_is_a_clear_error(synthetic_root, tmp_path):
+    out = tmp_path / "experiments" / "opv2v_coop_stage2_full"
+    proc = run_training(tiny_overrides(synthetic_root, out, "stage=stage2"))
+    assert proc.returncode != 0
+    assert "opv2v_ft_stage1/checkpoint-best.pth does not exist" in proc.stderr
