@@ -9,6 +9,7 @@ at worst a `<name>.tmp` leftover that prepare_resume quarantines.
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 import torch
@@ -40,6 +41,7 @@ def save_on_master(obj: dict, path) -> Path | None:
             torch.save(stamp(obj), handle)
             handle.flush()
             os.fsync(handle.fileno())
+        retired = _retire(path)
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     except (OSError, RuntimeError) as err:
@@ -47,7 +49,25 @@ def save_on_master(obj: dict, path) -> Path | None:
         raise CheckpointWriteError(
             f"could not write checkpoint {path}: {err}. The previous file at that path (if any) is untouched."
         ) from err
+    if retired is not None:
+        # Freeing a multi-GB file's blocks takes ~1 s on some filesystems: do it off the training path.
+        threading.Thread(target=_remove_quietly, args=(retired,), daemon=True).start()
     return path
+
+
+def _retire(path: Path) -> Path | None:
+    """Keep the previous checkpoint's data alive under a second name (a hard link, instant) so the
+    rename does not free its blocks; the caller deletes that name afterwards. The name ends in .tmp:
+    if the process dies first, prepare_resume quarantines it like any other leftover."""
+    if not path.exists():
+        return None
+    retired = path.with_name(path.name + f".retired-{os.getpid()}.tmp")
+    _remove_quietly(retired)
+    try:
+        os.link(path, retired)
+    except OSError:  # no hard links on this filesystem: the rename frees the blocks inline
+        return None
+    return retired
 
 
 def _fsync_dir(directory: Path) -> None:
