@@ -7,8 +7,9 @@ Where the rank comes from:
   neither       one process, no process group
 
 The collective timeout is TORCH_DIST_TIMEOUT (seconds) when set, else the machine
-profile's `dist_timeout_s`, else 7200 s: a slow or missing peer fails the job in that
-time with a message naming the missing rank instead of hanging.
+profile's `dist_timeout_s`, else 7200 s. Ranks first check in on rank 0's TCP store, so
+a rank that never starts fails the job in that time with a message naming it, instead
+of hanging; the same store then backs the process group.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import datetime
 import os
 import re
 import subprocess
+import time
 from dataclasses import dataclass
 
 import torch
@@ -76,15 +78,38 @@ def _launcher_env() -> tuple[int, int, int] | None:
     return None
 
 
-def init_distributed_mode(world_size_expected=None, timeout_s=None, backend=None) -> DistInfo:
+def expected_world_size(slurm_profile) -> int | None:
+    """Ranks a Slurm job of this profile must have: nodes x tasks per node (= GPUs per node on GPU nodes)."""
+    if not slurm_profile:
+        return None
+    per_node = int(slurm_profile.get("gpus_per_node") or 0) or int(slurm_profile.get("tasks_per_node") or 1)
+    return int(slurm_profile.get("nodes") or 1) * per_node
+
+
+def check_world_size(world_size: int, configured=None, slurm_profile=None) -> None:
+    """Stop before any collective when the job got another number of ranks than asked for."""
+    if configured is not None and int(configured) != world_size:
+        raise WorldSizeMismatch(
+            f"distributed.world_size={configured} but the launcher started {world_size} rank(s): "
+            f"fix the machine profile (nodes x tasks per node) or distributed.world_size"
+        )
+    # Only a Slurm job was shaped by the profile; torchrun and plain runs are shaped by their command.
+    from_slurm = "SLURM_PROCID" in os.environ and "RANK" not in os.environ
+    profile = expected_world_size(slurm_profile) if from_slurm else None
+    if profile is not None and profile != world_size:
+        raise WorldSizeMismatch(
+            f"Slurm job {os.environ.get('SLURM_JOB_ID')} has {world_size} rank(s) (SLURM_NTASKS) but the machine "
+            f"profile asks for {profile} (machine.slurm.nodes={slurm_profile.get('nodes')} x tasks per node "
+            f"{int(slurm_profile.get('gpus_per_node') or 0) or slurm_profile.get('tasks_per_node')}); "
+            f"submit with the profile's launcher (-m hydra/launcher=submitit_slurm machine=<profile>) or fix it"
+        )
+
+
+def init_distributed_mode(world_size_expected=None, timeout_s=None, backend=None, slurm_profile=None) -> DistInfo:
     timeout = resolve_timeout(timeout_s)
     env = _launcher_env()
     rank, world_size, local_rank = env if env else (0, 1, 0)
-    if world_size_expected is not None and int(world_size_expected) != world_size:
-        raise WorldSizeMismatch(
-            f"distributed.world_size={world_size_expected} but the launcher started {world_size} rank(s): "
-            f"fix the machine profile (nodes x tasks per node) or distributed.world_size"
-        )
+    check_world_size(world_size, world_size_expected, slurm_profile)
     use_cuda = torch.cuda.is_available()
     if use_cuda:
         torch.cuda.set_device(local_rank % torch.cuda.device_count())
@@ -93,18 +118,39 @@ def init_distributed_mode(world_size_expected=None, timeout_s=None, backend=None
         print(f"[distributed] rank 0 of {world_size}; collective timeout {timeout:.0f}s "
               f"({'TORCH_DIST_TIMEOUT' if os.environ.get('TORCH_DIST_TIMEOUT') else 'profile/default'})")
     if world_size > 1 and not tdist.is_initialized():
-        backend = backend or ("nccl" if use_cuda else "gloo")
-        try:
-            tdist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world_size,
-                                     timeout=datetime.timedelta(seconds=timeout))
-            tdist.barrier()
-        except Exception as err:  # torch raises several types; all mean the group did not form
-            raise RuntimeError(
-                f"rank {rank}: process group of {world_size} ranks did not form within {timeout:.0f}s "
-                f"(master {os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}); missing rank(s) "
-                f"never joined. Set TORCH_DIST_TIMEOUT to change the wait. Cause: {err}"
-            ) from err
+        store = _rendezvous(rank, world_size, timeout)
+        tdist.init_process_group(backend=backend or ("nccl" if use_cuda else "gloo"), store=store, rank=rank,
+                                 world_size=world_size, timeout=datetime.timedelta(seconds=timeout))
     return DistInfo(rank, world_size, local_rank, device, world_size > 1, timeout)
+
+
+class RanksMissing(RuntimeError):
+    """Some ranks of the job never reached the rendezvous within the timeout."""
+
+
+def _rendezvous(rank: int, world_size: int, timeout: float) -> tdist.TCPStore:
+    """Every rank checks in on rank 0's store; on timeout, say which ranks never came."""
+    host, port = os.environ.get("MASTER_ADDR", "127.0.0.1"), int(os.environ.get("MASTER_PORT", "29500"))
+    where = f"master {host}:{port}"
+    try:
+        store = tdist.TCPStore(host, port, world_size, is_master=rank == 0,
+                               timeout=datetime.timedelta(seconds=timeout), wait_for_workers=False)
+    except Exception as err:  # the client could not reach rank 0's store in time
+        raise RanksMissing(f"rank {rank}: rank 0 never came up at {where} within {timeout:.0f}s "
+                           f"(TORCH_DIST_TIMEOUT / machine.dist_timeout_s). Cause: {err}") from err
+    store.set(f"mapanything_ext/joined/{rank}", "1")
+    deadline = time.monotonic() + timeout
+    while True:
+        missing = [r for r in range(world_size) if not store.check([f"mapanything_ext/joined/{r}"])]
+        if not missing:
+            return store
+        if time.monotonic() > deadline:
+            raise RanksMissing(
+                f"rank {rank}: rank(s) {missing} of {world_size} never joined within {timeout:.0f}s ({where}); "
+                f"check that those tasks started (Slurm: same job, same node list) and reached the training "
+                f"code. TORCH_DIST_TIMEOUT (seconds) changes the wait."
+            )
+        time.sleep(0.1)
 
 
 def is_distributed() -> bool:

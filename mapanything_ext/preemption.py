@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
 
 import torch
 
@@ -49,6 +50,7 @@ def check_requeue_budget(max_requeues) -> int:
 class PreemptionWatcher:
     def __init__(self):
         self.received: int | None = None
+        self.received_at: float | None = None
         self._previous: dict[int, object] = {}
 
     def install(self) -> None:
@@ -65,6 +67,7 @@ class PreemptionWatcher:
         # Only a flag: the handler may interrupt anything, even a checkpoint write.
         if self.received is None:
             self.received = signum
+            self.received_at = time.monotonic()
 
     def should_stop(self) -> bool:
         """Collective: True on every rank when any rank received a signal."""
@@ -75,7 +78,8 @@ class PreemptionWatcher:
         """After checkpoint-last is on disk: let Slurm/submitit requeue, then leave."""
         signum = self.received
         name = signal.Signals(signum).name if signum else "a peer rank's signal"
-        print(f"[preemption] {name}: checkpoint-last written, leaving for requeue", flush=True)
+        waited = f" {time.monotonic() - self.received_at:.1f}s after the signal" if self.received_at else ""
+        print(f"[preemption] {name}: checkpoint-last written{waited}, leaving for requeue", flush=True)
         submitit_handler = self._previous.get(signal.SIGUSR2)
         dist.barrier()
         if signum == signal.SIGUSR2 and callable(submitit_handler) and _is_submitit_handler(submitit_handler):

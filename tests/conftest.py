@@ -11,3 +11,11 @@ def synthetic_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("synthetic")
     generate(root, scenarios=1, frames=3, agents=3, seed=0, width=160, height=120, verbose=False)
     return root
+
+
+@pytest.fixture(scope="session")
+def slurm_env():
+    """Environment for Slurm clients talking to the project's local cluster (slurm/cluster.sh)."""
+    from tests.slurm_cluster import cluster_env
+
+    yield from cluster_env()

@@ -2,12 +2,14 @@
 
 import json
 import signal
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from mapanything_ext.checkpoint import verify_checkpoint
-from tests.training_runs import run_training, start_ranks, tiny_overrides, wait_all, wait_for_text
+from tests.training_runs import REPO, run_training, start_ranks, tiny_overrides, wait_all, wait_for_text
 
 pytestmark = pytest.mark.slow
 
@@ -78,20 +80,39 @@ def test_loss_instability_stops_without_writing_checkpoints(synthetic_root, tmp_
     assert not list(out.glob("*.pth"))
 
 
-def test_stages_chain_through_checkpoint_best(synthetic_root, tmp_path):
-    """Stage 1 -> 2 -> 3 with the stage configs: each later stage starts from the earlier best."""
+def stage_overrides(data_root, experiments, *extra):
+    """Tiny run settings without output_dir, so each stage writes where its stage config says."""
+    return [o for o in tiny_overrides(data_root, experiments / "unused", *extra) if not o.startswith("output_dir=")]
+
+
+def test_local_pipeline_chains_stages_through_checkpoint_best(synthetic_root, tmp_path):
+    """Stage 1 -> 2 -> 3 run one after another: each later stage starts from the earlier best."""
     experiments = tmp_path / "experiments"
-    for stage, folder in (("stage1", "opv2v_ft_stage1"), ("stage2", "opv2v_coop_stage2_full"),
-                          ("stage3", "opv2v_coop_stage3_varviews")):
+    proc = subprocess.run([sys.executable, "-m", "mapanything_ext.pipeline", "--launcher", "local",
+                           *stage_overrides(synthetic_root, experiments, "train_params.epochs=1")],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for stage, folder, previous in (("stage1", "opv2v_ft_stage1", None),
+                                    ("stage2", "opv2v_coop_stage2_full", "opv2v_ft_stage1"),
+                                    ("stage3", "opv2v_coop_stage3_varviews", "opv2v_coop_stage2_full")):
         out = experiments / folder
-        proc = run_training(tiny_overrides(synthetic_root, out, f"stage={stage}", "train_params.epochs=1"))
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert f"[pipeline] {stage}: running -> {out}" in proc.stdout
         assert verify_checkpoint(out / "checkpoint-best.pth").valid
-        if stage != "stage1":
-            assert "[pretrained]" in proc.stdout and "loaded" in proc.stdout
+        if previous:
+            best = experiments / previous / "checkpoint-best.pth"
+            assert f"[pretrained] {best}: loaded" in (out / "console.log").read_text()
     args = torch.load(experiments / "opv2v_coop_stage3_varviews" / "checkpoint-final.pth", weights_only=True)["args"]
     assert args["model"]["gradient_checkpointing"] is True
     assert args["dataset"]["num_views"] == 10 and args["train_params"]["max_num_of_imgs_per_gpu"] == 12
+
+
+def test_pipeline_starting_after_stage1_needs_its_checkpoint(synthetic_root, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "mapanything_ext.pipeline", "--launcher", "local",
+                           "--stages", "stage2,stage3", *stage_overrides(synthetic_root, tmp_path / "experiments")],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "opv2v_ft_stage1/checkpoint-best.pth, which does not exist" in proc.stderr
+    assert "--stages stage1,stage2" in proc.stderr
 
 
 def test_missing_pretrained_checkpoint_is_a_clear_error(synthetic_root, tmp_path):

@@ -61,10 +61,11 @@ def wait_all(procs: list[subprocess.Popen], timeout: float = 300) -> list[int]:
     return codes
 
 
-def wait_for_text(path: Path, text: str, timeout: float = 120) -> None:
+def wait_for_text(path: Path, text: str, timeout: float = 120, count: int = 1) -> None:
+    """Wait until text appears at least count times in the file."""
     deadline = time.time() + timeout
     while time.time() < deadline:
-        if path.exists() and text in path.read_text(errors="replace"):
+        if path.exists() and path.read_text(errors="replace").count(text) >= count:
             return
         time.sleep(0.05)
     raise TimeoutError(f"{text!r} did not appear in {path} within {timeout}s")

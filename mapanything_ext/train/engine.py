@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +26,7 @@ from mapanything_ext import distributed as dist
 from mapanything_ext.checkpoint import load_checkpoint, prepare_resume, save_on_master
 from mapanything_ext.config import to_plain
 from mapanything_ext.models.registry import build_criteria, build_model
-from mapanything_ext.preemption import PreemptionWatcher
+from mapanything_ext.preemption import PreemptionWatcher, check_requeue_budget
 from mapanything_ext.train import rng_state
 from mapanything_ext.train.data import build_dataset, build_loader, to_device
 from mapanything_ext.train.depth_metrics import depth_abs_rel
@@ -65,6 +66,8 @@ class Run:
     test_loader: object
     scalars: Scalars
     watcher: PreemptionWatcher
+    started_at: float = field(default_factory=time.monotonic)  # process start of this (re)run
+    first_step_reported: bool = False
 
     @property
     def tp(self):
@@ -73,19 +76,25 @@ class Run:
 
 def train(cfg: DictConfig) -> Path:
     """Run the training job described by cfg; returns the output directory."""
+    started_at = time.monotonic()
     info = dist.init_distributed_mode(
         world_size_expected=cfg.distributed.get("world_size"),
         timeout_s=cfg.machine.get("dist_timeout_s"),
         backend=cfg.distributed.get("backend"),
+        slurm_profile=cfg.machine.get("slurm"),
     )
+    restarts = check_requeue_budget(cfg.machine.get("slurm", {}).get("max_num_timeout"))
     output_dir = Path(cfg.output_dir)
     if info.rank == 0:
         output_dir.mkdir(parents=True, exist_ok=True)
         tee_console(output_dir)
+        if restarts:
+            print(f"[mapanything_ext] Slurm restart {restarts} of job {os.environ.get('SLURM_JOB_ID')}")
         print(f"[mapanything_ext] output_dir: {output_dir}")
         print(OmegaConf.to_yaml(cfg, resolve=True))
     dist.barrier()
     run = _build_run(cfg, info, output_dir)
+    run.started_at = started_at
     position = _restore_or_start(run)
     if cfg.train_params.get("eval_before_training") and position.global_step == 0:
         _initial_eval(run)
@@ -238,6 +247,10 @@ def _train_one_epoch(run: Run, position: Position) -> dict:
         rate = images / max(time.perf_counter() - started, 1e-9)
         bar.set_postfix(loss=f"{loss_value:.4f}", img_s=f"{rate:.1f}", lr=f"{run.optimizer.param_groups[0]['lr']:.2e}", refresh=False)
         bar.update(1)
+        if not run.first_step_reported and info.rank == 0:
+            # Start-up cost of a (re)started job: what a requeue costs beyond the lost iteration.
+            print(f"[mapanything_ext] first training step done {time.monotonic() - run.started_at:.1f}s after start")
+        run.first_step_reported = True
         if it % int(tp.print_freq) == 0:
             run.scalars.add("train", {"loss": loss_value, "lr": run.optimizer.param_groups[0]["lr"], **details},
                             position.global_step)

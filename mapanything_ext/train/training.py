@@ -6,12 +6,17 @@ same job to Slurm (one job per run, every launcher parameter from the profile).
 
 from __future__ import annotations
 
+import warnings
+
 import hydra
 from omegaconf import DictConfig
 
 from mapanything_ext.config import CONFIG_DIR, register_resolvers
 
 register_resolvers()
+# Our configs/hydra/launcher/submitit_*.yaml take their values from the machine profile and are
+# checked against the plugin's schema of the same name; that check is what we want, not a warning.
+warnings.filterwarnings("ignore", message=".*is validated against ConfigStore schema with the same name.*")
 
 
 def run(cfg: DictConfig):

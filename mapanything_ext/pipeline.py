@@ -1,0 +1,149 @@
+"""Submit Stage 1 -> 2 -> 3 (or a chosen subset) with one command.
+
+    python -m mapanything_ext.pipeline machine=<profile> [--stages stage1,stage2,stage3]
+        [--launcher slurm|local] [more training overrides ...]
+
+slurm   every stage is one Slurm job shaped by the profile's `machine.slurm` settings; each
+        later stage depends `afterok` on the one before (a failed stage cancels the rest),
+        so the command returns at once, printing the job ids and output folders.
+local   the stages run one after another on this machine, each exactly as
+        `python -m mapanything_ext.train.training stage=<stage> ...` would; a failure stops it.
+
+Each later stage starts from the earlier stage's checkpoint-best.pth (model.pretrained),
+which the job verifies at start-up. When the chain starts after Stage 1 the earlier
+stage's checkpoint must already exist; that is checked before anything is submitted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from mapanything_ext.config import CONFIG_DIR, REPO_ROOT, register_resolvers
+
+STAGES = ("stage1", "stage2", "stage3")
+
+
+class PipelineError(RuntimeError):
+    """The requested chain cannot start (unknown stage, missing earlier checkpoint)."""
+
+
+def compose_stage(stage: str, overrides: list[str], pretrained: str | None = None) -> DictConfig:
+    """The training config of one stage, as the training command would compose it."""
+    register_resolvers()
+    extra = [f"model.pretrained={pretrained}"] if pretrained else []
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3", job_name="pipeline"):
+        return compose("train", overrides=[f"stage={stage}", *overrides, *extra])
+
+
+def plan(stages: list[str], overrides: list[str]) -> list[tuple[str, list[str], Path]]:
+    """(stage, overrides, output_dir) per stage; later stages take the earlier stage's best."""
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        raise PipelineError(f"unknown stage(s) {unknown}; choose from {list(STAGES)}")
+    stages = sorted(stages, key=STAGES.index)
+    steps, previous_dir = [], None
+    for stage in stages:
+        stage_overrides = list(overrides)
+        if previous_dir is not None:
+            stage_overrides.append(f"model.pretrained={previous_dir / 'checkpoint-best.pth'}")
+        cfg = compose_stage(stage, stage_overrides)
+        if previous_dir is None and stage != "stage1":
+            _require_earlier_checkpoint(stage, cfg)
+        output_dir = Path(cfg.output_dir)
+        steps.append((stage, stage_overrides, output_dir))
+        previous_dir = output_dir
+    return steps
+
+
+def _require_earlier_checkpoint(stage: str, cfg: DictConfig) -> None:
+    pretrained = cfg.model.get("pretrained")
+    if pretrained and not Path(pretrained).is_file():
+        raise PipelineError(
+            f"{stage} starts from model.pretrained={pretrained}, which does not exist: run the earlier stage first "
+            f"(--stages {STAGES[STAGES.index(stage) - 1]},{stage}) or set model.pretrained"
+        )
+
+
+@dataclass
+class StageJob:
+    """What one Slurm job runs: compose the stage's config on the node, then train.
+
+    submitit calls checkpoint() when the job is signalled before its time limit; returning
+    the same job makes it requeue and resume from checkpoint-last.
+    """
+
+    stage: str
+    overrides: list
+
+    def __call__(self) -> str:
+        from mapanything_ext.train.engine import train
+
+        return str(train(compose_stage(self.stage, self.overrides)))
+
+    def checkpoint(self, *args, **kwargs):
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(self)
+
+
+def submit_slurm(steps) -> list[str]:
+    import submitit
+
+    job_ids, previous = [], None
+    for stage, stage_overrides, output_dir in steps:
+        slurm = compose_stage(stage, stage_overrides).machine.slurm
+        executor = submitit.AutoExecutor(folder=output_dir / ".submitit" / "%j", cluster="slurm",
+                                         slurm_max_num_timeout=int(slurm.max_num_timeout))
+        extra = dict(slurm.get("additional_parameters") or {})
+        if previous:
+            extra.update({"dependency": f"afterok:{previous}", "kill_on_invalid_dep": "yes"})
+        executor.update_parameters(
+            name=f"mapanything_ext_{stage}", timeout_min=int(slurm.timeout_min), nodes=int(slurm.nodes),
+            tasks_per_node=int(slurm.tasks_per_node), gpus_per_node=int(slurm.gpus_per_node or 0),
+            cpus_per_task=int(slurm.cpus_per_task), mem_gb=slurm.mem_gb, stderr_to_stdout=True,
+            slurm_partition=slurm.partition, slurm_account=slurm.account, slurm_qos=slurm.qos,
+            slurm_signal_delay_s=int(slurm.signal_delay_s), slurm_additional_parameters=extra,
+        )
+        output_dir.mkdir(parents=True, exist_ok=True)
+        job = executor.submit(StageJob(stage, stage_overrides))
+        after = f" (after {previous})" if previous else ""
+        print(f"[pipeline] {stage}: Slurm job {job.job_id}{after} -> {output_dir}", flush=True)
+        job_ids.append(job.job_id)
+        previous = job.job_id
+    return job_ids
+
+
+def run_local(steps) -> None:
+    for stage, stage_overrides, output_dir in steps:
+        print(f"[pipeline] {stage}: running -> {output_dir}", flush=True)
+        cmd = [sys.executable, "-m", "mapanything_ext.train.training", f"stage={stage}", *stage_overrides]
+        if subprocess.run(cmd, cwd=REPO_ROOT).returncode != 0:
+            raise PipelineError(f"{stage} failed (see {output_dir / 'console.log'}); later stages not run")
+        print(f"[pipeline] {stage}: done, best checkpoint {output_dir / 'checkpoint-best.pth'}", flush=True)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--stages", default=",".join(STAGES), help="comma-separated subset of stage1,stage2,stage3")
+    parser.add_argument("--launcher", choices=("slurm", "local"), default="slurm")
+    parser.add_argument("overrides", nargs="*", help="training overrides, e.g. machine=<profile> model=mapanything")
+    args = parser.parse_args(argv)
+    try:
+        steps = plan([s for s in args.stages.split(",") if s], args.overrides)
+        if args.launcher == "slurm":
+            submit_slurm(steps)
+        else:
+            run_local(steps)
+    except PipelineError as err:
+        sys.exit(f"[pipeline] error: {err}")
+
+
+if __name__ == "__main__":
+    main()
