@@ -66,6 +66,11 @@ def main(argv: list[str] | None = None) -> int:
           "loss=compact_loss", "distributed.world_size=1", f"machine.opv2v_root={args.data / 'opv2v'}",
           f"machine.opv2v_depth_root={args.data / 'opv2v_depth'}", f"train_params.epochs={args.epochs}",
           f"output_dir={args.out}", *DEMO_TRAIN_OVERRIDES])
+    evaluation = args.out / "eval"
+    _run([py, "-m", "mapanything_ext.evaluate", f"checkpoint={args.out / 'checkpoint-best.pth'}", "machine=local",
+          "dataset=opv2v_coop_ft", f"machine.opv2v_root={args.data / 'opv2v'}",
+          f"machine.opv2v_depth_root={args.data / 'opv2v_depth'}", "dataset.resolution_test=[112,84]",
+          f"output_dir={evaluation}"])
     log = args.out / "log.txt"
     loss0, loss1 = before_and_after(args.out, "loss")
     rel0, rel1 = before_and_after(args.out, "depth_abs_rel")
@@ -75,6 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[demo] data:        {args.data}")
     print(f"[demo] checkpoints: {args.out}/checkpoint-{{best,last,final}}.pth")
     print(f"[demo] logs:        {log}, {args.out / 'console.log'}, {args.out / 'tensorboard'}")
+    print(f"[demo] evaluation:  {evaluation / 'table.md'} (single vehicle vs cooperative), {evaluation / 'metrics.json'}")
+    print(f"[demo] plots:       {evaluation}/loss_curves.png, metric_vs_views.png, depth_errors_*.png")
+    print(f"[demo] 3-D:         {evaluation}/*_side_by_side.ply (truth | prediction; MeshLab, Open3D, CloudCompare)")
     return 0
 
 

@@ -1,0 +1,113 @@
+"""Evaluate checkpoints on an OPV2V split: metrics.json, a readable table, plots, PLY export.
+
+    python -m mapanything_ext.evaluate checkpoint=<path> [machine=<profile>] [dataset=opv2v_coop_ft] ...
+
+See configs/evaluate.yaml for every option and docs/evaluation.md for the metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from mapanything_ext.config import CONFIG_DIR, register_resolvers
+from mapanything_ext.evaluation import export_ply, plots
+from mapanything_ext.evaluation.predict import batch_of_one, load_model, predict, to_cpu
+from mapanything_ext.evaluation.report import MAIN_VIEWS, evaluate_model, format_tables
+from mapanything_ext.train.data import build_dataset
+
+register_resolvers()
+warnings.filterwarnings("ignore", message=".*is validated against ConfigStore schema with the same name.*")
+
+
+def checkpoints_of(cfg: DictConfig) -> list[Path]:
+    value = cfg.checkpoint
+    paths = [Path(p) for p in value] if isinstance(value, (list, ListConfig)) else [Path(value)]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"checkpoint(s) not found: {', '.join(missing)}")
+    return paths
+
+
+def labels_of(cfg: DictConfig, paths: list[Path]) -> list[str]:
+    if cfg.labels:
+        if len(cfg.labels) != len(paths):
+            raise ValueError(f"labels has {len(cfg.labels)} names for {len(paths)} checkpoints")
+        return list(cfg.labels)
+    return [f"{p.parent.name}/{p.stem}" for p in paths]
+
+
+def run(cfg: DictConfig) -> Path:
+    paths = checkpoints_of(cfg)
+    labels = labels_of(cfg, paths)
+    out = Path(cfg.output_dir) if cfg.output_dir else paths[0].parent / f"eval_{cfg.split}"
+    out.mkdir(parents=True, exist_ok=True)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
+    dataset_cfg = OmegaConf.merge(cfg.dataset.test_dataset, {"split": cfg.split})
+    dataset = build_dataset(dataset_cfg)
+    print(f"[evaluate] {len(dataset)} samples of split {cfg.split!r} on {device}; writing to {out}", flush=True)
+    results, models = {}, {}
+    for path, label in zip(paths, labels):
+        model = load_model(path, cfg.model, device, cfg.trust_foreign_checkpoints)
+        results[label] = evaluate_model(model, dataset, device, cfg.num_samples, label)
+        models[label] = model
+    (out / "metrics.json").write_text(json.dumps(_jsonable(results), indent=1) + "\n")
+    table = format_tables(results)
+    (out / "table.md").write_text(table)
+    print(table)
+    if cfg.plots:
+        _plots(cfg, out, paths, labels, results, models, dataset, device)
+    if cfg.export_ply:
+        _export(cfg, out, labels[-1], models[labels[-1]], dataset, device)
+    print(f"[evaluate] metrics: {out / 'metrics.json'}\n[evaluate] table: {out / 'table.md'}", flush=True)
+    return out
+
+
+def _plots(cfg, out, paths, labels, results, models, dataset, device) -> None:
+    runs = [(p.parent, label) for p, label in zip(paths, labels) if (p.parent / "log.txt").is_file()]
+    if runs:
+        print(f"[evaluate] plot: {plots.loss_curves([r for r, _ in runs], out / 'loss_curves.png', [l for _, l in runs])}")
+    print(f"[evaluate] plot: {plots.metric_vs_views(results, out / 'metric_vs_views.png')}")
+    views = batch_of_one(dataset[int(cfg.sample)], device)
+    for label, model in models.items():
+        png = out / f"depth_errors_{_slug(label)}_sample{cfg.sample}.png"
+        plots.depth_error_maps(to_cpu(views), predict(model, views), png, title=f"{label}, sample {cfg.sample}")
+        print(f"[evaluate] plot: {png}")
+
+
+def _export(cfg, out, label, model, dataset, device) -> None:
+    views = batch_of_one(dataset[int(cfg.sample)], device)
+    files = export_ply.export_sample(to_cpu(views), predict(model, views), out,
+                                     stem=f"{_slug(label)}_sample{cfg.sample}",
+                                     max_points_per_view=int(cfg.max_points_per_view))
+    kind = "cooperative" if len(views) > MAIN_VIEWS else "single-vehicle"
+    for name, path in files.items():
+        print(f"[evaluate] {kind} point cloud ({name}): {path}")
+
+
+def _slug(label: str) -> str:
+    return label.replace("/", "_").replace(" ", "_")
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, float) and obj != obj:
+        return None  # NaN is not JSON
+    return obj
+
+
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="evaluate")
+def main(cfg: DictConfig) -> None:
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()

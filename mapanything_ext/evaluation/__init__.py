@@ -1,0 +1,1 @@
+"""Evaluation of trained checkpoints: metrics, comparison tables, plots and 3-D exports."""

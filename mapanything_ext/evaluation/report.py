@@ -1,0 +1,113 @@
+"""Evaluate checkpoints over a split; aggregate and tabulate single-vehicle vs cooperative.
+
+For every sample of a cooperative dataset (the main vehicle's 4 cameras first, then the
+other vehicles' cameras) the model runs twice on the same timestamp:
+
+  single     the main vehicle's 4 views alone
+  coop       all views; reported for the main vehicle's 4 views (coop_main: the fair
+             comparison with single) and for all views (coop_all)
+
+so "does the other vehicle help?" is single vs coop_main on the same pixels. A
+single-vehicle dataset (4 views per sample) gives the single setting only.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+from tqdm import tqdm
+
+from mapanything_ext.evaluation.metrics import sample_metrics
+from mapanything_ext.evaluation.predict import batch_of_one, predict, to_cpu
+
+MAIN_VIEWS = 4
+METRICS = ("depth_abs_rel", "depth_inlier_1.25", "point_error_m", "rel_rotation_deg", "rel_translation_m",
+           "metric_scale_error")
+LOWER_IS_BETTER = {m: m != "depth_inlier_1.25" for m in METRICS}
+
+
+def evaluate_model(model, dataset, device, num_samples=None, label: str = "") -> dict:
+    """Per-sample records and their aggregates for one model."""
+    count = len(dataset) if num_samples is None else min(int(num_samples), len(dataset))
+    records = []
+    for index in tqdm(range(count), desc=f"evaluate {label}".strip(), mininterval=2.0):
+        views = batch_of_one(dataset[index], device)
+        cpu_views = to_cpu(views)
+        record = {"index": index, "num_views": len(views)}
+        single = predict(model, views[:MAIN_VIEWS])
+        record["single"] = sample_metrics(cpu_views[:MAIN_VIEWS], single)
+        if len(views) > MAIN_VIEWS:
+            coop = predict(model, views)
+            record["coop_main"] = sample_metrics(cpu_views[:MAIN_VIEWS], coop[:MAIN_VIEWS])
+            record["coop_all"] = sample_metrics(cpu_views, coop)
+        records.append(record)
+    return {"samples": records, "summary": summarize(records)}
+
+
+def summarize(records: list[dict]) -> dict:
+    """Means per setting (per sample, and per view), and coop_all means per view count."""
+    summary = {}
+    for setting in ("single", "coop_main", "coop_all"):
+        having = [r[setting] for r in records if setting in r]
+        if not having:
+            continue
+        summary[setting] = {
+            "per_sample": _mean_dicts([h["sample"] for h in having]),
+            "per_view": _mean_dicts([v for h in having for v in h["views"]]),
+            "samples": len(having),
+        }
+    by_count = defaultdict(list)
+    for r in records:
+        by_count[r["num_views"]].append(r.get("coop_all", r["single"])["sample"])
+    summary["by_num_views"] = {str(n): {**_mean_dicts(s), "samples": len(s)} for n, s in sorted(by_count.items())}
+    return summary
+
+
+def _mean_dicts(dicts: list[dict]) -> dict:
+    out = {}
+    for key in METRICS:
+        values = [d[key] for d in dicts if key in d and not math.isnan(d[key])]
+        if any(key in d for d in dicts):
+            out[key] = sum(values) / len(values) if values else math.nan
+    return out
+
+
+def format_tables(results: dict[str, dict]) -> str:
+    """Markdown: one row per checkpoint and setting, then cooperation gain, then view counts."""
+    lines = ["## Per sample means (main vehicle's frame, metres / degrees)", "",
+             "| checkpoint | setting | samples | " + " | ".join(METRICS) + " |",
+             "|---|---|---|" + "---|" * len(METRICS)]
+    for label, result in results.items():
+        for setting in ("single", "coop_main", "coop_all"):
+            if setting in result["summary"]:
+                s = result["summary"][setting]
+                lines.append(f"| {label} | {setting} | {s['samples']} | "
+                             + " | ".join(_fmt(s["per_sample"].get(m)) for m in METRICS) + " |")
+    gains = [(label, r["summary"]) for label, r in results.items() if "coop_main" in r["summary"]]
+    if gains:
+        lines += ["", "## Does the other vehicle help? (main vehicle's 4 views: single -> coop, same timestamps)", "",
+                  "| checkpoint | " + " | ".join(METRICS) + " |", "|---|" + "---|" * len(METRICS)]
+        for label, summary in gains:
+            cells = [_gain(summary["single"]["per_sample"].get(m), summary["coop_main"]["per_sample"].get(m), m)
+                     for m in METRICS]
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines += ["", "## By number of views (all views of the sample)", "",
+              "| checkpoint | views | samples | depth_abs_rel | point_error_m | rel_rotation_deg |", "|---|---|---|---|---|---|"]
+    for label, result in results.items():
+        for n, s in result["summary"]["by_num_views"].items():
+            lines.append(f"| {label} | {n} | {s['samples']} | {_fmt(s.get('depth_abs_rel'))} | "
+                         f"{_fmt(s.get('point_error_m'))} | {_fmt(s.get('rel_rotation_deg'))} |")
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(value) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4g}"
+
+
+def _gain(single, coop, metric) -> str:
+    if single is None or coop is None or math.isnan(single) or math.isnan(coop):
+        return "-"
+    better = coop < single if LOWER_IS_BETTER[metric] else coop > single
+    word = "better" if better else ("same" if coop == single else "worse")
+    return f"{_fmt(single)} -> {_fmt(coop)} ({word})"
