@@ -22,6 +22,15 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("repo_root", lambda: str(REPO_ROOT))
 
 
+def compose_training(overrides: list[str]) -> DictConfig:
+    """The training config as `python -m mapanything_ext.train.training <overrides>` composes it."""
+    from hydra import compose, initialize_config_dir
+
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3", job_name="compose"):
+        return compose("train", overrides=list(overrides))
+
+
 def to_plain(cfg: DictConfig | Any) -> Any:
     """Resolved config as plain dict/list/scalars, safe for torch.load(weights_only=True)."""
     if isinstance(cfg, DictConfig) or OmegaConf.is_config(cfg):

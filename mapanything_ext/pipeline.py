@@ -22,10 +22,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from mapanything_ext.config import CONFIG_DIR, REPO_ROOT, register_resolvers
+from mapanything_ext.config import REPO_ROOT, compose_training
 
 STAGES = ("stage1", "stage2", "stage3")
 
@@ -34,12 +33,9 @@ class PipelineError(RuntimeError):
     """The requested chain cannot start (unknown stage, missing earlier checkpoint)."""
 
 
-def compose_stage(stage: str, overrides: list[str], pretrained: str | None = None) -> DictConfig:
-    """The training config of one stage, as the training command would compose it."""
-    register_resolvers()
-    extra = [f"model.pretrained={pretrained}"] if pretrained else []
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3", job_name="pipeline"):
-        return compose("train", overrides=[f"stage={stage}", *overrides, *extra])
+def compose_stage(stage: str, overrides: list[str]) -> DictConfig:
+    """The training config of one stage."""
+    return compose_training([f"stage={stage}", *overrides])
 
 
 def plan(stages: list[str], overrides: list[str]) -> list[tuple[str, list[str], Path]]:

@@ -1,5 +1,6 @@
 """Compact model: output contract, metric outputs consistent, gradient checkpointing exact."""
 
+import pytest
 import torch
 
 from mapanything_ext.models.compact import CompactMapAnything
@@ -62,3 +63,14 @@ def test_quaternion_round_trip_including_half_turns():
     q = matrix_to_quaternion(r)
     assert torch.allclose(quaternion_to_matrix(q), r, atol=1e-5)
     assert (q[:, 3] >= 0).all()
+
+
+def test_compile_in_place_names_a_missing_submodule_and_keeps_layouts():
+    from mapanything_ext.train.engine import _contiguous, compile_in_place
+
+    model = CompactMapAnything(dim=32, depth=1, num_heads=2)
+    with pytest.raises(ValueError, match="train_params.compile names 'no_such_part'"):
+        compile_in_place(model, ["no_such_part"])
+    strided = torch.zeros(4, 6).t()
+    out = _contiguous([{"a": strided, "b": 3}])
+    assert out[0]["a"].is_contiguous() and torch.equal(out[0]["a"], strided) and out[0]["b"] == 3

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from mapanything_ext import distributed as dist
+from mapanything_ext import preflight
 from mapanything_ext.checkpoint import load_checkpoint, prepare_resume, save_on_master
 from mapanything_ext.config import to_plain
 from mapanything_ext.models.registry import build_criteria, build_model
@@ -33,6 +35,9 @@ from mapanything_ext.train.depth_metrics import depth_abs_rel
 from mapanything_ext.train.optim import build_optimizer
 from mapanything_ext.train.run_log import Scalars, append_epoch_record, tee_console
 from mapanything_ext.train.schedule import lr_at, set_lr
+
+
+_PER_VIEW = re.compile(r"_view\d+$")
 
 
 class LossInstability(RuntimeError):
@@ -93,6 +98,7 @@ def train(cfg: DictConfig) -> Path:
         print(f"[mapanything_ext] output_dir: {output_dir}")
         print(OmegaConf.to_yaml(cfg, resolve=True))
     dist.barrier()
+    preflight.check(cfg)  # before anything slow: an offline node must not start a download
     run = _build_run(cfg, info, output_dir)
     run.started_at = started_at
     position = _restore_or_start(run)
@@ -118,10 +124,15 @@ def _build_run(cfg: DictConfig, info: dist.DistInfo, output_dir: Path) -> Run:
                                info.world_size, workers)
     module = build_model(cfg.model).to(info.device)
     model = module
+    if tp.get("compile"):
+        compile_in_place(module, tp.compile)
     if info.distributed:
         device_ids = [info.local_rank] if info.device.type == "cuda" else None
         model = DistributedDataParallel(module, device_ids=device_ids)
     train_criterion, test_criterion = build_criteria(cfg.loss)
+    for criterion in (train_criterion, test_criterion):
+        if isinstance(criterion, torch.nn.Module):  # MapAnything's criteria are modules
+            criterion.to(info.device)
     if info.rank == 0:
         n_params = sum(p.numel() for p in module.parameters())
         print(f"[mapanything_ext] model {cfg.model.name}: {n_params:,} parameters; "
@@ -130,6 +141,31 @@ def _build_run(cfg: DictConfig, info: dist.DistInfo, output_dir: Path) -> Run:
     watcher.install()
     return Run(cfg, info, output_dir, model, module, build_optimizer(module, tp), train_criterion, test_criterion,
                train_loader, test_loader, Scalars(output_dir, info.rank == 0), watcher)
+
+
+def compile_in_place(module: torch.nn.Module, what) -> None:
+    """torch.compile the whole model (true) or the named submodules (a list), in place: parameters
+    and state_dict keys stay those of the plain module, so checkpoints do not change."""
+    names = [""] if what is True else list(what)
+    for name in names:
+        try:
+            target = module.get_submodule(name)
+        except AttributeError as err:
+            raise ValueError(f"train_params.compile names {name!r}, which the model does not have: {err}") from err
+        # Compiled kernels may return other memory layouts than eager ones (channels-last convolution
+        # outputs); code after the compiled part (a loss calling .view) expects eager's layouts.
+        target.register_forward_hook(lambda _module, _inputs, output: _contiguous(output))
+        target.compile()
+
+
+def _contiguous(value):
+    if torch.is_tensor(value):
+        return value.contiguous()
+    if isinstance(value, dict):
+        return {k: _contiguous(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)) and type(value) in (list, tuple):
+        return type(value)(_contiguous(v) for v in value)
+    return value
 
 
 def _initial_eval(run: Run) -> None:
@@ -203,8 +239,9 @@ def _end_epoch(run: Run, position: Position, record: dict) -> None:
     if run.info.rank == 0:
         append_epoch_record(run.output_dir / "log.txt", record)
         run.scalars.add("epoch", record, epoch)
+        # Per-view loss terms (MapAnything's criterion has dozens) stay in log.txt only.
         print(f"[mapanything_ext] epoch {epoch}: " + ", ".join(
-            f"{k}={v:.4g}" for k, v in record.items() if isinstance(v, float)))
+            f"{k}={v:.4g}" for k, v in record.items() if isinstance(v, float) and not _PER_VIEW.search(k)))
     if is_best:
         _save(run, "checkpoint-best.pth", position, epoch_complete=True)
     if (epoch + 1) % int(run.tp.keep_freq) == 0:
@@ -236,10 +273,7 @@ def _train_one_epoch(run: Run, position: Position) -> dict:
         set_lr(run.optimizer, lr_at(position.epoch + it / steps, tp.lr, tp.min_lr, tp.warmup_epochs, tp.epochs))
         views = to_device(views, info.device)
         boundary = (it + 1) % accum == 0 or it + 1 == steps
-        loss_value, details = _step(run, views, amp_dtype, accum, sync=boundary)
-        if boundary:
-            run.optimizer.step()
-            run.optimizer.zero_grad(set_to_none=True)
+        loss_value, details = train_step(run, views, amp_dtype, accum, boundary)
         position.global_step += 1
         position.iteration = it + 1
         _accumulate(position, {"loss": loss_value, **details})
@@ -261,6 +295,17 @@ def _train_one_epoch(run: Run, position: Position) -> dict:
             run.watcher.requeue_and_exit()
     bar.close()
     return {k: v / max(position.count, 1) for k, v in position.sums.items()}
+
+
+def train_step(run: Run, views, amp_dtype, accum: int = 1, boundary: bool = True) -> tuple[float, dict]:
+    """One micro-batch: forward, loss, backward; at an accumulation boundary also clip and step."""
+    loss_value, details = _step(run, views, amp_dtype, accum, sync=boundary)
+    if boundary:
+        if run.tp.get("gradient_clip"):
+            torch.nn.utils.clip_grad_norm_(run.module.parameters(), float(run.tp.gradient_clip), foreach=True)
+        run.optimizer.step()
+        run.optimizer.zero_grad(set_to_none=True)
+    return loss_value, details
 
 
 def _step(run: Run, views, amp_dtype, accum: int, sync: bool) -> tuple[float, dict]:

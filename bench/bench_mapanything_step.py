@@ -1,0 +1,211 @@
+"""Training-step throughput of the real MapAnything: our engine vs MapAnything's own step.
+
+    python bench/bench_mapanything_step.py --data DIR [--configs 4,8,12,12gc,24gc]
+        [--variants reference,engine,engine_compile] [--steps 8] [--warmup 3] [--tiny]
+
+Same model object, same inputs (one cooperative OPV2V sample at 518x392 from the synthetic
+generator; 24 views repeat its 12), batch 1, bf16 autocast, random init (full v1.1 unless --tiny):
+
+  reference       MapAnything's own loop body: loss_of_one_batch_multi_view (moves the views,
+                  autocast, criterion), float(loss), its NativeScalerWithGradNormCount
+                  (GradScaler, clip 1.0), torch.optim.AdamW with default kernels
+  engine          our engine's train_step: views already pinned and copied non-blocking,
+                  fused AdamW, clip 1.0 with foreach kernels, no GradScaler (bf16 needs none)
+  engine_compile  the same with train_params.compile=[encoder,info_sharing] (compiled in place)
+  engine_compile_all  the same with train_params.compile=true (the whole model)
+
+A config `Ngc` builds the model with all gradient-checkpointing switches on. Prints one
+table row per (config, variant): seconds per step, images/s, peak GPU memory, ratio to the
+reference. Needs MapAnything, the DINOv2 hub code in $TORCH_HOME/hub and a GPU (--tiny
+runs anywhere, to check the script).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import default_collate
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from mapanything_ext.config import compose_training  # noqa: E402
+from mapanything_ext.distributed import DistInfo  # noqa: E402
+from mapanything_ext.models.registry import build_criteria, build_model  # noqa: E402
+from mapanything_ext.train import engine  # noqa: E402
+from mapanything_ext.train.data import build_dataset, to_device  # noqa: E402
+from mapanything_ext.train.optim import build_optimizer, param_groups  # noqa: E402
+
+# What each engine variant compiles (train_params.compile): the backbone, or everything.
+COMPILE = {"engine": None, "engine_compile": ["encoder", "info_sharing"], "engine_compile_all": True}
+TINY = ["model.encoder.size=small", "model.encoder.keep_first_n_layers=2", "model.info_sharing.module_args.depth=3",
+        "model.info_sharing.module_args.dim=192", "model.info_sharing.module_args.num_heads=3",
+        "model.info_sharing.module_args.indices=[0,1]", "model.pred_head.feature_head.feature_dim=32"]
+
+
+def config(data: Path, tiny: bool, checkpointing: bool, resolution):
+    overrides = ["model=mapanything", "loss=overall_loss", "dataset=opv2v_coop_ft", "dataset.num_views=12",
+                 f"machine.opv2v_root={data / 'opv2v'}", f"machine.opv2v_depth_root={data / 'opv2v_depth'}",
+                 f"dataset.resolution_train=[{resolution[0]},{resolution[1]}]", "dataset.train_split=train",
+                 "train_params.gradient_clip=1.0", f"model.gradient_checkpointing={str(checkpointing).lower()}"]
+    return compose_training(overrides + (TINY if tiny else []))
+
+
+def sample_views(cfg, count: int) -> list[dict]:
+    """`count` views of one cooperative sample, collated as a batch of one (repeated past 12)."""
+    views = build_dataset(cfg.dataset.train_dataset)[0]
+    views = (views * ((count + len(views) - 1) // len(views)))[:count]
+    return default_collate([views])
+
+
+def pinned(batch):
+    """Page-locked, as our DataLoader delivers batches on a GPU machine (pin_memory=True)."""
+    if not torch.cuda.is_available():
+        return batch
+    return [{k: v.pin_memory() if torch.is_tensor(v) else v for k, v in view.items()} for view in batch]
+
+
+def shallow_copy(batch):
+    return [dict(view) for view in batch]
+
+
+def reference_stepper(model, criterion, device):
+    from mapanything.utils.inference import loss_of_one_batch_multi_view
+    from mapanything.utils.train_tools import NativeScalerWithGradNormCount
+
+    optimizer = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-4, betas=(0.9, 0.95))
+    scaler = NativeScalerWithGradNormCount()
+
+    def step(batch):
+        result = loss_of_one_batch_multi_view(shallow_copy(batch), model, criterion, device, use_amp=True,
+                                              amp_dtype="bf16")
+        loss, _ = result["loss"]
+        float(loss)
+        scaler(loss, optimizer, parameters=model.parameters(), update_grad=True, clip_grad=1.0)
+        optimizer.zero_grad()
+
+    return step, optimizer
+
+
+def engine_stepper(cfg, model, criterion, device, compile_what):
+    if compile_what:
+        engine.compile_in_place(model, compile_what)
+    info = DistInfo(0, 1, 0, device, False, 7200.0)
+    optimizer = build_optimizer(model, cfg.train_params)
+    run = engine.Run(cfg, info, Path("/tmp"), model, model, optimizer, criterion, criterion, None, None, None, None)
+
+    def step(batch):
+        engine.train_step(run, to_device(batch, device), torch.bfloat16)
+
+    return step, optimizer
+
+
+def synchronize(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(step, batch, steps: int, warmup: int, device) -> tuple[float, float]:
+    """Seconds per step and peak memory of the timed steps (warm-up, with its one-off
+    allocations such as cuDNN autotuning and optimizer state, is not counted)."""
+    for _ in range(warmup):
+        step(batch)
+    synchronize(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    started = time.perf_counter()
+    for _ in range(steps):
+        step(batch)
+    synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+    return (time.perf_counter() - started) / steps, peak
+
+
+def profile_step(step, batch, out: Path) -> None:
+    """Kernel and operator times of one step: where the step's time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step(batch)
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=60)
+    out.write_text(table)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, required=True, help="synthetic OPV2V root (1 scenario, 3 agents)")
+    parser.add_argument("--configs", default="4,8,12,12gc,24gc")
+    parser.add_argument("--variants", default="reference,engine,engine_compile")
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--tiny", action="store_true", help="a tiny MapAnything, to check the script")
+    parser.add_argument("--resolution", default="518,392")
+    parser.add_argument("--profile", type=Path, default=None,
+                        help="also write a torch.profiler table of one step per (variant, views) into this folder")
+    parser.add_argument("--device", default="cuda", help="cuda (the benchmark) or cpu (to check the script)")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    torch.backends.cuda.matmul.allow_tf32 = True  # as MapAnything's training script sets it
+    torch.backends.cudnn.benchmark = True
+    resolution = tuple(int(x) for x in args.resolution.split(","))
+    configs = args.configs.split(",")
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"# {name}, torch {torch.__version__}, {'tiny' if args.tiny else 'full v1.1'}"
+          f" MapAnything, {resolution[0]}x{resolution[1]}, batch 1, bf16, {args.steps} timed steps after "
+          f"{args.warmup} warm-up", flush=True)
+    print("| views | grad ckpt | variant | s/step | images/s | peak GiB | vs reference |\n|---|---|---|---|---|---|---|",
+          flush=True)
+    for checkpointing in (False, True):
+        chosen = [c for c in configs if c.endswith("gc") == checkpointing]
+        if chosen:
+            run_group(args, device, resolution, checkpointing, [int(c.rstrip("gc")) for c in chosen])
+
+
+def run_group(args, device, resolution, checkpointing: bool, view_counts: list[int]) -> None:
+    cfg = config(args.data, args.tiny, checkpointing, resolution)
+    torch.manual_seed(0)
+    started = time.perf_counter()
+    model = build_model(cfg.model).to(device)
+    criterion, _ = build_criteria(cfg.loss)
+    criterion.to(device)
+    print(f"# model built in {time.perf_counter() - started:.0f}s: "
+          f"{sum(p.numel() for p in model.parameters()):,} parameters", flush=True)
+    batches = {n: pinned(sample_views(cfg, n)) for n in view_counts}
+    reference = {}
+    for variant in args.variants.split(","):
+        if variant == "reference":
+            step, optimizer = reference_stepper(model, criterion, device)
+        else:
+            step, optimizer = engine_stepper(cfg, model, criterion, device, COMPILE.get(variant))
+        for n in view_counts:
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            try:
+                seconds, peak = measure(step, batches[n], args.steps, args.warmup, device)
+            except torch.OutOfMemoryError:
+                print(f"| {n} | {'on' if checkpointing else 'off'} | {variant} | out of memory | | | |", flush=True)
+                optimizer.zero_grad(set_to_none=True)
+                continue
+            rate = n / seconds
+            if args.profile:
+                profile_step(step, batches[n], args.profile / f"profile_{variant}_{n}{'gc' if checkpointing else ''}.txt")
+            if variant == "reference":
+                reference[n] = rate
+            ratio = f"{rate / reference[n]:.2f}x" if n in reference else "-"
+            print(f"| {n} | {'on' if checkpointing else 'off'} | {variant} | {seconds:.3f} | {rate:.1f} | {peak:.1f} | "
+                  f"{ratio} |", flush=True)
+        optimizer.zero_grad(set_to_none=True)
+        del optimizer, step
+    del model
+
+
+if __name__ == "__main__":
+    main()

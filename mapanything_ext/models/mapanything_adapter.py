@@ -1,0 +1,59 @@
+"""The only module that imports MapAnything (an optional, user-installed dependency).
+
+`model=mapanything` builds the model through MapAnything's public `init_model` from our
+`configs/model/mapanything.yaml`; `loss=overall_loss` builds its criterion by evaluating
+its loss strings in its own losses namespace and nowhere else. Our views already carry
+every key its model and loss read (docs/mapanything.md), so no wrapper sits in between.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from omegaconf import DictConfig
+
+INSTALL_HINT = (
+    "MapAnything is not installed in this environment. It is an optional dependency that you install "
+    "yourself: `git clone https://github.com/facebookresearch/map-anything && pip install -e map-anything` "
+    "(it brings uniception==0.1.7, timm, torchvision, ...; see docs/mapanything.md). "
+    "model=compact loss=compact_loss runs without it."
+)
+
+
+class MapAnythingMissing(ImportError):
+    """MapAnything (or a package it needs) cannot be imported."""
+
+
+def import_mapanything(module: str = "mapanything"):
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        raise MapAnythingMissing(f"{INSTALL_HINT} (import of {module} failed: {err})") from err
+
+
+def build_mapanything_model(model_cfg: DictConfig):
+    models = import_mapanything("mapanything.models")
+    print(f"[mapanything] building {model_cfg.model_str} (encoder {model_cfg.encoder.name}, "
+          f"info sharing depth {model_cfg.info_sharing.module_args.depth}, gradient checkpointing "
+          f"encoder={model_cfg.encoder.gradient_checkpointing} "
+          f"info_sharing={model_cfg.info_sharing.module_args.gradient_checkpointing} "
+          f"pred_head={model_cfg.pred_head.gradient_checkpointing})", flush=True)
+    return models.init_model(model_cfg.model_str, model_cfg.model_config,
+                             torch_hub_force_reload=bool(model_cfg.torch_hub_force_reload))
+
+
+def build_mapanything_criteria(loss_cfg: DictConfig):
+    """(train, test) criteria from MapAnything's loss strings, evaluated in its losses module only."""
+    losses = import_mapanything("mapanything.train.losses")
+    namespace = {name: getattr(losses, name) for name in dir(losses) if not name.startswith("_")}
+    train_string = loss_cfg.train_criterion
+    test_string = loss_cfg.get("test_criterion") or train_string
+    return _criterion(train_string, namespace), _criterion(test_string, namespace)
+
+
+def _criterion(expression: str, namespace: dict):
+    try:
+        # MapAnything's own loss strings, with nothing but its losses namespace and no builtins.
+        return eval(expression, {"__builtins__": {}}, namespace)  # noqa: S307
+    except Exception as err:
+        raise ValueError(f"cannot build the MapAnything criterion {expression!r}: {err}") from err
