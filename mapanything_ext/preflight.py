@@ -12,6 +12,7 @@ are cached when it is on; torch hub is not asked to reload; and, for every model
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 from pathlib import Path
 
@@ -93,8 +94,6 @@ def _hub_weight_problems(model_cfg, hub_dir: Path) -> list[str]:
 
 
 def _torch_home() -> str:
-    import os
-
     return os.environ.get("TORCH_HOME", "~/.cache/torch (default)")
 
 

@@ -108,7 +108,7 @@ def test_front_camera_looks_along_heading_back_camera_against_it(synthetic_root)
     scenario, frames = frame_files(synthetic_root)
     for frame in frames:
         meta = load_frame_metadata(scenario / "641" / f"{frame}.yaml")
-        _, yaw, pitch = meta["true_ego_pos"][3], meta["true_ego_pos"][4], meta["true_ego_pos"][5]
+        yaw = meta["true_ego_pos"][4]
         heading = S4[:3, :3] @ np.array([np.cos(np.radians(yaw)), np.sin(np.radians(yaw)), 0.0])
         axes = [_convert_pose_to_opencv(cords_to_pose(meta[f"camera{k}"]["cords"]))[:3, 2] for k in range(4)]
         assert axes[0] @ heading > 0.99

@@ -1,7 +1,6 @@
 """Stage 1 as a real Slurm job on the local cluster: preempted twice, it still ends bitwise identical."""
 
 import getpass
-import json
 import re
 import subprocess
 import sys
@@ -11,7 +10,7 @@ import pytest
 import torch
 
 from tests.slurm_cluster import REPO, job_state, kill_job_tasks, release_requeued, slurm, wait_for_job_id
-from tests.training_runs import start_ranks, tiny_overrides, wait_all, wait_for_text
+from tests.training_runs import records, stage_overrides, start_ranks, tiny_overrides, wait_all, wait_for_text
 
 pytestmark = [pytest.mark.slow, pytest.mark.slurm]
 
@@ -49,10 +48,6 @@ def finish(proc, env, job_id, timeout=300):
         release_requeued(env, job_id)
         time.sleep(0.5)
     return proc.returncode
-
-
-def records(output_dir):
-    return [json.loads(line) for line in (output_dir / "log.txt").read_text().splitlines()]
 
 
 def test_stage1_preempted_twice_on_slurm_matches_uninterrupted_run(synthetic_root, tmp_path, slurm_env):
@@ -138,9 +133,7 @@ def test_job_with_fewer_ranks_than_the_profile_stops_with_a_clear_message(synthe
 
 def test_pipeline_chains_three_stages_with_afterok(synthetic_root, tmp_path, slurm_env):
     experiments = tmp_path / "experiments"
-    overrides = [o for o in tiny_overrides(synthetic_root, experiments / "unused", "machine=slurm-test",
-                                           "train_params.epochs=1", "dataset.resolution_train=[56,42]")
-                 if not o.startswith("output_dir=")]
+    overrides = stage_overrides(synthetic_root, experiments, "machine=slurm-test", "train_params.epochs=1")
     out = subprocess.run([sys.executable, "-m", "mapanything_ext.pipeline", *overrides], cwd=REPO, env=slurm_env,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -163,9 +156,9 @@ def test_pipeline_chains_three_stages_with_afterok(synthetic_root, tmp_path, slu
 def test_failed_stage_cancels_the_stages_after_it(synthetic_root, tmp_path, slurm_env):
     experiments = tmp_path / "experiments"
     # Stage 1 fails at start-up: its data folder does not exist.
-    overrides = [o for o in tiny_overrides(synthetic_root, experiments / "unused", "machine=slurm-test",
-                                           "train_params.epochs=1", f"machine.opv2v_root={tmp_path / 'missing'}")
-                 if not o.startswith(("output_dir=", f"machine.opv2v_root={synthetic_root}"))]
+    overrides = [o for o in stage_overrides(synthetic_root, experiments, "machine=slurm-test", "train_params.epochs=1",
+                                            f"machine.opv2v_root={tmp_path / 'missing'}")
+                 if o != f"machine.opv2v_root={synthetic_root / 'opv2v'}"]
     out = subprocess.run([sys.executable, "-m", "mapanything_ext.pipeline", "--stages", "stage1,stage2", *overrides],
                          cwd=REPO, env=slurm_env, capture_output=True, text=True, timeout=120)
     ids = re.findall(r"Slurm job (\d+)", out.stdout)

@@ -9,13 +9,9 @@ import pytest
 import torch
 
 from mapanything_ext.checkpoint import verify_checkpoint
-from tests.training_runs import REPO, run_training, start_ranks, tiny_overrides, wait_all, wait_for_text
+from tests.training_runs import REPO, records, run_training, stage_overrides, start_ranks, tiny_overrides, wait_all, wait_for_text
 
 pytestmark = pytest.mark.slow
-
-
-def records(output_dir):
-    return [json.loads(line) for line in (output_dir / "log.txt").read_text().splitlines()]
 
 
 def test_stage1_learns_and_writes_everything(synthetic_root, tmp_path):
@@ -78,11 +74,6 @@ def test_loss_instability_stops_without_writing_checkpoints(synthetic_root, tmp_
     assert proc.returncode != 0
     assert "loss_instability_threshold=0.001" in proc.stderr and "stopping without saving" in proc.stderr
     assert not list(out.glob("*.pth"))
-
-
-def stage_overrides(data_root, experiments, *extra):
-    """Tiny run settings without output_dir, so each stage writes where its stage config says."""
-    return [o for o in tiny_overrides(data_root, experiments / "unused", *extra) if not o.startswith("output_dir=")]
 
 
 def test_local_pipeline_chains_stages_through_checkpoint_best(synthetic_root, tmp_path):

@@ -15,9 +15,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from mapanything_ext.evaluation.plots import image_rgb
+from mapanything_ext.models.rotations import quaternion_to_matrix
 
 GT_CAMERA_RGB = (40, 200, 60)
 PRED_CAMERA_RGB = (230, 40, 40)
@@ -87,7 +87,7 @@ def export_sample(views: list[dict], preds: list[dict], out_dir: Path, stem: str
         k = view["camera_intrinsics"][0].double().numpy()
         gt_cams.append(frustum_points(view["camera_pose"][0].double().numpy(), k, h, w))
         pred_pose = np.eye(4)
-        pred_pose[:3, :3] = _quat_to_matrix(pred["cam_quats"][0])
+        pred_pose[:3, :3] = quaternion_to_matrix(pred["cam_quats"][0].double()).numpy()
         pred_pose[:3, 3] = pred["cam_trans"][0].double().numpy()
         pred_cams.append(frustum_points(ref_to_main @ pred_pose, k, h, w))
     gt_cloud = _with_cameras(np.concatenate(gt_pts), np.concatenate(colors), np.concatenate(gt_cams), GT_CAMERA_RGB)
@@ -107,9 +107,3 @@ def export_sample(views: list[dict], preds: list[dict], out_dir: Path, stem: str
 def _with_cameras(points, colors, camera_points, camera_rgb):
     cam_colors = np.tile(np.array(camera_rgb, dtype=np.uint8), (len(camera_points), 1))
     return np.concatenate([points, camera_points]), np.concatenate([colors, cam_colors])
-
-
-def _quat_to_matrix(quat: torch.Tensor) -> np.ndarray:
-    from mapanything_ext.models.rotations import quaternion_to_matrix
-
-    return quaternion_to_matrix(quat.double()).numpy()

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import torch
-
 
 def depth_abs_rel(views: list[dict], preds: list[dict]) -> float:
     """Mean over views of |z_pred - z_gt| / z_gt on valid pixels (z = depth along the optical axis)."""
