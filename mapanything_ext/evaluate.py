@@ -22,7 +22,7 @@ from mapanything_ext.evaluation.report import MAIN_VIEWS, evaluate_model, format
 from mapanything_ext.train.data import build_dataset
 
 register_resolvers()
-warnings.filterwarnings("ignore", message=".*is validated against ConfigStore schema with the same name.*")
+warnings.filterwarnings("ignore", message="(?s).*is validated against ConfigStore schema with the same name")
 
 
 def checkpoints_of(cfg: DictConfig) -> list[Path]:

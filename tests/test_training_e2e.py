@@ -111,3 +111,13 @@ def test_missing_pretrained_checkpoint_is_a_clear_error(synthetic_root, tmp_path
     proc = run_training(tiny_overrides(synthetic_root, out, "stage=stage2"))
     assert proc.returncode != 0
     assert "opv2v_ft_stage1/checkpoint-best.pth does not exist" in proc.stderr
+
+
+def test_submitit_local_launcher_runs_the_same_job(synthetic_root, tmp_path):
+    out = tmp_path / "submitit_local"
+    proc = run_training(["-m", "hydra/launcher=submitit_local", *tiny_overrides(synthetic_root, out,
+                                                                              "train_params.epochs=1")])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert verify_checkpoint(out / "checkpoint-final.pth").valid
+    assert list((out / ".submitit").glob("*/*_log.out"))  # it really went through submitit
+    assert "validated against ConfigStore schema" not in proc.stderr

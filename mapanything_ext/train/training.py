@@ -16,7 +16,7 @@ from mapanything_ext.config import CONFIG_DIR, register_resolvers
 register_resolvers()
 # Our configs/hydra/launcher/submitit_*.yaml take their values from the machine profile and are
 # checked against the plugin's schema of the same name; that check is what we want, not a warning.
-warnings.filterwarnings("ignore", message=".*is validated against ConfigStore schema with the same name.*")
+warnings.filterwarnings("ignore", message="(?s).*is validated against ConfigStore schema with the same name")
 
 
 def run(cfg: DictConfig):
