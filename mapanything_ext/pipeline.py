@@ -38,8 +38,8 @@ def compose_stage(stage: str, overrides: list[str]) -> DictConfig:
     return compose_training([f"stage={stage}", *overrides])
 
 
-def plan(stages: list[str], overrides: list[str]) -> list[tuple[str, list[str], Path]]:
-    """(stage, overrides, output_dir) per stage; later stages take the earlier stage's best."""
+def plan(stages: list[str], overrides: list[str]) -> list[tuple[str, list[str], DictConfig]]:
+    """(stage, overrides, composed config) per stage; later stages take the earlier stage's best."""
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
         raise PipelineError(f"unknown stage(s) {unknown}; choose from {list(STAGES)}")
@@ -52,9 +52,8 @@ def plan(stages: list[str], overrides: list[str]) -> list[tuple[str, list[str], 
         cfg = compose_stage(stage, stage_overrides)
         if previous_dir is None and stage != "stage1":
             _require_earlier_checkpoint(stage, cfg)
-        output_dir = Path(cfg.output_dir)
-        steps.append((stage, stage_overrides, output_dir))
-        previous_dir = output_dir
+        steps.append((stage, stage_overrides, cfg))
+        previous_dir = Path(cfg.output_dir)
     return steps
 
 
@@ -93,8 +92,8 @@ def submit_slurm(steps) -> list[str]:
     import submitit
 
     job_ids, previous = [], None
-    for stage, stage_overrides, output_dir in steps:
-        slurm = compose_stage(stage, stage_overrides).machine.slurm
+    for stage, stage_overrides, cfg in steps:
+        slurm, output_dir = cfg.machine.slurm, Path(cfg.output_dir)
         executor = submitit.AutoExecutor(folder=output_dir / ".submitit" / "%j", cluster="slurm",
                                          slurm_max_num_timeout=int(slurm.max_num_timeout))
         extra = dict(slurm.get("additional_parameters") or {})
@@ -117,7 +116,8 @@ def submit_slurm(steps) -> list[str]:
 
 
 def run_local(steps) -> None:
-    for stage, stage_overrides, output_dir in steps:
+    for stage, stage_overrides, cfg in steps:
+        output_dir = Path(cfg.output_dir)
         print(f"[pipeline] {stage}: running -> {output_dir}", flush=True)
         cmd = [sys.executable, "-m", "mapanything_ext.train.training", f"stage={stage}", *stage_overrides]
         if subprocess.run(cmd, cwd=REPO_ROOT).returncode != 0:
