@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from mapanything_ext.config import REPO_ROOT
+from mapanything_ext.train.run_log import read_epoch_records
 
 # Small images and a short, brisk schedule so the demo finishes in minutes on 2 CPU cores.
 DEMO_TRAIN_OVERRIDES = [
@@ -43,7 +44,7 @@ def _run(cmd: list[str]) -> None:
 def before_and_after(output_dir: Path, key: str) -> tuple[float, float]:
     """A held-out metric of the initial model and after the last epoch."""
     initial = json.loads((output_dir / "initial_eval.json").read_text())[key]
-    records = [json.loads(line) for line in (output_dir / "log.txt").read_text().splitlines() if line.strip()]
+    records = read_epoch_records(output_dir)
     return initial, [r[f"test_{key}"] for r in records if f"test_{key}" in r][-1]
 
 

@@ -78,12 +78,16 @@ def _launcher_env() -> tuple[int, int, int] | None:
     return None
 
 
+def ranks_per_node(slurm_profile) -> int:
+    """One rank per GPU on GPU nodes, else the profile's tasks per node."""
+    return int(slurm_profile.get("gpus_per_node") or 0) or int(slurm_profile.get("tasks_per_node") or 1)
+
+
 def expected_world_size(slurm_profile) -> int | None:
-    """Ranks a Slurm job of this profile must have: nodes x tasks per node (= GPUs per node on GPU nodes)."""
+    """Ranks a Slurm job of this profile must have: nodes x ranks per node."""
     if not slurm_profile:
         return None
-    per_node = int(slurm_profile.get("gpus_per_node") or 0) or int(slurm_profile.get("tasks_per_node") or 1)
-    return int(slurm_profile.get("nodes") or 1) * per_node
+    return int(slurm_profile.get("nodes") or 1) * ranks_per_node(slurm_profile)
 
 
 def check_world_size(world_size: int, configured=None, slurm_profile=None) -> None:
@@ -100,7 +104,7 @@ def check_world_size(world_size: int, configured=None, slurm_profile=None) -> No
         raise WorldSizeMismatch(
             f"Slurm job {os.environ.get('SLURM_JOB_ID')} has {world_size} rank(s) (SLURM_NTASKS) but the machine "
             f"profile asks for {profile} (machine.slurm.nodes={slurm_profile.get('nodes')} x tasks per node "
-            f"{int(slurm_profile.get('gpus_per_node') or 0) or slurm_profile.get('tasks_per_node')}); "
+            f"{ranks_per_node(slurm_profile)}); "
             f"submit with the profile's launcher (-m hydra/launcher=submitit_slurm machine=<profile>) or fix it"
         )
 

@@ -29,15 +29,16 @@ class PreflightError(RuntimeError):
     """The job would fail or download something on an offline node."""
 
 
-def problems_of(cfg: DictConfig) -> list[str]:
-    found = _pretrained_problems(cfg.model)
+def problems_of(cfg: DictConfig, resuming: bool = False) -> list[str]:
+    """Problems of a job with this config; a job resuming its own checkpoint needs no model.pretrained."""
+    found = [] if resuming else _pretrained_problems(cfg.model)
     if cfg.model.get("name") == "mapanything":
         found += _mapanything_problems(cfg.model)
     return found
 
 
-def check(cfg: DictConfig) -> None:
-    found = problems_of(cfg)
+def check(cfg: DictConfig, resuming: bool = False) -> None:
+    found = problems_of(cfg, resuming)
     if found:
         raise PreflightError("preflight found problems:\n" + "\n".join(f"  - {p}" for p in found))
 

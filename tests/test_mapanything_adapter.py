@@ -105,6 +105,8 @@ def test_preflight_checks_model_pretrained_for_every_model(tmp_path):
     assert found == [f"model.pretrained={tmp_path / 'gone.pth'} does not exist (did the earlier stage finish? "
                      f"is the path visible from this node?)"]
     assert preflight.problems_of(compose_training([])) == []
+    # resuming its own checkpoint, a later stage no longer needs the earlier stage's file
+    assert preflight.problems_of(compose_training([f"model.pretrained={tmp_path / 'gone.pth'}"]), resuming=True) == []
     with pytest.raises(preflight.PreflightError, match="gone.pth does not exist"):
         preflight.check(compose_training([f"model.pretrained={tmp_path / 'gone.pth'}"]))
 

@@ -9,8 +9,9 @@ import time
 import pytest
 import torch
 
+from mapanything_ext.train.run_log import read_epoch_records as records
 from tests.slurm_cluster import REPO, job_state, kill_job_tasks, release_requeued, slurm, wait_for_job_id
-from tests.training_runs import records, stage_overrides, start_ranks, tiny_overrides, wait_all, wait_for_text
+from tests.training_runs import stage_overrides, start_ranks, tiny_overrides, wait_all, wait_for_text
 
 pytestmark = [pytest.mark.slow, pytest.mark.slurm]
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from mapanything_ext.checkpoint import verify_checkpoint
-from tests.training_runs import REPO, records, run_training, stage_overrides, start_ranks, tiny_overrides, wait_all, wait_for_text
+from mapanything_ext.train.run_log import read_epoch_records as records
+from tests.training_runs import REPO, run_training, stage_overrides, start_ranks, tiny_overrides, wait_all, wait_for_text
 
 pytestmark = pytest.mark.slow
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import subprocess
@@ -30,11 +29,6 @@ def tiny_overrides(data_root: Path, output_dir: Path, *extra: str) -> list[str]:
 def stage_overrides(data_root: Path, experiments: Path, *extra: str) -> list[str]:
     """Tiny run settings without output_dir, so each stage writes where its stage config says."""
     return [o for o in tiny_overrides(data_root, experiments / "unused", *extra) if not o.startswith("output_dir=")]
-
-
-def records(output_dir: Path) -> list[dict]:
-    """The epoch records of a run's log.txt."""
-    return [json.loads(line) for line in (output_dir / "log.txt").read_text().splitlines()]
 
 
 def train_command(overrides: list[str]) -> list[str]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import matplotlib
@@ -12,13 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from mapanything_ext.datasets.base import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
-
-
-def read_log(run_dir: Path) -> list[dict]:
-    log = Path(run_dir) / "log.txt"
-    if not log.is_file():
-        raise FileNotFoundError(f"no log.txt in {run_dir}: is it a training output folder?")
-    return [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+from mapanything_ext.train.run_log import read_epoch_records  # noqa: E402
 
 
 def loss_curves(run_dirs: list[Path], out_png: Path, labels: list[str] | None = None) -> Path:
@@ -26,7 +19,7 @@ def loss_curves(run_dirs: list[Path], out_png: Path, labels: list[str] | None = 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for i, run_dir in enumerate(run_dirs):
         label = labels[i] if labels else Path(run_dir).name
-        records = read_log(run_dir)
+        records = read_epoch_records(run_dir)
         color = f"C{i % 10}"
         ax.plot([r["epoch"] for r in records], [r.get("train_loss", np.nan) for r in records], "-o", color=color,
                 label=f"{label} train")

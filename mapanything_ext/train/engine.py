@@ -71,7 +71,7 @@ class Run:
     test_loader: object
     scalars: Scalars
     watcher: PreemptionWatcher
-    started_at: float = field(default_factory=time.monotonic)  # process start of this (re)run
+    started_at: float = field(default_factory=time.monotonic)  # train() sets it to its own start
     first_step_reported: bool = False
 
     @property
@@ -98,7 +98,10 @@ def train(cfg: DictConfig) -> Path:
         print(f"[mapanything_ext] output_dir: {output_dir}")
         print(OmegaConf.to_yaml(cfg, resolve=True))
     dist.barrier()
-    preflight.check(cfg)  # before anything slow: an offline node must not start a download
+    # Before anything slow: an offline node must not start a download. A run that will resume
+    # from its own checkpoint no longer needs model.pretrained (the earlier stage may be gone).
+    resuming = bool(cfg.train_params.resume) and any(output_dir.glob("checkpoint-*.pth"))
+    preflight.check(cfg, resuming=resuming)
     run = _build_run(cfg, info, output_dir)
     run.started_at = started_at
     position = _restore_or_start(run)
@@ -163,7 +166,7 @@ def _contiguous(value):
         return value.contiguous()
     if isinstance(value, dict):
         return {k: _contiguous(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)) and type(value) in (list, tuple):
+    if type(value) in (list, tuple):  # not named tuples or dataclass-like containers
         return type(value)(_contiguous(v) for v in value)
     return value
 

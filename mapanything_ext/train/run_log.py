@@ -39,6 +39,14 @@ def tee_console(output_dir: Path) -> None:
     sys.stderr = _Tee(sys.stderr, log_file)
 
 
+def read_epoch_records(run_dir: Path) -> list[dict]:
+    """The epoch records of a run's log.txt, oldest first."""
+    log = Path(run_dir) / "log.txt"
+    if not log.is_file():
+        raise FileNotFoundError(f"no log.txt in {run_dir}: is it a training output folder?")
+    return [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+
+
 def append_epoch_record(log_path: Path, record: dict) -> None:
     """Write one JSON line per epoch; a replayed epoch (resume after a kill between the log
     write and the checkpoint) replaces its earlier line instead of duplicating it."""
