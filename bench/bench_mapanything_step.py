@@ -12,8 +12,16 @@ generator; 24 views repeat its 12), batch 1, bf16 autocast, random init (full v1
   engine          our engine's train_step: views already pinned and copied non-blocking,
                   fused AdamW, clip 1.0 with foreach kernels, no GradScaler (bf16 needs none)
   engine_compile  the same with train_params.compile=[encoder,info_sharing] (compiled in place)
-  engine_compile_heads  ... compile=[encoder,info_sharing,dpt_feature_head] (the recommended setting)
+  engine_compile_heads  ... compile=[encoder,info_sharing,dpt_feature_head]
+  engine_compile_heads_loss  ... and loss.compile=true (the recommended setting)
+  engine_compile_post_loss  ... and the methods _encode_and_fuse_optional_geometric_inputs and
+                  downstream_head compiled as well
   engine_compile_all  ... compile=true (the whole model)
+
+Variants run in the order given on the same model object and compiling is cumulative, so list
+them from least to most compiled (the reference first). --profile writes, per (variant, views),
+the wall and GPU time of each engine phase (forward, loss, backward, optimizer), the operator
+table and the gzipped Chrome trace.
 
 A config `Ngc` builds the model with all gradient-checkpointing switches on. Prints one
 table row per (config, variant): seconds per step, images/s, peak GPU memory, ratio to the
@@ -25,6 +33,9 @@ from __future__ import annotations
 
 import argparse
 import gc
+import gzip
+import importlib
+import json
 import sys
 import time
 from pathlib import Path
@@ -42,9 +53,13 @@ from mapanything_ext.train import engine  # noqa: E402
 from mapanything_ext.train.data import build_dataset, to_device  # noqa: E402
 from mapanything_ext.train.optim import build_optimizer, param_groups  # noqa: E402
 
-# What each engine variant compiles (train_params.compile): the backbone, or everything.
-COMPILE = {"engine": None, "engine_compile": ["encoder", "info_sharing"],
-           "engine_compile_heads": ["encoder", "info_sharing", "dpt_feature_head"], "engine_compile_all": True}
+# What each engine variant compiles: the model parts (train_params.compile) and whether the loss
+# parts too (loss.compile).
+HEADS = ["encoder", "info_sharing", "dpt_feature_head"]
+COMPILE = {"engine": (None, False), "engine_compile": (["encoder", "info_sharing"], False),
+           "engine_compile_heads": (HEADS, False), "engine_compile_heads_loss": (HEADS, True),
+           "engine_compile_post_loss": (HEADS + ["_encode_and_fuse_optional_geometric_inputs", "downstream_head"], True),
+           "engine_compile_all": (True, False)}
 TINY = ["model.encoder.size=small", "model.encoder.keep_first_n_layers=2", "model.info_sharing.module_args.depth=3",
         "model.info_sharing.module_args.dim=192", "model.info_sharing.module_args.num_heads=3",
         "model.info_sharing.module_args.indices=[0,1]", "model.pred_head.feature_head.feature_dim=32"]
@@ -94,9 +109,14 @@ def reference_stepper(model, criterion, device):
     return step, optimizer
 
 
-def engine_stepper(cfg, model, criterion, device, compile_what):
+def engine_stepper(cfg, model, criterion, device, variant: str):
+    compile_what, compile_loss = COMPILE[variant]
     if compile_what:
         engine.compile_in_place(model, compile_what)
+    if compile_loss:
+        from mapanything_ext.models.mapanything_adapter import compile_loss_parts
+
+        compile_loss_parts(importlib.import_module("mapanything.train.losses"), [criterion])
     info = DistInfo(0, 1, 0, device, False, 7200.0)
     optimizer = build_optimizer(model, cfg.train_params)
     run = engine.Run(cfg, info, Path("/tmp"), model, model, optimizer, criterion, criterion, None, None, None, None)
@@ -115,9 +135,11 @@ def synchronize(device) -> None:
 def measure(step, batch, steps: int, warmup: int, device) -> tuple[float, float]:
     """Seconds per step and peak memory of the timed steps (warm-up, with its one-off
     allocations such as cuDNN autotuning and optimizer state, is not counted)."""
+    started = time.perf_counter()
     for _ in range(warmup):
         step(batch)
     synchronize(device)
+    print(f"# {warmup} warm-up steps (compilation included) took {time.perf_counter() - started:.0f}s", flush=True)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     started = time.perf_counter()
@@ -129,7 +151,8 @@ def measure(step, batch, steps: int, warmup: int, device) -> tuple[float, float]
 
 
 def profile_step(step, batch, out: Path) -> None:
-    """Kernel and operator times of one step: where the step's time goes."""
+    """Where one step's time goes: a table of operators by GPU time, the step's phases (wall time
+    against the GPU time of the kernels launched in each), and the gzipped Chrome trace."""
     from torch.profiler import ProfilerActivity, profile
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -137,7 +160,46 @@ def profile_step(step, batch, out: Path) -> None:
         step(batch)
         torch.cuda.synchronize()
     table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=60)
-    out.write_text(table)
+    trace = out.with_suffix(".json")
+    prof.export_chrome_trace(str(trace))
+    events = json.loads(trace.read_text())["traceEvents"]
+    with gzip.open(str(trace) + ".gz", "wt") as packed:
+        json.dump(events, packed)
+    trace.unlink()
+    out.write_text(phase_table(events) + "\n\n" + table)
+    print(phase_table(events), flush=True)
+
+
+def phase_table(events: list[dict]) -> str:
+    """Per engine phase (the mapanything_ext.* ranges): wall ms, GPU-kernel ms of the kernels
+    launched inside it, kernel count, and the top kernels; the GPU is starved where wall >> GPU."""
+    phases = sorted((e for e in events if e.get("cat") == "user_annotation" and e["name"].startswith("mapanything_ext.")),
+                    key=lambda e: e["ts"])
+    # Library kernels are launched through the runtime API, Triton's (compiled code) through the driver's.
+    launches = {e["args"]["correlation"]: e["ts"] for e in events
+                if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {})}
+    kernels = [e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
+    per_phase = {p["name"]: [] for p in phases}
+    for kernel in kernels:
+        launched = launches.get(kernel.get("args", {}).get("correlation"))
+        owner = next((p["name"] for p in phases if launched is not None and p["ts"] <= launched <= p["ts"] + p["dur"]),
+                     None)
+        if owner:
+            per_phase[owner].append(kernel)
+    lines = ["| phase | wall ms | GPU ms | kernels | top kernels (ms) |", "|---|---|---|---|---|"]
+    for p in phases:
+        mine = per_phase[p["name"]]
+        by_name: dict[str, float] = {}
+        for k in mine:
+            by_name[k["name"][:50]] = by_name.get(k["name"][:50], 0.0) + k["dur"] / 1e3
+        top = "; ".join(f"{n} {t:.1f}" for n, t in sorted(by_name.items(), key=lambda kv: -kv[1])[:4])
+        lines.append(f"| {p['name']} | {p['dur'] / 1e3:.1f} | {sum(k['dur'] for k in mine) / 1e3:.1f} | "
+                     f"{len(mine)} | {top} |")
+    if kernels:
+        span = max(k["ts"] + k["dur"] for k in kernels) - min(k["ts"] for k in kernels)
+        lines.append(f"GPU busy {sum(k['dur'] for k in kernels) / 1e3:.1f} ms of a {span / 1e3:.1f} ms kernel span, "
+                     f"{len(kernels)} kernels")
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -151,6 +213,7 @@ def main() -> None:
     parser.add_argument("--resolution", default="518,392")
     parser.add_argument("--profile", type=Path, default=None,
                         help="also write a torch.profiler table of one step per (variant, views) into this folder")
+    parser.add_argument("--profile-variants", default=None, help="profile only these variants (comma list)")
     parser.add_argument("--device", default="cuda", help="cuda (the benchmark) or cpu (to check the script)")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -185,19 +248,20 @@ def run_group(args, device, resolution, checkpointing: bool, view_counts: list[i
         if variant == "reference":
             step, optimizer = reference_stepper(model, criterion, device)
         else:
-            step, optimizer = engine_stepper(cfg, model, criterion, device, COMPILE.get(variant))
+            step, optimizer = engine_stepper(cfg, model, criterion, device, variant)
         for n in view_counts:
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             try:
                 seconds, peak = measure(step, batches[n], args.steps, args.warmup, device)
-            except torch.OutOfMemoryError:
-                print(f"| {n} | {'on' if checkpointing else 'off'} | {variant} | out of memory | | | |", flush=True)
+            except Exception as err:  # out of memory, or a variant that fails to compile: report, go on
+                reason = "out of memory" if isinstance(err, torch.OutOfMemoryError) else f"failed: {err!r}"[:300]
+                print(f"| {n} | {'on' if checkpointing else 'off'} | {variant} | {reason} | | | |", flush=True)
                 optimizer.zero_grad(set_to_none=True)
                 continue
             rate = n / seconds
-            if args.profile:
+            if args.profile and variant in (args.profile_variants or variant).split(","):
                 profile_step(step, batches[n], args.profile / f"profile_{variant}_{n}{'gc' if checkpointing else ''}.txt")
             if variant == "reference":
                 reference[n] = rate

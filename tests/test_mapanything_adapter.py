@@ -176,3 +176,43 @@ def test_real_mapanything_trains_one_step_on_synthetic_views(synthetic_root, tmp
     assert ckpt["args"]["model"]["name"] == "mapanything"
     record = json.loads((out / "log.txt").read_text().splitlines()[0])
     assert torch.isfinite(torch.tensor(record["train_loss"])) and "test_NonAmbiguousMaskLoss_mask_avg" in record
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(why_the_real_model_cannot_run() is not None, reason=str(why_the_real_model_cannot_run()))
+def test_compiled_loss_parts_compute_what_the_eager_criterion_computes(synthetic_root, tmp_path, monkeypatch):
+    """loss.compile=true fuses parts of MapAnything's criterion; loss, every detail and the
+    gradients of the heads' parameters must stay those of the eager criterion."""
+    from torch.utils.data import default_collate
+
+    from mapanything_ext.models.registry import build_criteria
+    from mapanything_ext.train.data import build_dataset
+
+    losses = mapanything_adapter.import_mapanything("mapanything.train.losses")
+    for name in mapanything_adapter.LOSS_FUNCTIONS:  # compiling patches them process-wide; undo at the end
+        monkeypatch.setattr(losses, name, getattr(losses, name))
+    overrides = [o for o in tiny_overrides(synthetic_root, tmp_path / "out") if not o.startswith(("model", "loss"))]
+    cfg = compose_training([*overrides, *TINY_MAPANYTHING, "dataset=opv2v_coop_ft"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    views = default_collate([build_dataset(cfg.dataset.train_dataset)[0]])
+    heads = [p for name, p in model.named_parameters() if name.startswith(("dpt_regressor_head", "pose_head"))]
+    assert heads
+
+    def loss_details_grads(criterion):
+        # A fresh forward each time: compiled backward graphs cannot be retained and run twice.
+        torch.manual_seed(0)
+        loss, details = criterion(views, model(views))
+        return loss.detach(), details, torch.autograd.grad(loss, heads)
+
+    eager = loss_details_grads(build_criteria(cfg.loss)[0])
+    cfg.loss.compile = True
+    compiled_criterion = build_criteria(cfg.loss)[0]
+    assert hasattr(losses.compute_normal_loss, "_torchdynamo_orig_callable")
+    compiled = loss_details_grads(compiled_criterion)
+    torch.testing.assert_close(compiled[0], eager[0], rtol=1e-4, atol=1e-5)
+    assert compiled[1].keys() == eager[1].keys()
+    for key, value in eager[1].items():
+        assert compiled[1][key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
+    for got, want in zip(compiled[2], eager[2]):  # fused fp32 sums reassociate: compare as vectors
+        assert want.norm() > 0 and (got - want).norm() <= 1e-4 * want.norm()

@@ -147,18 +147,34 @@ def _build_run(cfg: DictConfig, info: dist.DistInfo, output_dir: Path) -> Run:
 
 
 def compile_in_place(module: torch.nn.Module, what) -> None:
-    """torch.compile the whole model (true) or the named submodules (a list), in place: parameters
-    and state_dict keys stay those of the plain module, so checkpoints do not change."""
+    """torch.compile the whole model (true) or the named parts (a list), in place: parameters and
+    state_dict keys stay those of the plain module, so checkpoints do not change. A name is a
+    submodule (`encoder`, `info_sharing`) or a method of the model or of a submodule
+    (`downstream_head`), which is then replaced on that instance only."""
     names = [""] if what is True else list(what)
     for name in names:
+        owner_name, _, attr = name.rpartition(".")
         try:
-            target = module.get_submodule(name)
+            owner = module.get_submodule(owner_name)
+            target = owner if not name else getattr(owner, attr)
         except AttributeError as err:
             raise ValueError(f"train_params.compile names {name!r}, which the model does not have: {err}") from err
         # Compiled kernels may return other memory layouts than eager ones (channels-last convolution
         # outputs); code after the compiled part (a loss calling .view) expects eager's layouts.
-        target.register_forward_hook(lambda _module, _inputs, output: _contiguous(output))
-        target.compile()
+        if isinstance(target, torch.nn.Module):
+            target.register_forward_hook(lambda _module, _inputs, output: _contiguous(output))
+            target.compile()
+        elif callable(target):
+            setattr(owner, attr, _with_contiguous_output(torch.compile(target)))
+        else:
+            raise ValueError(f"train_params.compile names {name!r}, which is neither a submodule nor a method")
+
+
+def _with_contiguous_output(function):
+    def call(*args, **kwargs):
+        return _contiguous(function(*args, **kwargs))
+
+    return call
 
 
 def _contiguous(value):
@@ -304,22 +320,30 @@ def train_step(run: Run, views, amp_dtype, accum: int = 1, boundary: bool = True
     """One micro-batch: forward, loss, backward; at an accumulation boundary also clip and step."""
     loss_value, details = _step(run, views, amp_dtype, accum, sync=boundary)
     if boundary:
-        if run.tp.get("gradient_clip"):
-            torch.nn.utils.clip_grad_norm_(run.module.parameters(), float(run.tp.gradient_clip), foreach=True)
-        run.optimizer.step()
-        run.optimizer.zero_grad(set_to_none=True)
+        with _phase("optimizer"):
+            if run.tp.get("gradient_clip"):
+                torch.nn.utils.clip_grad_norm_(run.module.parameters(), float(run.tp.gradient_clip), foreach=True)
+            run.optimizer.step()
+            run.optimizer.zero_grad(set_to_none=True)
     return loss_value, details
+
+
+def _phase(name: str):
+    """A named range in torch.profiler traces (bench/bench_mapanything_step.py --profile sums
+    GPU time per phase); costs a few microseconds when no profiler runs."""
+    return torch.profiler.record_function(f"mapanything_ext.{name}")
 
 
 def _step(run: Run, views, amp_dtype, accum: int, sync: bool) -> tuple[float, dict]:
     """Forward, loss, backward of one micro-batch; returns the loss averaged over ranks."""
     no_sync = run.model.no_sync if (isinstance(run.model, DistributedDataParallel) and not sync) else None
     with (no_sync() if no_sync else _null()):
-        with torch.autocast(run.info.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        with _phase("forward"), torch.autocast(run.info.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             preds = run.model(views)
-        with torch.autocast(run.info.device.type, enabled=False):
+        with _phase("loss"), torch.autocast(run.info.device.type, enabled=False):
             loss, details = run.train_criterion(views, preds)
-        (loss / accum).backward()
+        with _phase("backward"):
+            (loss / accum).backward()
     loss_value = float(dist.all_reduce_mean(loss.detach().float()).item())
     threshold = float(run.tp.loss_instability_threshold)
     if not math.isfinite(loss_value) or loss_value > threshold:
