@@ -19,6 +19,9 @@ TRIALS = 30
 
 
 def save_forever(run_dir: str) -> None:
+    # A forked child must not enter the OpenMP pool the parent (pytest, earlier tests) may have
+    # started: GNU OpenMP is not fork-safe, and the child would hang in its first parallel op.
+    torch.set_num_threads(1)
     epoch = 0
     while True:
         epoch += 1
@@ -34,12 +37,14 @@ def test_sigkill_during_saves_never_leaves_a_partial_checkpoint(tmp_path):
     rng = np.random.default_rng(1)
     quarantined_leftovers = 0
     for trial in range(TRIALS):
+        started_ns = time.time_ns()
         proc = ctx.Process(target=save_forever, args=(str(tmp_path),))
         proc.start()
-        # wait for the first complete save, then kill at a random moment of a later one
+        # wait for this trial's first complete save, then kill at a random moment of a later one
         deadline = time.time() + 30
-        while not (tmp_path / "checkpoint-last.pth").exists() and time.time() < deadline:
+        while not _saved_since(tmp_path / "checkpoint-last.pth", started_ns) and time.time() < deadline:
             time.sleep(0.005)
+        assert _saved_since(tmp_path / "checkpoint-last.pth", started_ns), f"trial {trial}: the saver never saved"
         time.sleep(float(rng.uniform(0.0, 0.25)))
         os.kill(proc.pid, signal.SIGKILL)
         proc.join()
@@ -53,3 +58,10 @@ def test_sigkill_during_saves_never_leaves_a_partial_checkpoint(tmp_path):
     # the kills did land mid-save: some trials left a temporary file behind
     assert quarantined_leftovers > 0
     assert len(list((tmp_path / "quarantine").rglob("*.tmp"))) == quarantined_leftovers
+
+
+def _saved_since(path, started_ns: int) -> bool:
+    try:
+        return path.stat().st_mtime_ns >= started_ns
+    except FileNotFoundError:
+        return False
