@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import gc
 import gzip
-import importlib
 import json
 import sys
 import time
@@ -116,7 +115,7 @@ def engine_stepper(cfg, model, criterion, device, variant: str):
     if compile_loss:
         from mapanything_ext.models.mapanything_adapter import compile_loss_parts
 
-        compile_loss_parts(importlib.import_module("mapanything.train.losses"), [criterion])
+        compile_loss_parts([criterion])
     info = DistInfo(0, 1, 0, device, False, 7200.0)
     optimizer = build_optimizer(model, cfg.train_params)
     run = engine.Run(cfg, info, Path("/tmp"), model, model, optimizer, criterion, criterion, None, None, None, None)
@@ -166,8 +165,9 @@ def profile_step(step, batch, out: Path) -> None:
     with gzip.open(str(trace) + ".gz", "wt") as packed:
         json.dump(events, packed)
     trace.unlink()
-    out.write_text(phase_table(events) + "\n\n" + table)
-    print(phase_table(events), flush=True)
+    phases = phase_table(events)
+    out.write_text(phases + "\n\n" + table)
+    print(phases, flush=True)
 
 
 def phase_table(events: list[dict]) -> str:

@@ -51,7 +51,7 @@ def build_mapanything_criteria(loss_cfg: DictConfig):
     test_string = loss_cfg.get("test_criterion") or train_string
     criteria = _criterion(train_string, namespace), _criterion(test_string, namespace)
     if loss_cfg.get("compile"):
-        compile_loss_parts(losses, criteria)
+        compile_loss_parts(criteria)
     return criteria
 
 
@@ -69,9 +69,10 @@ LOSS_FUNCTIONS = ("compute_normal_loss", "compute_gradient_matching_loss")
 LOSS_MODULES = ("RobustRegressionLoss",)
 
 
-def compile_loss_parts(losses, criteria) -> None:
+def compile_loss_parts(criteria) -> None:
     """torch.compile LOSS_FUNCTIONS in MapAnything's losses namespace (process-wide, once) and the
     LOSS_MODULES inside `criteria` (in place)."""
+    losses = import_mapanything("mapanything.train.losses")
     for name in LOSS_FUNCTIONS:
         function = getattr(losses, name)
         if not hasattr(function, "_torchdynamo_orig_callable"):
