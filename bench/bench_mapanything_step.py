@@ -17,6 +17,9 @@ generator; 24 views repeat its 12), batch 1, bf16 autocast, random init (full v1
   engine_compile_post_loss  ... and the methods _encode_and_fuse_optional_geometric_inputs and
                   downstream_head compiled as well
   engine_compile_all  ... compile=true (the whole model)
+  engine_graphs_heads_loss  engine_compile_heads_loss with train_params.compile_mode=reduce-overhead
+                  (each compiled part replayed as one CUDA graph)
+  engine_graphs_post_loss   engine_compile_post_loss with compile_mode=reduce-overhead
 
 Variants run in the order given on the same model object and compiling is cumulative, so list
 them from least to most compiled (the reference first). --profile writes, per (variant, views),
@@ -24,8 +27,9 @@ the wall and GPU time of each engine phase (forward, loss, backward, optimizer),
 table and the gzipped Chrome trace.
 
 A config `Ngc` builds the model with all gradient-checkpointing switches on. Prints one
-table row per (config, variant): seconds per step, images/s, peak GPU memory, ratio to the
-reference. Needs MapAnything, the DINOv2 hub code in $TORCH_HOME/hub and a GPU (--tiny
+table row per (config, variant): seconds per step, images/s, peak GPU memory allocated and
+reserved (CUDA graphs keep their own memory pool, which the allocated figure under-counts), ratio
+to the reference. Needs MapAnything, the DINOv2 hub code in $TORCH_HOME/hub and a GPU (--tiny
 runs anywhere, to check the script).
 """
 
@@ -49,16 +53,19 @@ from mapanything_ext.config import compose_training  # noqa: E402
 from mapanything_ext.distributed import DistInfo  # noqa: E402
 from mapanything_ext.models.registry import build_criteria, build_model  # noqa: E402
 from mapanything_ext.train import engine  # noqa: E402
+from mapanything_ext.train.compiling import compile_in_place  # noqa: E402
 from mapanything_ext.train.data import build_dataset, to_device  # noqa: E402
 from mapanything_ext.train.optim import build_optimizer, param_groups  # noqa: E402
 
-# What each engine variant compiles: the model parts (train_params.compile) and whether the loss
-# parts too (loss.compile).
+# What each engine variant compiles: the model parts (train_params.compile), whether the loss
+# parts too (loss.compile), and how (train_params.compile_mode).
 HEADS = ["encoder", "info_sharing", "dpt_feature_head"]
-COMPILE = {"engine": (None, False), "engine_compile": (["encoder", "info_sharing"], False),
-           "engine_compile_heads": (HEADS, False), "engine_compile_heads_loss": (HEADS, True),
-           "engine_compile_post_loss": (HEADS + ["_encode_and_fuse_optional_geometric_inputs", "downstream_head"], True),
-           "engine_compile_all": (True, False)}
+POST = HEADS + ["_encode_and_fuse_optional_geometric_inputs", "downstream_head"]
+COMPILE = {"engine": (None, False, "default"), "engine_compile": (["encoder", "info_sharing"], False, "default"),
+           "engine_compile_heads": (HEADS, False, "default"), "engine_compile_heads_loss": (HEADS, True, "default"),
+           "engine_compile_post_loss": (POST, True, "default"), "engine_compile_all": (True, False, "default"),
+           "engine_graphs_heads_loss": (HEADS, True, "reduce-overhead"),
+           "engine_graphs_post_loss": (POST, True, "reduce-overhead")}
 TINY = ["model.encoder.size=small", "model.encoder.keep_first_n_layers=2", "model.info_sharing.module_args.depth=3",
         "model.info_sharing.module_args.dim=192", "model.info_sharing.module_args.num_heads=3",
         "model.info_sharing.module_args.indices=[0,1]", "model.pred_head.feature_head.feature_dim=32"]
@@ -109,9 +116,9 @@ def reference_stepper(model, criterion, device):
 
 
 def engine_stepper(cfg, model, criterion, device, variant: str):
-    compile_what, compile_loss = COMPILE[variant]
+    compile_what, compile_loss, mode = COMPILE[variant]
     if compile_what:
-        engine.compile_in_place(model, compile_what)
+        compile_in_place(model, compile_what, mode)
     if compile_loss:
         from mapanything_ext.models.mapanything_adapter import compile_loss_parts
 
@@ -131,22 +138,27 @@ def synchronize(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(step, batch, steps: int, warmup: int, device) -> tuple[float, float]:
-    """Seconds per step and peak memory of the timed steps (warm-up, with its one-off
-    allocations such as cuDNN autotuning and optimizer state, is not counted)."""
+def measure(step, batch, steps: int, warmup: int, device) -> tuple[float, float, float]:
+    """Seconds per step and peak memory (allocated, reserved) of the timed steps (warm-up, with
+    its one-off allocations such as cuDNN autotuning and optimizer state, is not counted)."""
     started = time.perf_counter()
     for _ in range(warmup):
         step(batch)
     synchronize(device)
     print(f"# {warmup} warm-up steps (compilation included) took {time.perf_counter() - started:.0f}s", flush=True)
     if device.type == "cuda":
+        # Memory cached by earlier variants or by warm-up alone would count as reserved otherwise.
+        gc.collect()
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     started = time.perf_counter()
     for _ in range(steps):
         step(batch)
     synchronize(device)
-    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
-    return (time.perf_counter() - started) / steps, peak
+    seconds = (time.perf_counter() - started) / steps
+    if device.type != "cuda":
+        return seconds, float("nan"), float("nan")
+    return seconds, torch.cuda.max_memory_allocated(device) / 2**30, torch.cuda.max_memory_reserved(device) / 2**30
 
 
 def profile_step(step, batch, out: Path) -> None:
@@ -225,8 +237,8 @@ def main() -> None:
     print(f"# {name}, torch {torch.__version__}, {'tiny' if args.tiny else 'full v1.1'}"
           f" MapAnything, {resolution[0]}x{resolution[1]}, batch 1, bf16, {args.steps} timed steps after "
           f"{args.warmup} warm-up", flush=True)
-    print("| views | grad ckpt | variant | s/step | images/s | peak GiB | vs reference |\n|---|---|---|---|---|---|---|",
-          flush=True)
+    print("| views | grad ckpt | variant | s/step | images/s | peak GiB | reserved GiB | vs reference |\n"
+          "|---|---|---|---|---|---|---|---|", flush=True)
     for checkpointing in (False, True):
         chosen = [c for c in configs if c.endswith("gc") == checkpointing]
         if chosen:
@@ -254,10 +266,10 @@ def run_group(args, device, resolution, checkpointing: bool, view_counts: list[i
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             try:
-                seconds, peak = measure(step, batches[n], args.steps, args.warmup, device)
+                seconds, peak, reserved = measure(step, batches[n], args.steps, args.warmup, device)
             except Exception as err:  # out of memory, or a variant that fails to compile: report, go on
                 reason = "out of memory" if isinstance(err, torch.OutOfMemoryError) else f"failed: {err!r}"[:300]
-                print(f"| {n} | {'on' if checkpointing else 'off'} | {variant} | {reason} | | | |", flush=True)
+                print(f"| {n} | {'on' if checkpointing else 'off'} | {variant} | {reason} | | | | |", flush=True)
                 optimizer.zero_grad(set_to_none=True)
                 continue
             rate = n / seconds
@@ -267,7 +279,7 @@ def run_group(args, device, resolution, checkpointing: bool, view_counts: list[i
                 reference[n] = rate
             ratio = f"{rate / reference[n]:.2f}x" if n in reference else "-"
             print(f"| {n} | {'on' if checkpointing else 'off'} | {variant} | {seconds:.3f} | {rate:.1f} | {peak:.1f} | "
-                  f"{ratio} |", flush=True)
+                  f"{reserved:.1f} | {ratio} |", flush=True)
         optimizer.zero_grad(set_to_none=True)
         del optimizer, step
     del model

@@ -63,20 +63,3 @@ def test_quaternion_round_trip_including_half_turns():
     q = matrix_to_quaternion(r)
     assert torch.allclose(quaternion_to_matrix(q), r, atol=1e-5)
     assert (q[:, 3] >= 0).all()
-
-
-def test_compile_in_place_names_a_missing_part_compiles_methods_and_keeps_layouts():
-    from mapanything_ext.train.engine import _contiguous, compile_in_place
-
-    model = CompactMapAnything(dim=32, depth=1, num_heads=2)
-    with pytest.raises(ValueError, match="train_params.compile names 'no_such_part'"):
-        compile_in_place(model, ["no_such_part"])
-    with pytest.raises(ValueError, match="'dim', which is neither a submodule nor a method"):
-        compile_in_place(model, ["dim"])
-    keys = list(model.state_dict())
-    compile_in_place(model, ["_dense"])  # a method: replaced on this instance only (compiled lazily)
-    assert "_dense" in vars(model) and "_dense" not in vars(CompactMapAnything(dim=32, depth=1, num_heads=2))
-    assert list(model.state_dict()) == keys
-    strided = torch.zeros(4, 6).t()
-    out = _contiguous([{"a": strided, "b": 3}])
-    assert out[0]["a"].is_contiguous() and torch.equal(out[0]["a"], strided) and out[0]["b"] == 3

@@ -30,6 +30,7 @@ from mapanything_ext.config import to_plain
 from mapanything_ext.models.registry import build_criteria, build_model
 from mapanything_ext.preemption import PreemptionWatcher, check_requeue_budget
 from mapanything_ext.train import rng_state
+from mapanything_ext.train.compiling import check_compile_settings, compile_in_place, mark_step_begin
 from mapanything_ext.train.data import build_dataset, build_loader, to_device
 from mapanything_ext.train.depth_metrics import depth_abs_rel
 from mapanything_ext.train.optim import build_optimizer
@@ -117,6 +118,7 @@ def train(cfg: DictConfig) -> Path:
 
 def _build_run(cfg: DictConfig, info: dist.DistInfo, output_dir: Path) -> Run:
     tp = cfg.train_params
+    compile_mode = check_compile_settings(tp)
     rng_state.seed_everything(int(tp.seed) + info.rank)
     train_ds = build_dataset(cfg.dataset.train_dataset)
     test_ds = build_dataset(cfg.dataset.test_dataset)
@@ -128,7 +130,7 @@ def _build_run(cfg: DictConfig, info: dist.DistInfo, output_dir: Path) -> Run:
     module = build_model(cfg.model).to(info.device)
     model = module
     if tp.get("compile"):
-        compile_in_place(module, tp.compile)
+        compile_in_place(module, tp.compile, compile_mode)
     if info.distributed:
         device_ids = [info.local_rank] if info.device.type == "cuda" else None
         model = DistributedDataParallel(module, device_ids=device_ids)
@@ -144,47 +146,6 @@ def _build_run(cfg: DictConfig, info: dist.DistInfo, output_dir: Path) -> Run:
     watcher.install()
     return Run(cfg, info, output_dir, model, module, build_optimizer(module, tp), train_criterion, test_criterion,
                train_loader, test_loader, Scalars(output_dir, info.rank == 0), watcher)
-
-
-def compile_in_place(module: torch.nn.Module, what) -> None:
-    """torch.compile the whole model (true) or the named parts (a list), in place: parameters and
-    state_dict keys stay those of the plain module, so checkpoints do not change. A name is a
-    submodule (`encoder`, `info_sharing`) or a method of the model or of a submodule
-    (`downstream_head`), which is then replaced on that instance only."""
-    names = [""] if what is True else list(what)
-    for name in names:
-        owner_name, _, attr = name.rpartition(".")
-        try:
-            owner = module.get_submodule(owner_name)
-            target = owner if not name else getattr(owner, attr)
-        except AttributeError as err:
-            raise ValueError(f"train_params.compile names {name!r}, which the model does not have: {err}") from err
-        # Compiled kernels may return other memory layouts than eager ones (channels-last convolution
-        # outputs); code after the compiled part (a loss calling .view) expects eager's layouts.
-        if isinstance(target, torch.nn.Module):
-            target.register_forward_hook(lambda _module, _inputs, output: _contiguous(output))
-            target.compile()
-        elif callable(target):
-            setattr(owner, attr, _with_contiguous_output(torch.compile(target)))
-        else:
-            raise ValueError(f"train_params.compile names {name!r}, which is neither a submodule nor a method")
-
-
-def _with_contiguous_output(function):
-    def call(*args, **kwargs):
-        return _contiguous(function(*args, **kwargs))
-
-    return call
-
-
-def _contiguous(value):
-    if torch.is_tensor(value):
-        return value.contiguous()
-    if isinstance(value, dict):
-        return {k: _contiguous(v) for k, v in value.items()}
-    if type(value) in (list, tuple):  # not named tuples or dataclass-like containers
-        return type(value)(_contiguous(v) for v in value)
-    return value
 
 
 def _initial_eval(run: Run) -> None:
@@ -317,15 +278,18 @@ def _train_one_epoch(run: Run, position: Position) -> dict:
 
 
 def train_step(run: Run, views, amp_dtype, accum: int = 1, boundary: bool = True) -> tuple[float, dict]:
-    """One micro-batch: forward, loss, backward; at an accumulation boundary also clip and step."""
-    loss_value, details = _step(run, views, amp_dtype, accum, sync=boundary)
+    """One micro-batch: forward, loss, backward; at an accumulation boundary also clip and step.
+    The loss is read back (a host synchronisation) only once the optimizer step is queued, so the
+    GPU finishes the backward while the host prepares that step. A non-finite loss still stops the
+    run before anything is saved: the state it stepped into is never written."""
+    loss, details = _step(run, views, amp_dtype, accum, sync=boundary)
     if boundary:
         with _phase("optimizer"):
             if run.tp.get("gradient_clip"):
                 torch.nn.utils.clip_grad_norm_(run.module.parameters(), float(run.tp.gradient_clip), foreach=True)
             run.optimizer.step()
             run.optimizer.zero_grad(set_to_none=True)
-    return loss_value, details
+    return _checked_loss_value(run, loss), details
 
 
 def _phase(name: str):
@@ -334,9 +298,10 @@ def _phase(name: str):
     return torch.profiler.record_function(f"mapanything_ext.{name}")
 
 
-def _step(run: Run, views, amp_dtype, accum: int, sync: bool) -> tuple[float, dict]:
-    """Forward, loss, backward of one micro-batch; returns the loss averaged over ranks."""
+def _step(run: Run, views, amp_dtype, accum: int, sync: bool) -> tuple[torch.Tensor, dict]:
+    """Forward, loss, backward of one micro-batch; returns the (detached) loss and its details."""
     no_sync = run.model.no_sync if (isinstance(run.model, DistributedDataParallel) and not sync) else None
+    mark_step_begin()
     with (no_sync() if no_sync else _null()):
         with _phase("forward"), torch.autocast(run.info.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             preds = run.model(views)
@@ -344,7 +309,12 @@ def _step(run: Run, views, amp_dtype, accum: int, sync: bool) -> tuple[float, di
             loss, details = run.train_criterion(views, preds)
         with _phase("backward"):
             (loss / accum).backward()
-    loss_value = float(dist.all_reduce_mean(loss.detach().float()).item())
+    return loss.detach(), details
+
+
+def _checked_loss_value(run: Run, loss: torch.Tensor) -> float:
+    """The loss averaged over ranks; raises LossInstability when it is non-finite or too large."""
+    loss_value = float(dist.all_reduce_mean(loss.float()).item())
     threshold = float(run.tp.loss_instability_threshold)
     if not math.isfinite(loss_value) or loss_value > threshold:
         raise LossInstability(
@@ -352,7 +322,7 @@ def _step(run: Run, views, amp_dtype, accum: int, sync: bool) -> tuple[float, di
             f"stopping without saving this state. The last good checkpoint in {run.output_dir} is untouched; "
             f"lower train_params.lr or check the data."
         )
-    return loss_value, details
+    return loss_value
 
 
 class _null:
@@ -376,6 +346,7 @@ def evaluate(model, criterion, loader, device, amp_dtype) -> dict:
     sums, count = {}, 0
     for views in loader:
         views = to_device(views, device)
+        mark_step_begin()
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             preds = model(views)
         with torch.autocast(device.type, enabled=False):

@@ -1,0 +1,93 @@
+"""torch.compile of the model in place (train_params.compile, train_params.compile_mode).
+
+Parts are compiled where they live, so parameters and state_dict keys stay those of the plain
+module and checkpoints do not change. With a CUDA-graph mode ("reduce-overhead") every compiled
+part is replayed as one CUDA graph: the host no longer launches its kernels one by one, which is
+what keeps the GPU waiting in MapAnything's training step (docs/mapanything.md, Speed).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+# torch.compile's modes; "default" is torch.compile's own default.
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+# The modes that replay compiled parts as CUDA graphs (on a GPU; on a CPU they compile as "default").
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+
+
+def check_compile_settings(tp) -> str:
+    """The validated train_params.compile_mode; refuses what CUDA graphs would get wrong."""
+    mode = str(tp.get("compile_mode") or "default")
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"train_params.compile_mode={mode!r} is not one of {', '.join(COMPILE_MODES)}")
+    if mode in CUDA_GRAPH_MODES and tp.get("compile") and int(tp.get("accum_iter", 1)) > 1:
+        # A CUDA graph writes each step's parameter gradients into the same buffers, so a gradient
+        # kept across micro-batches is overwritten, not accumulated (pytorch/pytorch#169545).
+        raise ValueError(
+            f"train_params.compile_mode={mode} (CUDA graphs) cannot accumulate gradients: set "
+            f"train_params.accum_iter=1 (it is {tp.accum_iter}) or compile_mode=default"
+        )
+    return mode
+
+
+def compile_in_place(module: torch.nn.Module, what, mode: str = "default") -> None:
+    """torch.compile the whole model (true) or the named parts (a list), in place. A name is a
+    submodule (`encoder`, `info_sharing`) or a method of the model or of a submodule
+    (`downstream_head`), which is then replaced on that instance only. Compiling a part again
+    (another mode) replaces the earlier compilation."""
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"train_params.compile_mode={mode!r} is not one of {', '.join(COMPILE_MODES)}")
+    options = {} if mode == "default" else {"mode": mode}
+    names = [""] if what is True else list(what)
+    for name in names:
+        owner_name, _, attr = name.rpartition(".")
+        try:
+            owner = module.get_submodule(owner_name)
+            target = owner if not name else getattr(owner, attr)
+        except AttributeError as err:
+            raise ValueError(f"train_params.compile names {name!r}, which the model does not have: {err}") from err
+        if isinstance(target, torch.nn.Module):
+            _compile_module(target, options)
+        elif callable(target):
+            original = getattr(target, "_uncompiled", target)
+            setattr(owner, attr, _with_contiguous_output(torch.compile(original, **options), original))
+        else:
+            raise ValueError(f"train_params.compile names {name!r}, which is neither a submodule nor a method")
+
+
+def mark_step_begin() -> None:
+    """Start of a training or evaluation step. CUDA graphs hand out their outputs in buffers that
+    the next replay overwrites; this tells them the previous step's outputs are no longer used.
+    Costs nothing without CUDA graphs."""
+    torch.compiler.cudagraph_mark_step_begin()
+
+
+def _compile_module(target: torch.nn.Module, options: dict) -> None:
+    # Compiled kernels may return other memory layouts than eager ones (channels-last convolution
+    # outputs); code after the compiled part (a loss calling .view) expects eager's layouts.
+    if not getattr(target, "_contiguous_hook", False):
+        target.register_forward_hook(lambda _module, _inputs, output: _contiguous(output))
+        target._contiguous_hook = True
+    target.compile(**options)
+
+
+def _with_contiguous_output(function, original):
+    @functools.wraps(original)
+    def call(*args, **kwargs):
+        return _contiguous(function(*args, **kwargs))
+
+    call._uncompiled = original
+    return call
+
+
+def _contiguous(value):
+    if torch.is_tensor(value):
+        return value.contiguous()
+    if isinstance(value, dict):
+        return {k: _contiguous(v) for k, v in value.items()}
+    if type(value) in (list, tuple):  # not named tuples or dataclass-like containers
+        return type(value)(_contiguous(v) for v in value)
+    return value

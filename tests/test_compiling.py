@@ -1,0 +1,91 @@
+"""train_params.compile / compile_mode: compiled in place, settings checked, and CUDA-graph
+training (compile_mode=reduce-overhead) exact where a GPU can run it."""
+
+import copy
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from mapanything_ext.models.compact import CompactMapAnything
+from mapanything_ext.train.compiling import _contiguous, check_compile_settings, compile_in_place, mark_step_begin
+
+
+def views_of(batch=2, num_views=3, h=28, w=42, seed=0, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    return [{"img": torch.randn(batch, 3, h, w, generator=g).to(device)} for _ in range(num_views)]
+
+
+def test_compile_mode_is_checked_and_cuda_graphs_refuse_gradient_accumulation():
+    tp = OmegaConf.create({"compile": ["blocks"], "compile_mode": "fast", "accum_iter": 1})
+    with pytest.raises(ValueError, match="compile_mode='fast' is not one of default, reduce-overhead"):
+        check_compile_settings(tp)
+    tp.compile_mode = "reduce-overhead"
+    assert check_compile_settings(tp) == "reduce-overhead"
+    tp.accum_iter = 2
+    with pytest.raises(ValueError, match=r"cannot accumulate gradients: set train_params.accum_iter=1 \(it is 2\)"):
+        check_compile_settings(tp)
+    tp.compile_mode = "default"
+    assert check_compile_settings(tp) == "default"
+    tp.compile, tp.compile_mode = False, "reduce-overhead"  # nothing compiled: nothing to refuse
+    assert check_compile_settings(tp) == "reduce-overhead"
+    assert check_compile_settings(OmegaConf.create({"compile": False})) == "default"
+    with pytest.raises(ValueError, match="compile_mode='fast'"):
+        compile_in_place(CompactMapAnything(dim=32, depth=1, num_heads=2), ["blocks"], "fast")
+
+
+def test_compile_in_place_names_a_missing_part_compiles_methods_and_keeps_layouts():
+    model = CompactMapAnything(dim=32, depth=1, num_heads=2)
+    with pytest.raises(ValueError, match="train_params.compile names 'no_such_part'"):
+        compile_in_place(model, ["no_such_part"])
+    with pytest.raises(ValueError, match="'dim', which is neither a submodule nor a method"):
+        compile_in_place(model, ["dim"])
+    keys = list(model.state_dict())
+    compile_in_place(model, ["_dense"])  # a method: replaced on this instance only (compiled lazily)
+    assert "_dense" in vars(model) and "_dense" not in vars(CompactMapAnything(dim=32, depth=1, num_heads=2))
+    assert list(model.state_dict()) == keys
+    strided = torch.zeros(4, 6).t()
+    out = _contiguous([{"a": strided, "b": 3}])
+    assert out[0]["a"].is_contiguous() and torch.equal(out[0]["a"], strided) and out[0]["b"] == 3
+
+
+def test_compiling_again_replaces_the_earlier_compilation():
+    model = CompactMapAnything(dim=32, depth=1, num_heads=2)
+    compile_in_place(model, ["_dense", "head_norm"])
+    first = vars(model)["_dense"]
+    compile_in_place(model, ["_dense", "head_norm"], "max-autotune-no-cudagraphs")
+    again = vars(model)["_dense"]
+    # The method is compiled from the plain one, not from the first compilation (no nesting).
+    assert again is not first and again._uncompiled == first._uncompiled == CompactMapAnything._dense.__get__(model)
+    assert len(model.head_norm._forward_hooks) == 1  # one contiguous-output hook, not one per compile
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU; none here (run on a GPU machine)")
+def test_cuda_graph_training_matches_eager_training():
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    eager = CompactMapAnything(dim=64, depth=2, num_heads=2).cuda()
+    graphed = copy.deepcopy(eager)
+    parts = [f"blocks.{i}" for i in range(len(graphed.blocks))] + ["refine", "_dense"]
+    compile_in_place(graphed, parts, "reduce-overhead")
+    models = {"eager": eager, "graphed": graphed}
+    # Plain SGD: parameters move by their gradients alone (Adam would blow up the rounding noise of
+    # gradients that are zero in exact arithmetic, such as the attention key bias's).
+    optimizers = {k: torch.optim.SGD(m.parameters(), lr=0.05) for k, m in models.items()}
+    losses = {k: [] for k in models}
+    counters["inductor"].clear()
+    for step in range(5):  # CUDA graphs record on the second call and replay from the third
+        views = views_of(seed=step, device="cuda")
+        for name, model in models.items():
+            mark_step_begin()
+            preds = model(views)
+            loss = sum(p["pts3d"].square().mean() + p["cam_trans"].abs().sum() for p in preds)
+            loss.backward()
+            optimizers[name].step()
+            optimizers[name].zero_grad(set_to_none=True)
+            losses[name].append(float(loss.detach()))
+    assert counters["inductor"]["cudagraph_skips"] == 0, "a compiled part ran without CUDA graphs"
+    assert losses["graphed"] == pytest.approx(losses["eager"], rel=1e-4)
+    for (name, a), b in zip(eager.named_parameters(), graphed.parameters()):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5), name
