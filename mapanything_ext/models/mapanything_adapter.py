@@ -69,11 +69,11 @@ LOSS_FUNCTIONS = ("compute_normal_loss", "compute_gradient_matching_loss")
 LOSS_MODULES = ("RobustRegressionLoss",)
 
 
-def compile_loss_parts(criteria) -> None:
-    """torch.compile LOSS_FUNCTIONS in MapAnything's losses namespace (process-wide, once) and the
+def compile_loss_parts(criteria, functions=LOSS_FUNCTIONS) -> None:
+    """torch.compile `functions` in MapAnything's losses namespace (process-wide, once) and the
     LOSS_MODULES inside `criteria` (in place)."""
     losses = import_mapanything("mapanything.train.losses")
-    for name in LOSS_FUNCTIONS:
+    for name in functions:
         function = getattr(losses, name)
         if not hasattr(function, "_torchdynamo_orig_callable"):
             setattr(losses, name, torch.compile(function))
