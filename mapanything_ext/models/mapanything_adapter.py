@@ -62,9 +62,10 @@ def build_mapanything_criteria(loss_cfg: DictConfig):
 # kernels (on an H100, the loss's kernels per 4-view step went from 2,366 to 1,558 and the
 # backward's from 5,345 to 4,069); what they compute stays MapAnything's code, and the rest of the
 # criterion (its per-view bookkeeping, which reads values back to the host) stays eager.
-# Tried and left out: `apply_log_to_norm` (called with more shapes, ranks and grad modes than
-# dynamo's recompile limit), `transform_pose_using_quats_and_trans_2_to_1` and
-# `normalize_multiple_pointclouds` (with them, compilation had not finished after 4 minutes).
+# Tried and left out: `apply_log_to_norm`, `geotrf`, `transform_pose_using_quats_and_trans_2_to_1`
+# and `normalize_multiple_pointclouds` (bench/bench_mapanything_loss.py's compiled_more): they halve
+# the operations dispatched and compile in seconds on a CPU, but on an H100 compilation had not
+# finished after minutes, so they are unmeasured there (docs/mapanything.md, Speed).
 LOSS_FUNCTIONS = ("compute_normal_loss", "compute_gradient_matching_loss")
 LOSS_MODULES = ("RobustRegressionLoss",)
 
