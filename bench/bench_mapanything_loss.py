@@ -1,15 +1,17 @@
 """Time of MapAnything's criterion alone (forward + backward), eager against compiled parts.
 
-    python bench/bench_mapanything_loss.py --data DIR [--views 4,12] [--variants eager,compiled,compiled_more]
+    python bench/bench_mapanything_loss.py --data DIR [--views 4,12] [--variants eager,compiled]
 
 The criterion is the train criterion of loss=overall_loss; its inputs are one cooperative OPV2V
 sample (from the synthetic generator, repeated past its views) and the predictions of a tiny
 MapAnything at the same resolution (the criterion's cost depends on the prediction shapes only),
-detached so that only the criterion's own backward runs. Variants, cumulative, in this order:
+detached so that only the criterion's own backward runs. Variants, cumulative, in the order given:
 
   eager          MapAnything's criterion as it is
   compiled       loss.compile=true (mapanything_adapter.LOSS_FUNCTIONS and LOSS_MODULES)
-  compiled_more  also --more (default: the geometry helpers the criterion calls per view)
+  compile:A+B    also compile these functions or module classes of MapAnything's losses
+                 namespace, e.g. compile:normalize_multiple_pointclouds+geotrf (compilation is
+                 process-wide and cannot be undone: run one process per set to compare sets)
 
 Prints ms per criterion call (forward + backward), the loss (it must not change) and the
 warm-up time (compilation). Needs MapAnything and the DINOv2 hub code in $TORCH_HOME/hub.
@@ -33,9 +35,6 @@ from bench_mapanything_step import config, sample_views, synchronize  # noqa: E4
 from mapanything_ext.models import mapanything_adapter  # noqa: E402
 from mapanything_ext.models.registry import build_criteria, build_model  # noqa: E402
 from mapanything_ext.train.data import to_device  # noqa: E402
-
-MORE = "apply_log_to_norm,geotrf,normalize_multiple_pointclouds,transform_pose_using_quats_and_trans_2_to_1"
-
 
 def detached_predictions(model, views):
     with torch.autocast(views[0]["img"].device.type, dtype=torch.bfloat16):
@@ -63,8 +62,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, required=True, help="synthetic OPV2V root (1 scenario, 3 agents)")
     parser.add_argument("--views", default="4,12")
-    parser.add_argument("--variants", default="eager,compiled,compiled_more")
-    parser.add_argument("--more", default=MORE, help="functions of MapAnything's losses namespace for compiled_more")
+    parser.add_argument("--variants", default="eager,compiled")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--resolution", default="518,392")
@@ -86,8 +84,8 @@ def main() -> None:
     for variant in args.variants.split(","):
         if variant == "compiled":
             mapanything_adapter.compile_loss_parts([criterion])
-        elif variant == "compiled_more":
-            mapanything_adapter.compile_loss_parts([criterion], tuple(args.more.split(",")))
+        elif variant.startswith("compile:"):
+            mapanything_adapter.compile_loss_parts([criterion], tuple(variant.split(":", 1)[1].split("+")))
         for n, (views, preds) in inputs.items():
             seconds, loss, warm = time_criterion(criterion, views, preds, args.steps, args.warmup, device)
             print(f"| {n} | {variant} | {seconds * 1e3:.1f} | {loss:.6f} | {warm:.0f} |", flush=True)

@@ -115,14 +115,14 @@ def reference_stepper(model, criterion, device):
     return step, optimizer
 
 
-def engine_stepper(cfg, model, criterion, device, variant: str):
+def engine_stepper(cfg, model, criterion, device, variant: str, loss_parts: tuple[str, ...] | None = None):
     compile_what, compile_loss, mode = COMPILE[variant]
     if compile_what:
         compile_in_place(model, compile_what, mode)
     if compile_loss:
         from mapanything_ext.models.mapanything_adapter import compile_loss_parts
 
-        compile_loss_parts([criterion])
+        compile_loss_parts([criterion], *([loss_parts] if loss_parts else []))
     info = DistInfo(0, 1, 0, device, False, 7200.0)
     optimizer = build_optimizer(model, cfg.train_params)
     run = engine.Run(cfg, info, Path("/tmp"), model, model, optimizer, criterion, criterion, None, None, None, None)
@@ -226,6 +226,9 @@ def main() -> None:
     parser.add_argument("--profile", type=Path, default=None,
                         help="also write a torch.profiler table of one step per (variant, views) into this folder")
     parser.add_argument("--profile-variants", default=None, help="profile only these variants (comma list)")
+    parser.add_argument("--loss-parts", default=None,
+                        help="what loss.compile compiles in the *_loss variants (names in MapAnything's losses "
+                             "namespace, comma list; default: mapanything_adapter.LOSS_FUNCTIONS + LOSS_MODULES)")
     parser.add_argument("--device", default="cuda", help="cuda (the benchmark) or cpu (to check the script)")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -260,7 +263,8 @@ def run_group(args, device, resolution, checkpointing: bool, view_counts: list[i
         if variant == "reference":
             step, optimizer = reference_stepper(model, criterion, device)
         else:
-            step, optimizer = engine_stepper(cfg, model, criterion, device, variant)
+            step, optimizer = engine_stepper(cfg, model, criterion, device, variant,
+                                             tuple(args.loss_parts.split(",")) if args.loss_parts else None)
         for n in view_counts:
             gc.collect()
             if device.type == "cuda":

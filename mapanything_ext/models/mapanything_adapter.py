@@ -62,26 +62,25 @@ def build_mapanything_criteria(loss_cfg: DictConfig):
 # kernels (on an H100, the loss's kernels per 4-view step went from 2,366 to 1,558 and the
 # backward's from 5,345 to 4,069); what they compute stays MapAnything's code, and the rest of the
 # criterion (its per-view bookkeeping, which reads values back to the host) stays eager.
-# Tried and left out: `apply_log_to_norm`, `geotrf`, `transform_pose_using_quats_and_trans_2_to_1`
-# and `normalize_multiple_pointclouds` (bench/bench_mapanything_loss.py's compiled_more): they halve
-# the operations dispatched and compile in seconds on a CPU, but on an H100 compilation had not
-# finished after minutes, so they are unmeasured there (docs/mapanything.md, Speed).
+# Compiling more of it was measured and left out (docs/mapanything.md, Speed): each further helper
+# (`geotrf`, `apply_log_to_norm`, ...) replaces a few eager operations with a compiled call whose
+# host cost is as large, and some recompile for every input rank until the recompile limit.
 LOSS_FUNCTIONS = ("compute_normal_loss", "compute_gradient_matching_loss")
 LOSS_MODULES = ("RobustRegressionLoss",)
 
 
-def compile_loss_parts(criteria, functions=LOSS_FUNCTIONS) -> None:
-    """torch.compile `functions` in MapAnything's losses namespace (process-wide, once) and the
-    LOSS_MODULES inside `criteria` (in place)."""
+def compile_loss_parts(criteria, names=LOSS_FUNCTIONS + LOSS_MODULES) -> None:
+    """torch.compile the named parts of MapAnything's losses namespace: functions process-wide
+    (once), module classes as their instances inside `criteria` (in place)."""
     losses = import_mapanything("mapanything.train.losses")
-    for name in functions:
-        function = getattr(losses, name)
-        if not hasattr(function, "_torchdynamo_orig_callable"):
-            setattr(losses, name, torch.compile(function))
-    module_types = tuple(getattr(losses, name) for name in LOSS_MODULES)
+    parts = {name: getattr(losses, name) for name in names}
+    for name, part in parts.items():
+        if not isinstance(part, type) and not hasattr(part, "_torchdynamo_orig_callable"):
+            setattr(losses, name, torch.compile(part))
+    module_types = tuple(part for part in parts.values() if isinstance(part, type))
     for criterion in criteria:
         for module in criterion.modules():
-            if isinstance(module, module_types):
+            if module_types and isinstance(module, module_types):
                 module.compile()
 
 
