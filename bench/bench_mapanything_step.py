@@ -120,9 +120,9 @@ def engine_stepper(cfg, model, criterion, device, variant: str, loss_parts: tupl
     if compile_what:
         compile_in_place(model, compile_what, mode)
     if compile_loss:
-        from mapanything_ext.models.mapanything_adapter import compile_loss_parts
+        from mapanything_ext.models.mapanything_adapter import LOSS_FUNCTIONS, LOSS_MODULES, compile_loss_parts
 
-        compile_loss_parts([criterion], *([loss_parts] if loss_parts else []))
+        compile_loss_parts([criterion], loss_parts or LOSS_FUNCTIONS + LOSS_MODULES)
     info = DistInfo(0, 1, 0, device, False, 7200.0)
     optimizer = build_optimizer(model, cfg.train_params)
     run = engine.Run(cfg, info, Path("/tmp"), model, model, optimizer, criterion, criterion, None, None, None, None)
