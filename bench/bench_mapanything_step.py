@@ -2,6 +2,7 @@
 
     python bench/bench_mapanything_step.py --data DIR [--configs 4,8,12,12gc,24gc]
         [--variants reference,engine,engine_compile] [--steps 8] [--warmup 3] [--tiny]
+        [--loss-parts NAME,NAME]  (what loss.compile compiles in the *_loss variants)
 
 Same model object, same inputs (one cooperative OPV2V sample at 518x392 from the synthetic
 generator; 24 views repeat its 12), batch 1, bf16 autocast, random init (full v1.1 unless --tiny):

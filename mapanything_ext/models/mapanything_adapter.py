@@ -73,6 +73,9 @@ def compile_loss_parts(criteria, names=LOSS_FUNCTIONS + LOSS_MODULES) -> None:
     """torch.compile the named parts of MapAnything's losses namespace: functions process-wide
     (once), module classes as their instances inside `criteria` (in place)."""
     losses = import_mapanything("mapanything.train.losses")
+    unknown = [name for name in names if not hasattr(losses, name)]
+    if unknown:
+        raise ValueError(f"not in MapAnything's losses namespace, cannot compile: {', '.join(unknown)}")
     parts = {name: getattr(losses, name) for name in names}
     for name, part in parts.items():
         if not isinstance(part, type) and not hasattr(part, "_torchdynamo_orig_callable"):
