@@ -6,6 +6,14 @@ Where the rank comes from:
                 SLURM_JOB_NODELIST, port derived from SLURM_JOB_ID (same on every task)
   neither       one process, no process group
 
+Under torchrun or Slurm the process group exists even at world size 1, so a 1-GPU job takes the
+code path of an N-GPU one (DDP, NCCL, every collective below).
+
+The one rule for collectives: every collective of this project goes through the helpers of this
+module (a test fails when another module calls torch.distributed). They put tensors on the
+backend's device (the rank's GPU under NCCL, which serves CUDA tensors only; the CPU under gloo)
+and hand the result back on the caller's device, so callers may pass CPU tensors everywhere.
+
 The collective timeout is TORCH_DIST_TIMEOUT (seconds) when set, else the machine
 profile's `dist_timeout_s`, else 7200 s. Ranks first check in on rank 0's TCP store, so
 a rank that never starts fails the job in that time with a message naming it, instead
@@ -121,11 +129,13 @@ def init_distributed_mode(world_size_expected=None, timeout_s=None, backend=None
     if rank == 0:
         print(f"[distributed] rank 0 of {world_size}; collective timeout {timeout:.0f}s "
               f"({'TORCH_DIST_TIMEOUT' if os.environ.get('TORCH_DIST_TIMEOUT') else 'profile/default'})")
-    if world_size > 1 and not tdist.is_initialized():
+    launched = env is not None
+    if launched and not tdist.is_initialized():
         store = _rendezvous(rank, world_size, timeout)
         tdist.init_process_group(backend=backend or ("nccl" if use_cuda else "gloo"), store=store, rank=rank,
-                                 world_size=world_size, timeout=datetime.timedelta(seconds=timeout))
-    return DistInfo(rank, world_size, local_rank, device, world_size > 1, timeout)
+                                 world_size=world_size, timeout=datetime.timedelta(seconds=timeout),
+                                 device_id=device if use_cuda else None)
+    return DistInfo(rank, world_size, local_rank, device, launched, timeout)
 
 
 class RanksMissing(RuntimeError):
@@ -136,12 +146,16 @@ def _rendezvous(rank: int, world_size: int, timeout: float) -> tdist.TCPStore:
     """Every rank checks in on rank 0's store; on timeout, say which ranks never came."""
     host, port = os.environ.get("MASTER_ADDR", "127.0.0.1"), int(os.environ.get("MASTER_PORT", "29500"))
     where = f"master {host}:{port}"
+    # torchrun's agent already serves a store on MASTER_PORT; then every rank is its client.
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
     try:
-        store = tdist.TCPStore(host, port, world_size, is_master=rank == 0,
-                               timeout=datetime.timedelta(seconds=timeout), wait_for_workers=False)
+        base = tdist.TCPStore(host, port, world_size, is_master=rank == 0 and not agent_store,
+                              timeout=datetime.timedelta(seconds=timeout), wait_for_workers=False)
     except Exception as err:  # the client could not reach rank 0's store in time
         raise RanksMissing(f"rank {rank}: rank 0 never came up at {where} within {timeout:.0f}s "
                            f"(TORCH_DIST_TIMEOUT / machine.dist_timeout_s). Cause: {err}") from err
+    # A restarted torchrun keeps its agent's store: keys of the earlier attempt must not count.
+    store = tdist.PrefixStore(f"attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", base)
     store.set(f"mapanything_ext/joined/{rank}", "1")
     deadline = time.monotonic() + timeout
     while True:
@@ -169,8 +183,11 @@ def get_world_size() -> int:
     return tdist.get_world_size() if is_distributed() else 1
 
 
-def is_main_process() -> bool:
-    return get_rank() == 0
+def collective_device() -> torch.device:
+    """Where the backend can reduce tensors: the rank's GPU under NCCL, else the CPU."""
+    if is_distributed() and "nccl" in str(tdist.get_backend()).lower():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def barrier() -> None:
@@ -178,11 +195,16 @@ def barrier() -> None:
         tdist.barrier()
 
 
+def _all_reduce(tensor: torch.Tensor, op) -> torch.Tensor:
+    if not is_distributed():
+        return tensor.clone()
+    work = tensor.to(collective_device(), copy=True)
+    tdist.all_reduce(work, op=op)
+    return work.to(tensor.device)
+
+
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    if is_distributed():
-        tensor = tensor.clone()
-        tdist.all_reduce(tensor)
-    return tensor
+    return _all_reduce(tensor, tdist.ReduceOp.SUM)
 
 
 def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
@@ -190,10 +212,7 @@ def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
-    if is_distributed():
-        tensor = tensor.clone()
-        tdist.all_reduce(tensor, op=tdist.ReduceOp.MAX)
-    return tensor
+    return _all_reduce(tensor, tdist.ReduceOp.MAX)
 
 
 def all_gather_object(obj) -> list:
@@ -201,7 +220,7 @@ def all_gather_object(obj) -> list:
     if not is_distributed():
         return [obj]
     out = [None] * get_world_size()
-    tdist.all_gather_object(out, obj)
+    tdist.all_gather_object(out, obj)  # serialises through collective_device() itself
     return out
 
 
@@ -214,5 +233,6 @@ def broadcast_object(obj, src: int = 0):
 
 
 def cleanup() -> None:
+    """Destroy the process group (every normal exit and every exit for requeue calls this)."""
     if is_distributed():
         tdist.destroy_process_group()

@@ -19,6 +19,7 @@ from mapanything_ext.config import CONFIG_DIR, register_resolvers
 from mapanything_ext.evaluation import export_ply, plots
 from mapanything_ext.evaluation.predict import batch_of_one, load_model, predict, to_cpu
 from mapanything_ext.evaluation.report import MAIN_VIEWS, evaluate_model, format_tables
+from mapanything_ext.models.input_contract import check_images_only
 from mapanything_ext.train.data import build_dataset
 
 register_resolvers()
@@ -54,6 +55,8 @@ def run(cfg: DictConfig) -> Path:
     results, models = {}, {}
     for path, label in zip(paths, labels):
         model = load_model(path, cfg.model, device, cfg.trust_foreign_checkpoints)
+        # A model that reads ground truth from its inputs gets no report at all.
+        check_images_only(model, batch_of_one(dataset[0], device))
         results[label] = evaluate_model(model, dataset, device, cfg.num_samples, label)
         models[label] = model
     (out / "metrics.json").write_text(json.dumps(_jsonable(results), indent=1) + "\n")
@@ -64,6 +67,10 @@ def run(cfg: DictConfig) -> Path:
         _plots(cfg, out, paths, labels, results, models, dataset, device)
     if cfg.export_ply:
         _export(cfg, out, labels[-1], models[labels[-1]], dataset, device)
+    if cfg.get("export_hf"):
+        from mapanything_ext.export import export
+
+        export(paths[-1], cfg.export_hf)
     print(f"[evaluate] metrics: {out / 'metrics.json'}\n[evaluate] table: {out / 'table.md'}", flush=True)
     return out
 

@@ -1,13 +1,20 @@
 """Submit Stage 1 -> 2 -> 3 (or a chosen subset) with one command.
 
     python -m mapanything_ext.pipeline machine=<profile> [--stages stage1,stage2,stage3]
-        [--launcher slurm|local] [more training overrides ...]
+        [--launcher slurm|local] [--nproc-per-node N] [--export] [more training overrides ...]
+
+Flags and overrides may come in any order.
 
 slurm   every stage is one Slurm job shaped by the profile's `machine.slurm` settings; each
         later stage depends `afterok` on the one before (a failed stage cancels the rest),
         so the command returns at once, printing the job ids and output folders.
 local   the stages run one after another on this machine, each exactly as
         `python -m mapanything_ext.train.training stage=<stage> ...` would; a failure stops it.
+        With --nproc-per-node N each stage runs under `torchrun --nproc_per_node=N` (one rank
+        per GPU; N=1 puts DDP and the NCCL process group in the path of a one-GPU run too).
+
+--export writes each finished stage's checkpoint-best.pth as a Hugging Face model folder
+(<output_dir>/hf_export, python -m mapanything_ext.export) for MapAnything's own from_pretrained.
 
 Each later stage starts from the earlier stage's checkpoint-best.pth (model.pretrained),
 which the job verifies at start-up. When the chain starts after Stage 1 the earlier
@@ -17,6 +24,7 @@ stage's checkpoint must already exist; that is checked before anything is submit
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -25,6 +33,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from mapanything_ext.config import REPO_ROOT, compose_training
+from mapanything_ext.slurm_params import executor_parameters
 
 STAGES = ("stage1", "stage2", "stage3")
 
@@ -76,11 +85,15 @@ class StageJob:
 
     stage: str
     overrides: list
+    export: bool = False
 
     def __call__(self) -> str:
         from mapanything_ext.train.engine import train
 
-        return str(train(compose_stage(self.stage, self.overrides)))
+        output_dir = train(compose_stage(self.stage, self.overrides))
+        if self.export and int(os.environ.get("SLURM_PROCID", "0")) == 0:
+            export_stage(output_dir)
+        return str(output_dir)
 
     def checkpoint(self, *args, **kwargs):
         import submitit
@@ -88,7 +101,13 @@ class StageJob:
         return submitit.helpers.DelayedSubmission(self)
 
 
-def submit_slurm(steps) -> list[str]:
+def export_stage(output_dir: Path) -> Path:
+    from mapanything_ext.export import export
+
+    return export(Path(output_dir) / "checkpoint-best.pth", Path(output_dir) / "hf_export")
+
+
+def submit_slurm(steps, export: bool = False) -> list[str]:
     import submitit
 
     job_ids, previous = [], None
@@ -96,18 +115,10 @@ def submit_slurm(steps) -> list[str]:
         slurm, output_dir = cfg.machine.slurm, Path(cfg.output_dir)
         executor = submitit.AutoExecutor(folder=output_dir / ".submitit" / "%j", cluster="slurm",
                                          slurm_max_num_timeout=int(slurm.max_num_timeout))
-        extra = dict(slurm.get("additional_parameters") or {})
-        if previous:
-            extra.update({"dependency": f"afterok:{previous}", "kill_on_invalid_dep": "yes"})
-        executor.update_parameters(
-            name=f"mapanything_ext_{stage}", timeout_min=int(slurm.timeout_min), nodes=int(slurm.nodes),
-            tasks_per_node=int(slurm.tasks_per_node), gpus_per_node=int(slurm.gpus_per_node or 0),
-            cpus_per_task=int(slurm.cpus_per_task), mem_gb=slurm.mem_gb, stderr_to_stdout=True,
-            slurm_partition=slurm.partition, slurm_account=slurm.account, slurm_qos=slurm.qos,
-            slurm_signal_delay_s=int(slurm.signal_delay_s), slurm_additional_parameters=extra,
-        )
+        after = {"dependency": f"afterok:{previous}", "kill_on_invalid_dep": "yes"} if previous else {}
+        executor.update_parameters(**executor_parameters(slurm, f"mapanything_ext_{stage}", after))
         output_dir.mkdir(parents=True, exist_ok=True)
-        job = executor.submit(StageJob(stage, stage_overrides))
+        job = executor.submit(StageJob(stage, stage_overrides, export))
         after = f" (after {previous})" if previous else ""
         print(f"[pipeline] {stage}: Slurm job {job.job_id}{after} -> {output_dir}", flush=True)
         job_ids.append(job.job_id)
@@ -115,28 +126,44 @@ def submit_slurm(steps) -> list[str]:
     return job_ids
 
 
-def run_local(steps) -> None:
+def local_command(stage: str, overrides: list[str], nproc_per_node: int | None) -> list[str]:
+    entry = ["-m", "mapanything_ext.train.training", f"stage={stage}", *overrides]
+    if not nproc_per_node:
+        return [sys.executable, *entry]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc_per_node}",
+            *entry]
+
+
+def run_local(steps, nproc_per_node: int | None = None, export: bool = False) -> None:
     for stage, stage_overrides, cfg in steps:
         output_dir = Path(cfg.output_dir)
         print(f"[pipeline] {stage}: running -> {output_dir}", flush=True)
-        cmd = [sys.executable, "-m", "mapanything_ext.train.training", f"stage={stage}", *stage_overrides]
+        cmd = local_command(stage, stage_overrides, nproc_per_node)
         if subprocess.run(cmd, cwd=REPO_ROOT).returncode != 0:
             raise PipelineError(f"{stage} failed (see {output_dir / 'console.log'}); later stages not run")
         print(f"[pipeline] {stage}: done, best checkpoint {output_dir / 'checkpoint-best.pth'}", flush=True)
+        if export:
+            export_stage(output_dir)
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--stages", default=",".join(STAGES), help="comma-separated subset of stage1,stage2,stage3")
     parser.add_argument("--launcher", choices=("slurm", "local"), default="slurm")
+    parser.add_argument("--nproc-per-node", type=int, default=None,
+                        help="local launcher: run each stage under torchrun with this many ranks (one per GPU)")
+    parser.add_argument("--export", action="store_true",
+                        help="export each stage's best checkpoint as a Hugging Face folder (<output_dir>/hf_export)")
     parser.add_argument("overrides", nargs="*", help="training overrides, e.g. machine=<profile> model=mapanything")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     try:
+        if args.nproc_per_node and args.launcher != "local":
+            raise PipelineError("--nproc-per-node applies to --launcher local only (on Slurm the profile sets the ranks)")
         steps = plan([s for s in args.stages.split(",") if s], args.overrides)
         if args.launcher == "slurm":
-            submit_slurm(steps)
+            submit_slurm(steps, args.export)
         else:
-            run_local(steps)
+            run_local(steps, args.nproc_per_node, args.export)
     except PipelineError as err:
         sys.exit(f"[pipeline] error: {err}")
 

@@ -1,19 +1,25 @@
-"""Preemption and time-limit signals, honoured at iteration boundaries.
+"""Preemption and time-limit signals: which signal means what, who acts on it, and when.
 
-Slurm warns a job before its time limit with SIGUSR2 (submitit asks for
-`--signal=USR2@<signal_delay_s>`), and preempts or `scontrol requeue`s it with SIGTERM.
-Our handlers only record the signal. The engine asks `should_stop()` after each
-iteration: all ranks agree (an all-reduce of the flag), rank 0 writes checkpoint-last
-with the exact position, then `requeue_and_exit()`:
+  SIGUSR2   Slurm's warning before the time limit (submitit asks for `--signal=USR2@<signal_delay_s>`).
+            Our job asks submitit to requeue it (submitit counts these requeues as time-outs, at most
+            `slurm.max_num_timeout`; when that budget is spent, submitit refuses and the job ends).
+  SIGTERM   Slurm preempts the job or `scontrol requeue` was run: Slurm requeues the job itself
+            (no budget of ours; Slurm counts every restart in SLURM_RESTART_COUNT).
 
-  SIGUSR2 under submitit   hand the signal to submitit's own handler, which pickles the
-                           launcher's checkpoint() (the same Hydra task) and runs
-                           `scontrol requeue`; its countdown bounds time-outs
-  SIGTERM under Slurm      Slurm itself requeues a preempted / requeued job: just exit
-  outside Slurm            exit with EXIT_PREEMPTED; rerunning the command resumes
+Handlers only record the signal (they may interrupt anything, a checkpoint write too). The
+engine asks `stop_requested()` at its stop points: before every training step, after an epoch's
+last step, between evaluation batches, after the saves of an epoch and before training starts.
+That call is a collective: every rank learns the strongest signal any rank received, so a signal
+that reached one rank only (one node's tasks, say) stops the whole job at the same point. The
+engine then writes what the position needs (checkpoint-last, or nothing when nothing new exists)
+and calls `requeue_and_exit()`:
 
-Requeues are bounded: a job restarted more than `slurm.max_num_timeout` times
-(SLURM_RESTART_COUNT) stops at start-up with a clear message.
+  SIGUSR2 under submitit   rank 0 runs submitit's own handler (it pickles the launcher's
+                           checkpoint(), the same Hydra task, and runs `scontrol requeue`), then
+                           every rank leaves together, so `srun --kill-on-bad-exit` cannot kill
+                           rank 0 before the requeue is issued
+  SIGTERM under Slurm      Slurm requeues the job itself: leave
+  otherwise                leave with EXIT_PREEMPTED; rerunning the same command resumes
 """
 
 from __future__ import annotations
@@ -28,29 +34,22 @@ import torch
 from mapanything_ext import distributed as dist
 
 EXIT_PREEMPTED = 3
-_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
+# Order matters: when ranks saw different signals, the stronger (later) one wins. A time-limit
+# warning anywhere needs submitit's requeue even if another rank also saw a SIGTERM.
+_SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
 
 
-class RequeueLimitExceeded(RuntimeError):
-    """The job was requeued more often than the machine profile allows."""
-
-
-def check_requeue_budget(max_requeues) -> int:
-    """Number of restarts so far; raises when it exceeds max_requeues (None: unbounded)."""
-    restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
-    if max_requeues is not None and restarts > int(max_requeues):
-        raise RequeueLimitExceeded(
-            f"Slurm job {os.environ.get('SLURM_JOB_ID')} has been requeued {restarts} times, more than "
-            f"machine.slurm.max_num_timeout={max_requeues}; stopping. Its checkpoint-last is intact: raise the "
-            f"limit or resubmit the same command to continue."
-        )
-    return restarts
+def restarts_so_far() -> int:
+    """How often Slurm restarted this job (preemptions, requeues and time-outs together)."""
+    return int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
 
 
 class PreemptionWatcher:
     def __init__(self):
         self.received: int | None = None
-        self.received_at: float | None = None
+        self.received_at: float | None = None  # wall clock: ranks on other hosts compare it
+        self.agreed: int | None = None
+        self.agreed_at: float | None = None  # the earliest signal of any rank
         self._previous: dict[int, object] = {}
 
     def install(self) -> None:
@@ -58,36 +57,50 @@ class PreemptionWatcher:
             self._previous[signum] = signal.getsignal(signum)
             signal.signal(signum, self._record)
 
-    def uninstall(self) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-        self._previous.clear()
-
     def _record(self, signum, frame) -> None:
         # Only a flag: the handler may interrupt anything, even a checkpoint write.
-        if self.received is None:
+        if self.received is None or _SIGNALS.index(signum) > _SIGNALS.index(self.received):
             self.received = signum
-            self.received_at = time.monotonic()
+        if self.received_at is None:
+            self.received_at = time.time()
 
-    def should_stop(self) -> bool:
-        """Collective: True on every rank when any rank received a signal."""
-        flag = torch.tensor([0.0 if self.received is None else 1.0])
-        return bool(dist.all_reduce_max(flag).item() > 0)
+    def stop_requested(self) -> bool:
+        """Collective: True on every rank when any rank received a signal; remembers which."""
+        # One MAX all-reduce: a flag per signal, and minus the arrival time (so the earliest wins).
+        seen = torch.zeros(len(_SIGNALS) + 1, dtype=torch.float64)
+        seen[-1] = -1e18
+        if self.received is not None:
+            seen[_SIGNALS.index(self.received)] = 1.0
+            seen[-1] = -self.received_at
+        seen = dist.all_reduce_max(seen).tolist()
+        strongest = [s for s, flag in zip(_SIGNALS, seen) if flag > 0]
+        self.agreed = strongest[-1] if strongest else None
+        self.agreed_at = -seen[-1] if strongest else None
+        return self.agreed is not None
 
-    def requeue_and_exit(self) -> None:
-        """After checkpoint-last is on disk: let Slurm/submitit requeue, then leave."""
-        signum = self.received
-        name = signal.Signals(signum).name if signum else "a peer rank's signal"
-        waited = f" {time.monotonic() - self.received_at:.1f}s after the signal" if self.received_at else ""
-        print(f"[preemption] {name}: checkpoint-last written{waited}, leaving for requeue", flush=True)
+    def requeue_and_exit(self, what_was_saved: str) -> None:
+        """After what the position needs is on disk: let Slurm/submitit requeue, then leave."""
+        signum = self.agreed
+        source = "this rank" if self.received == signum else "another rank"
+        waited = f", {time.time() - self.agreed_at:.2f}s after the signal" if self.agreed_at else ""
+        if dist.get_rank() == 0:
+            print(f"[preemption] {signal.Signals(signum).name} (received by {source}): {what_was_saved}"
+                  f"{waited}; leaving for requeue", flush=True)
+        code = EXIT_PREEMPTED
         submitit_handler = self._previous.get(signal.SIGUSR2)
-        dist.barrier()
-        if signum == signal.SIGUSR2 and callable(submitit_handler) and _is_submitit_handler(submitit_handler):
-            if dist.get_rank() == 0:
-                submitit_handler(signum, None)  # requeues and calls sys.exit
+        if signum == signal.SIGUSR2 and dist.get_rank() == 0 and _is_submitit_handler(submitit_handler):
+            try:
+                submitit_handler(signum, None)  # checkpoint() + scontrol requeue, then sys.exit
+            except SystemExit as exit_:
+                code = exit_.code
+            except Exception as err:  # submitit refuses: its time-out budget is spent
+                print(f"[preemption] not requeued: {err} (machine.slurm.max_num_timeout). checkpoint-last is "
+                      f"intact: resubmit the same command to continue.", flush=True)
+                raise
+        dist.barrier()  # nobody leaves before rank 0 has handed the requeue to Slurm
         dist.cleanup()
-        sys.exit(EXIT_PREEMPTED)
+        sys.exit(code)
 
 
 def _is_submitit_handler(handler) -> bool:
-    return getattr(handler, "__module__", "").startswith("submitit")
+    return callable(handler) and getattr(handler, "__module__", "").startswith("submitit")

@@ -1,22 +1,40 @@
 #!/usr/bin/env bash
-# The project's own local single-node Slurm cluster (munge + slurmctld + slurmd), for tests and demos.
+# The project's own local Slurm cluster (munge + slurmctld + slurmd), for tests and demos.
 #
-#   slurm/cluster.sh start    start it in $MAPANYTHING_EXT_SLURM_DIR (default /tmp/mapanything-ext-slurm),
-#                             wait until the node is idle, print the `export SLURM_CONF=...` line
-#   slurm/cluster.sh stop     stop exactly the processes it started (pid files in the state dir)
-#   slurm/cluster.sh status   say whether it runs, and show sinfo
+#   slurm/cluster.sh start [--nodes N]   start it, wait until every node is idle, print the lines to
+#                                        `eval` (export SLURM_CONF=..., and with N > 1 SLURM_NETNS=...)
+#   slurm/cluster.sh stop                stop exactly what it started; remove every namespace, link
+#                                        and /etc/hosts line it added
+#   slurm/cluster.sh status              say whether it runs, and show sinfo
 #
-# Needs Debian's slurmctld, slurmd, slurm-client and munge (as root: apt-get install -y slurmctld slurmd
-# slurm-client munge). Ports are chosen free at start, so it can run beside another cluster.
+# --nodes 1 (default): one slurmd on this host, everything on 127.0.0.1.
+# --nodes N > 1: N simulated hosts on this machine. The controller and each node get a network
+# namespace of their own (maext-<tag>-ctl, maext-<tag>-n1 ...), joined by a bridge that lives in
+# the controller's namespace, with private addresses 10.213.<k>.0/24 that exist only inside those
+# namespaces; names go into /etc/hosts (marked, removed by stop). Each slurmd runs as
+#   nsenter --net=<node ns> unshare --uts sh -c 'hostname <node>; slurmd -f <conf>'
+# (`ip netns exec` remounts /sys, and slurmd then misses its cgroup mount). Slurm clients (sbatch,
+# squeue, our launchers) must run inside the controller's namespace:
+#   nsenter --net=/var/run/netns/$SLURM_NETNS <command>
+#
+# State lives in $MAPANYTHING_EXT_SLURM_DIR (default /tmp/mapanything-ext-slurm-<uid>), created
+# mode 700 and marked as ours; a directory we did not create, or a munge key we did not make,
+# is never used. Needs Debian's slurmctld, slurmd, slurm-client, munge (and iproute2,
+# util-linux for N > 1), run as root. Ports are chosen free at start.
 set -euo pipefail
-STATE=${MAPANYTHING_EXT_SLURM_DIR:-/tmp/mapanything-ext-slurm}
+STATE=${MAPANYTHING_EXT_SLURM_DIR:-/tmp/mapanything-ext-slurm-$(id -u)}
 HERE=$(cd "$(dirname "$0")" && pwd)
 CONF=$STATE/slurm.conf
+MARK=$STATE/.made-by-mapanything-ext-cluster
+TAG=$(printf '%s' "$STATE" | sha1sum | cut -c1-4)
+NET=10.213.$(( 16#$TAG % 200 + 20 ))
+CTL_NS=maext-$TAG-ctl
+export PATH=$PATH:/usr/sbin:/sbin
 
 need() {
-  for tool in munged slurmctld slurmd sbatch sinfo scontrol; do
-    command -v "$tool" >/dev/null 2>&1 || PATH=$PATH:/usr/sbin command -v "$tool" >/dev/null 2>&1 || {
-      echo "cluster.sh: '$tool' not found. Install Slurm and munge: apt-get install -y slurmctld slurmd slurm-client munge" >&2
+  for tool in "$@"; do
+    command -v "$tool" >/dev/null 2>&1 || {
+      echo "cluster.sh: '$tool' not found. Install: apt-get install -y slurmctld slurmd slurm-client munge iproute2 util-linux" >&2
       exit 1
     }
   done
@@ -26,36 +44,151 @@ free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 
 running() { [ -f "$STATE/$1.pid" ] && kill -0 "$(cat "$STATE/$1.pid")" 2>/dev/null; }
 
-start() {
-  need
-  export PATH=$PATH:/usr/sbin
-  if running slurmctld && running slurmd && running munged; then
-    echo "export SLURM_CONF=$CONF"
-    return 0
+nodes_of() { [ -f "$STATE/nodes" ] && cat "$STATE/nodes" || echo 1; }
+
+node_name() { if [ "$(nodes_of)" -gt 1 ]; then echo "maext-$TAG-n$1"; else hostname -s; fi; }
+
+# Run a Slurm client where it reaches the controller.
+client() {
+  if [ "$(nodes_of)" -gt 1 ]; then nsenter --net="/var/run/netns/$CTL_NS" "$@"; else "$@"; fi
+}
+
+make_state_dir() {
+  if [ -e "$STATE" ] && [ ! -f "$MARK" ]; then
+    echo "cluster.sh: $STATE exists but was not made by this script; refusing to use it (or its munge key)." \
+         "Remove it or set MAPANYTHING_EXT_SLURM_DIR to a new folder." >&2
+    exit 1
   fi
-  stop >/dev/null 2>&1 || true
-  mkdir -p "$STATE"/{ctld,spool,munge}
-  chmod 700 "$STATE/munge"
-  [ -f "$STATE/munge/munge.key" ] || { dd if=/dev/urandom of="$STATE/munge/munge.key" bs=1024 count=1 status=none; chmod 400 "$STATE/munge/munge.key"; }
+  (umask 077; mkdir -p "$STATE"/{ctld,spool,munge})
+  chmod 700 "$STATE"
+  touch "$MARK"
+  if [ ! -f "$STATE/munge/munge.key" ]; then
+    dd if=/dev/urandom of="$STATE/munge/munge.key" bs=1024 count=1 status=none
+    chmod 400 "$STATE/munge/munge.key"
+  fi
+}
+
+make_network() {
+  local n=$1 i
+  need ip nsenter unshare
+  ip netns add "$CTL_NS"
+  ip -n "$CTL_NS" link set lo up
+  ip -n "$CTL_NS" link add "mx$TAG-br" type bridge
+  ip -n "$CTL_NS" addr add "$NET.1/24" dev "mx$TAG-br"
+  ip -n "$CTL_NS" link set "mx$TAG-br" up
+  echo "$NET.1 maext-$TAG-ctl # maext-$TAG" >> /etc/hosts
+  for i in $(seq 1 "$n"); do
+    ip netns add "maext-$TAG-n$i"
+    ip -n "maext-$TAG-n$i" link set lo up
+    # Both ends are made inside namespaces of ours: nothing is added to the host's own network.
+    ip -n "$CTL_NS" link add "mx$TAG-p$i" type veth peer name "mx$TAG-e$i" netns "maext-$TAG-n$i"
+    ip -n "$CTL_NS" link set "mx$TAG-p$i" master "mx$TAG-br" up
+    ip -n "maext-$TAG-n$i" addr add "$NET.$((10 + i))/24" dev "mx$TAG-e$i"
+    ip -n "maext-$TAG-n$i" link set "mx$TAG-e$i" up
+    echo "$NET.$((10 + i)) maext-$TAG-n$i # maext-$TAG" >> /etc/hosts
+  done
+}
+
+remove_network() {
+  local ns
+  for ns in $(ip netns list 2>/dev/null | awk '{print $1}' | grep "^maext-$TAG-" || true); do
+    ip netns delete "$ns" 2>/dev/null || true
+  done
+  if grep -q "# maext-$TAG\$" /etc/hosts 2>/dev/null; then
+    # /etc/hosts may be a bind mount: rewrite it in place rather than replacing the file.
+    grep -v "# maext-$TAG\$" /etc/hosts > "$STATE/hosts.kept" || true
+    cat "$STATE/hosts.kept" > /etc/hosts
+    rm -f "$STATE/hosts.kept"
+  fi
+}
+
+write_conf() {
+  local n=$1 ctld_host ctld_addr node_lines i
+  if [ "$n" -gt 1 ]; then
+    ctld_host=$CTL_NS; ctld_addr=$NET.1
+    node_lines=""
+    for i in $(seq 1 "$n"); do
+      node_lines+="NodeName=maext-$TAG-n$i NodeAddr=$NET.$((10 + i)) CPUs=8 RealMemory=16000 State=UNKNOWN"$'\n'
+    done
+    nodes="maext-$TAG-n[1-$n]"
+  else
+    ctld_host=$(hostname -s); ctld_addr=127.0.0.1
+    node_lines="NodeName=$ctld_host NodeAddr=127.0.0.1 CPUs=8 RealMemory=16000 State=UNKNOWN"$'\n'
+    nodes=$ctld_host
+  fi
+  python3 - "$HERE/slurm.conf.template" "$CONF" <<EOF
+import sys
+text = open(sys.argv[1]).read()
+for key, value in {"@STATE@": "$STATE", "@CTLD_HOST@": "$ctld_host", "@CTLD_ADDR@": "$ctld_addr",
+                   "@CTLD_PORT@": "$(free_port)", "@SLURMD_PORT@": "$(free_port)", "@NODES@": "$nodes",
+                   "@NODE_LINES@": """$node_lines""".rstrip("\n")}.items():
+    text = text.replace(key, value)
+open(sys.argv[2], "w").write(text)
+EOF
+}
+
+start_daemons() {
+  local n=$1 i node
   munged --force --key-file="$STATE/munge/munge.key" --socket="$STATE/munge/munge.socket" \
     --pid-file="$STATE/munged.pid" --log-file="$STATE/munged.log" --seed-file="$STATE/munge/munged.seed"
-  host=$(hostname -s)
-  sed -e "s#@STATE@#$STATE#g" -e "s#@HOST@#$host#g" -e "s#@CTLD_PORT@#$(free_port)#g" \
-      -e "s#@SLURMD_PORT@#$(free_port)#g" "$HERE/slurm.conf.template" > "$CONF"
   export SLURM_CONF=$CONF
   # -c: a fresh controller state every start, so no job of an earlier run is recovered.
-  slurmctld -f "$CONF" -c -i
-  slurmd -f "$CONF"
-  for _ in $(seq 1 60); do
-    state=$(sinfo -h -o %T 2>/dev/null | head -n1 || true)
-    if [ "$state" = "idle" ]; then
-      echo "export SLURM_CONF=$CONF"
+  if [ "$n" -gt 1 ]; then
+    # slurmctld checks that its host name is SlurmctldHost: it gets a UTS namespace of its own too.
+    nsenter --net="/var/run/netns/$CTL_NS" unshare --uts sh -c "hostname $CTL_NS; exec slurmctld -f $CONF -c -i"
+  else
+    slurmctld -f "$CONF" -c -i
+  fi
+  if [ "$n" -gt 1 ]; then
+    for i in $(seq 1 "$n"); do
+      node=maext-$TAG-n$i
+      mkdir -p "$STATE/spool/$node"
+      nsenter --net="/var/run/netns/$node" unshare --uts sh -c "hostname $node; exec slurmd -f $CONF"
+    done
+  else
+    mkdir -p "$STATE/spool/$(hostname -s)"
+    slurmd -f "$CONF"
+  fi
+}
+
+env_lines() {
+  echo "export SLURM_CONF=$CONF"
+  if [ "$(nodes_of)" -gt 1 ]; then echo "export SLURM_NETNS=$CTL_NS"; fi
+}
+
+start() {
+  local n=1
+  while [ $# -gt 0 ]; do
+    case "$1" in
+      --nodes) n=$2; shift 2 ;;
+      --nodes=*) n=${1#--nodes=}; shift ;;
+      *) echo "cluster.sh start: unknown option $1" >&2; exit 2 ;;
+    esac
+  done
+  need munged slurmctld slurmd sbatch sinfo scontrol
+  if running slurmctld && running munged && [ "$(nodes_of)" = "$n" ]; then
+    env_lines
+    return 0
+  fi
+  [ -d "$STATE" ] && stop >/dev/null 2>&1 || true
+  make_state_dir
+  echo "$n" > "$STATE/nodes"
+  [ "$n" -gt 1 ] && make_network "$n"
+  write_conf "$n"
+  start_daemons "$n"
+  for _ in $(seq 1 90); do
+    # One line per node and partition: count nodes, not lines.
+    idle=$(SLURM_CONF=$CONF client sinfo -h -N -o '%N %T' 2>/dev/null | sort -u | grep -c ' idle$' || true)
+    if [ "$idle" = "$n" ]; then
+      env_lines
       return 0
     fi
-    [ "$state" = "down" ] || [ "$state" = "drained" ] && scontrol update nodename="$host" state=resume >/dev/null 2>&1 || true
+    SLURM_CONF=$CONF client sinfo -h -N -o '%N %T' 2>/dev/null | sort -u | awk '$2 ~ /down|drain/ {print $1}' | while read -r node; do
+      SLURM_CONF=$CONF client scontrol update nodename="$node" state=resume >/dev/null 2>&1 || true
+    done
     sleep 1
   done
-  echo "cluster.sh: node did not become idle within 60 s; see $STATE/slurmctld.log and $STATE/slurmd.log" >&2
+  echo "cluster.sh: $n node(s) did not become idle within 90 s; see $STATE/slurmctld.log and $STATE/slurmd.*.log" >&2
   exit 1
 }
 
@@ -67,38 +200,43 @@ our_stepds() {
 }
 
 stop() {
-  export PATH=$PATH:/usr/sbin
   if running slurmctld; then
     # Jobs go first, so that no task outlives the cluster that ran it.
-    SLURM_CONF=$CONF scancel --full --quiet --user="$(id -un)" 2>/dev/null || true
+    SLURM_CONF=$CONF client scancel --full --quiet --user="$(id -un)" 2>/dev/null || true
     for _ in $(seq 1 40); do
-      [ -z "$(SLURM_CONF=$CONF squeue -h -t running,completing 2>/dev/null)" ] && break
+      [ -z "$(SLURM_CONF=$CONF client squeue -h -t running,completing 2>/dev/null)" ] && break
       sleep 0.5
     done
   fi
   for pid in $(our_stepds); do kill -9 -- "-$pid" "$pid" 2>/dev/null || true; done
-  for daemon in slurmd slurmctld munged; do
-    if running "$daemon"; then
-      pid=$(cat "$STATE/$daemon.pid")
-      kill "$pid" 2>/dev/null || true
-      for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-      kill -9 "$pid" 2>/dev/null || true
-    fi
-    rm -f "$STATE/$daemon.pid"
+  for pidfile in "$STATE"/slurmd*.pid "$STATE/slurmctld.pid" "$STATE/munged.pid"; do
+    [ -f "$pidfile" ] || continue
+    pid=$(cat "$pidfile")
+    kill "$pid" 2>/dev/null || true
+    for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -9 "$pid" 2>/dev/null || true
+    rm -f "$pidfile"
   done
+  remove_network
   echo "stopped"
 }
 
 status() {
-  for daemon in munged slurmctld slurmd; do
+  echo "state: $STATE ($(nodes_of) node(s))"
+  for daemon in munged slurmctld; do
     if running "$daemon"; then echo "$daemon: running (pid $(cat "$STATE/$daemon.pid"))"; else echo "$daemon: stopped"; fi
   done
-  if running slurmctld; then SLURM_CONF=$CONF sinfo; fi
+  for pidfile in "$STATE"/slurmd*.pid; do
+    [ -f "$pidfile" ] && kill -0 "$(cat "$pidfile")" 2>/dev/null && echo "$(basename "$pidfile" .pid): running"
+  done
+  if running slurmctld; then SLURM_CONF=$CONF client sinfo -N; fi
 }
 
-case "${1:-}" in
-  start) start ;;
+cmd=${1:-}
+shift || true
+case "$cmd" in
+  start) start "$@" ;;
   stop) stop ;;
   status) status ;;
-  *) echo "usage: $0 start|stop|status" >&2; exit 2 ;;
+  *) echo "usage: $0 start [--nodes N]|stop|status" >&2; exit 2 ;;
 esac

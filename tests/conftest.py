@@ -14,8 +14,8 @@ def synthetic_root(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def slurm_env():
-    """Environment for Slurm clients talking to the project's local cluster (slurm/cluster.sh)."""
+def slurm_env(tmp_path_factory):
+    """Environment for Slurm clients of the project's local 2-node cluster (slurm/cluster.sh)."""
     from tests.slurm_cluster import cluster_env
 
-    yield from cluster_env()
+    yield from cluster_env(tmp_path_factory.mktemp("slurm") / "state")

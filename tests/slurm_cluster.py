@@ -1,4 +1,9 @@
-"""The local Slurm cluster (slurm/cluster.sh) as a pytest fixture, and small Slurm helpers."""
+"""The local Slurm cluster (slurm/cluster.sh, two simulated nodes) as a pytest fixture, and small helpers.
+
+The nodes live in network namespaces of their own; Slurm clients (sbatch, squeue, our launchers)
+reach the controller only from inside its namespace, so every client command goes through
+`client_command`.
+"""
 
 from __future__ import annotations
 
@@ -14,39 +19,71 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "slurm" / "cluster.sh"
 REQUIRE = os.environ.get("MAPANYTHING_EXT_REQUIRE_SLURM") == "1"
+NODES = 2
 
 
 def slurm_installed() -> bool:
     path = os.environ.get("PATH", "") + ":/usr/sbin"
-    return all(shutil.which(tool, path=path) for tool in ("slurmctld", "slurmd", "munged", "sbatch"))
+    return all(shutil.which(tool, path=path) for tool in ("slurmctld", "slurmd", "munged", "sbatch", "ip", "nsenter"))
 
 
-def cluster_env():
-    """Start the cluster once (or reuse a running one); yields the environment for Slurm clients."""
+def cluster_env(state_dir: Path):
+    """Start a 2-node cluster for this test session; yields the environment for Slurm clients."""
     if not slurm_installed():
-        message = "Slurm/munge not installed (apt-get install slurmctld slurmd slurm-client munge)"
+        message = "Slurm/munge/iproute2 not installed (apt-get install slurmctld slurmd slurm-client munge iproute2)"
         if REQUIRE:
             pytest.fail(message + " but MAPANYTHING_EXT_REQUIRE_SLURM=1")
         pytest.skip(message)
-    was_running = subprocess.run(["bash", str(CLUSTER), "status"], capture_output=True, text=True).stdout
-    out = subprocess.run(["bash", str(CLUSTER), "start"], capture_output=True, text=True, timeout=120)
+    if os.geteuid() != 0:
+        pytest.skip("the local Slurm cluster runs as root (network namespaces, slurmd)")
+    env = {**os.environ, "MAPANYTHING_EXT_SLURM_DIR": str(state_dir), "PATH": os.environ.get("PATH", "") + ":/usr/sbin"}
+    started = time.monotonic()
+    out = subprocess.run(["bash", str(CLUSTER), "start", "--nodes", str(NODES)], capture_output=True, text=True,
+                         timeout=180, env=env)
     if out.returncode != 0:
-        pytest.fail(f"slurm/cluster.sh start failed: {out.stderr}")
-    conf = re.search(r"export SLURM_CONF=(\S+)", out.stdout).group(1)
-    env = {**os.environ, "SLURM_CONF": conf, "PATH": os.environ.get("PATH", "") + ":/usr/sbin"}
-    yield env
-    if "slurmctld: running" not in was_running:
-        subprocess.run(["bash", str(CLUSTER), "stop"], capture_output=True, timeout=60)
+        pytest.fail(f"slurm/cluster.sh start failed: {out.stdout}\n{out.stderr}")
+    print(f"\n[slurm] {NODES}-node cluster up in {time.monotonic() - started:.1f}s")
+    env["SLURM_CONF"] = re.search(r"export SLURM_CONF=(\S+)", out.stdout).group(1)
+    env["SLURM_NETNS"] = re.search(r"export SLURM_NETNS=(\S+)", out.stdout).group(1)
+    try:
+        yield env
+    finally:
+        subprocess.run(["bash", str(CLUSTER), "stop"], capture_output=True, timeout=120, env=env)
+
+
+def client_command(env: dict, args: list[str]) -> list[str]:
+    """args run where the controller is reachable (inside its network namespace)."""
+    return ["nsenter", f"--net=/var/run/netns/{env['SLURM_NETNS']}", *args]
 
 
 def slurm(env: dict, *args: str) -> str:
-    return subprocess.run(list(args), env=env, capture_output=True, text=True, timeout=60).stdout.strip()
+    return subprocess.run(client_command(env, list(args)), env=env, capture_output=True, text=True,
+                          timeout=60).stdout.strip()
+
+
+def node_names(env: dict) -> list[str]:
+    return slurm(env, "sinfo", "-h", "-N", "-o", "%N").split()
 
 
 def job_state(env: dict, job_id: str) -> tuple[str, str]:
     """(state, reason) from squeue; ('', '') once the job has left the queue."""
     line = slurm(env, "squeue", "-h", "-j", job_id, "-o", "%T|%r")
     return tuple(line.split("|", 1)) if "|" in line else ("", "")
+
+
+def job_field(env: dict, job_id: str, name: str) -> str:
+    """One field of `scontrol show job` (e.g. JobState, ExitCode, Restarts)."""
+    match = re.search(rf"\b{name}=(\S+)", slurm(env, "scontrol", "show", "job", job_id))
+    return match.group(1) if match else ""
+
+
+def final_state(env: dict, job_id: str, timeout: float = 60) -> str:
+    """JobState once the job has ended (submitit's launcher may return while Slurm still completes it)."""
+    deadline = time.time() + timeout
+    while (state := job_field(env, job_id, "JobState")) in ("RUNNING", "COMPLETING", "CONFIGURING") \
+            and time.time() < deadline:
+        time.sleep(0.3)
+    return state
 
 
 def release_requeued(env: dict, job_id: str) -> None:
@@ -69,18 +106,29 @@ def wait_for_job_id(output_dir: Path, timeout: float = 120, not_in: tuple = ()) 
     raise TimeoutError(f"no Slurm job appeared under {output_dir / '.submitit'}")
 
 
-def kill_job_tasks(env: dict, job_id: str) -> None:
-    """SIGKILL every process of the job's tasks (the cluster is this machine): no handler can run."""
-    lines = slurm(env, "scontrol", "listpids", job_id).splitlines()[1:]
-    pids = {int(line.split()[0]) for line in lines if line.split() and line.split()[0].isdigit()}
-    pids = {pid for pid in pids if "python" in _cmdline(pid)}
-    assert pids, f"no python task of job {job_id} found by scontrol listpids"
-    for pid in pids:
+def task_pids(job_id: str) -> dict[int, int]:
+    """{global rank: pid} of the job's python tasks (every simulated node is a process on this machine)."""
+    found = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            environ = dict(item.split("=", 1) for item in (proc / "environ").read_bytes().decode(errors="replace")
+                           .split("\0") if "=" in item)
+            cmdline = (proc / "cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if environ.get("SLURM_JOB_ID") == job_id and "SLURM_PROCID" in environ and "python" in cmdline \
+                and "submitit" in cmdline:
+            found[int(environ["SLURM_PROCID"])] = int(proc.name)
+    return found
+
+
+def kill_job_tasks(job_id: str, ranks=None) -> dict[int, int]:
+    """SIGKILL the job's tasks (all, or the given ranks): no handler can run. Returns {rank: pid} killed."""
+    pids = task_pids(job_id)
+    assert pids, f"no python task of job {job_id} found"
+    chosen = {r: p for r, p in pids.items() if ranks is None or r in ranks}
+    for pid in chosen.values():
         os.kill(pid, 9)
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
-    except OSError:
-        return ""
+    return chosen

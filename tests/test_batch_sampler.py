@@ -2,7 +2,7 @@
 
 import pytest
 
-from mapanything_ext.datasets.batch_sampler import DynamicBatchSampler
+from mapanything_ext.datasets.batch_sampler import DynamicBatchSampler, SamplerStateMismatch
 
 COUNTS = [4, 8, 10, 4, 6, 8, 8, 10, 4, 5, 6, 7, 9, 10, 4, 4, 8, 6, 5, 7]
 
@@ -38,18 +38,52 @@ def test_epoch_changes_order_and_seed_fixes_it():
 def test_state_restores_the_exact_remaining_batches():
     full = list(make(rank=1, world=2))
     sampler = make(rank=1, world=2)
-    sampler.start_batch = 2
-    state = sampler.state_dict()
+    state = sampler.state_dict(consumed=4)  # two steps of two ranks done
     resumed = make(rank=1, world=2)
-    resumed.load_state_dict(state)
+    assert resumed.load_state_dict(state) is None
     assert list(resumed) == full[2:]
     assert list(resumed) == full  # the offset applies to one pass only
 
 
-def test_state_from_another_world_size_is_refused():
-    state = make(world=2).state_dict()
-    with pytest.raises(ValueError, match="world_size"):
-        make(world=1).load_state_dict(state)
+@pytest.mark.parametrize("before,after", [(2, 3), (3, 2), (4, 1), (1, 4)])
+def test_another_world_size_continues_the_epoch_with_each_remaining_batch_once(before, after):
+    reference = make(world=1)
+    all_batches = [tuple(b) for b in reference]
+    consumed = 2 * before  # two steps of the first job
+    seen_first = [tuple(b) for r in range(before) for b in list(make(rank=r, world=before))[:2]]
+    state = make(world=before).state_dict(consumed=consumed)
+    shares = []
+    for rank in range(after):
+        sampler = make(rank=rank, world=after)
+        note = sampler.load_state_dict(state)
+        assert f"world size changed from {before} to {after}" in note
+        shares.append([tuple(b) for b in sampler])
+    assert len({len(s) for s in shares}) == 1  # lockstep
+    seen_second = [b for share in shares for b in share]
+    seen = seen_first + seen_second
+    assert len(seen) == len(set(seen))  # nothing twice
+    assert set(seen) == set(all_batches[:len(seen)])  # nothing skipped: a prefix of the epoch's list
+    assert len(all_batches) - len(seen) < after  # at most world_size - 1 batches dropped at the end
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(budget=16), "max_num_of_imgs_per_gpu was 12 when the checkpoint was written and is 16 now"),
+    (dict(seed=4), "train_params.seed was 3"),
+])
+def test_a_position_that_means_other_samples_is_refused_naming_the_value(change, message):
+    state = make(world=2).state_dict(consumed=4)
+    with pytest.raises(SamplerStateMismatch, match=message):
+        make(world=2, **change).load_state_dict(state)
+    shorter = DynamicBatchSampler(len(COUNTS) - 1, COUNTS.__getitem__, 12, seed=3)
+    with pytest.raises(SamplerStateMismatch, match="the training dataset's length was 20 when"):
+        shorter.load_state_dict(state)
+
+
+def test_max_steps_ends_the_epoch_early_on_every_rank():
+    shares = [list(DynamicBatchSampler(len(COUNTS), COUNTS.__getitem__, 12, seed=3, rank=r, world_size=2,
+                                       max_steps=2)) for r in range(2)]
+    assert [len(s) for s in shares] == [2, 2]
+    assert shares[0] == list(make(rank=0, world=2))[:2]
 
 
 def test_sample_over_budget_is_a_clear_error():

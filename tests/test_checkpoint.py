@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,8 @@ import torch
 from omegaconf import OmegaConf
 
 from mapanything_ext.checkpoint import (
-    CheckpointWriteError, ForeignCheckpointError, load_checkpoint, prepare_resume, save_on_master, verify_checkpoint,
+    CheckpointWriteError, ForeignCheckpointError, link_on_master, load_checkpoint, prepare_resume, quarantine,
+    save_on_master, verify_checkpoint,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -108,26 +110,54 @@ def test_tampered_manifest_is_an_integrity_mismatch(tmp_path):
     assert "integrity mismatch" in verify_checkpoint(path).reason
 
 
-def test_prepare_resume_quarantines_and_falls_back(tmp_path, capsys):
-    save_on_master(state(epoch=1), tmp_path / "checkpoint-1.pth")
-    save_on_master(state(epoch=3), tmp_path / "checkpoint-3.pth")
-    save_on_master(state(epoch=4), tmp_path / "checkpoint-best.pth")
-    save_on_master(state(epoch=4), tmp_path / "checkpoint-last.pth")
+def positioned(epoch, step, complete=True):
+    ckpt = state(epoch=epoch)
+    ckpt["resume"] = {"epoch": epoch, "iteration": 0, "global_step": step, "epoch_complete": complete}
+    return ckpt
+
+
+def test_prepare_resume_quarantines_and_takes_the_newest_valid_position(tmp_path, capsys):
+    save_on_master(positioned(1, 20), tmp_path / "checkpoint-1.pth")
+    save_on_master(positioned(3, 40), tmp_path / "checkpoint-3.pth")
+    save_on_master(positioned(4, 50), tmp_path / "checkpoint-best.pth")
+    save_on_master(positioned(4, 57, complete=False), tmp_path / "checkpoint-last.pth")
     corrupt(tmp_path / "checkpoint-last.pth", "truncated")
-    (tmp_path / "checkpoint-last.pth.tmp").write_bytes(b"half a checkpoint")
+    (tmp_path / "checkpoint-last.pth.node1-77.tmp").write_bytes(b"half a checkpoint")
     choice = prepare_resume(tmp_path)
-    assert choice == tmp_path / "checkpoint-3.pth"  # newest numbered, never best
+    # last is gone, and the best is newer than every numbered one: never a step further back than needed
+    assert choice == tmp_path / "checkpoint-best.pth"
     moved = sorted(p.name for p in (tmp_path / "quarantine").rglob("*") if p.is_file())
-    assert moved == ["checkpoint-last.pth", "checkpoint-last.pth.reason.json", "checkpoint-last.pth.tmp",
-                     "checkpoint-last.pth.tmp.reason.json"]
+    assert moved == ["checkpoint-last.pth", "checkpoint-last.pth.node1-77.tmp",
+                     "checkpoint-last.pth.node1-77.tmp.reason.json", "checkpoint-last.pth.reason.json"]
     reason = json.loads(next((tmp_path / "quarantine").rglob("checkpoint-last.pth.reason.json")).read_text())
     assert "truncated" in reason["reason"]
-    assert (tmp_path / "checkpoint-best.pth").exists()
-    assert "resuming from checkpoint-3.pth" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "resuming from checkpoint-best.pth" in out and "older: checkpoint-3.pth (step 40" in out
+
+
+def test_a_mid_epoch_last_is_newer_than_the_best_of_the_epoch_before(tmp_path):
+    save_on_master(positioned(2, 30), tmp_path / "checkpoint-best.pth")
+    save_on_master(positioned(3, 35, complete=False), tmp_path / "checkpoint-last.pth")
+    assert prepare_resume(tmp_path) == tmp_path / "checkpoint-last.pth"
+
+
+def test_linked_names_are_one_file_and_quarantining_one_name_keeps_the_others(tmp_path):
+    last = save_on_master(positioned(2, 30), tmp_path / "checkpoint-last.pth")
+    for name in ("checkpoint-best.pth", "checkpoint-final.pth"):
+        link_on_master(last, tmp_path / name)
+    assert len({(tmp_path / n).stat().st_ino for n in ("checkpoint-last.pth", "checkpoint-best.pth",
+                                                        "checkpoint-final.pth")}) == 1
+    assert (tmp_path / "checkpoint-last.pth").stat().st_nlink == 3  # one checkpoint's disk for three names
+    # the next save replaces last with a new file: best and final keep the old state
+    save_on_master(positioned(3, 40, complete=False), last)
+    assert torch.load(tmp_path / "checkpoint-best.pth", weights_only=True)["resume"]["global_step"] == 30
+    assert (tmp_path / "checkpoint-best.pth").stat().st_nlink == 2
+    quarantine(tmp_path / "checkpoint-final.pth", "test", tmp_path)
+    assert verify_checkpoint(tmp_path / "checkpoint-best.pth").valid
+    assert torch.load(tmp_path / "checkpoint-last.pth", weights_only=True)["resume"]["global_step"] == 40
 
 
 def test_prepare_resume_says_so_when_starting_fresh(tmp_path, capsys):
-    save_on_master(state(), tmp_path / "checkpoint-best.pth")
     assert prepare_resume(tmp_path) is None
     assert "starting from scratch" in capsys.readouterr().out
 
@@ -158,6 +188,39 @@ save_on_master(state(epoch=2, size=1_000_000), {str(target)!r})
     assert "CheckpointWriteError" in proc.stderr and "previous file at that path (if any) is untouched" in proc.stderr
     assert target.read_bytes() == before and verify_checkpoint(target).valid
     assert not list(tmp_path.glob("*.tmp"))
+
+
+SMALL_DISK = """
+import os, subprocess, sys
+mount = sys.argv[1]
+subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", mount], check=True)
+from mapanything_ext.checkpoint import CheckpointWriteError, save_on_master, verify_checkpoint
+from tests.test_checkpoint import state
+target = os.path.join(mount, "checkpoint-last.pth")
+save_on_master(state(epoch=1, size=1000), target)
+before = open(target, "rb").read()
+try:
+    save_on_master(state(epoch=2, size=20_000_000), target)  # 80 MB of tensors on a 16 MB disk
+except CheckpointWriteError as err:
+    print("REFUSED", err)
+assert open(target, "rb").read() == before and verify_checkpoint(target).valid
+print("LEFT", sorted(os.listdir(mount)))
+"""
+
+
+def test_a_save_that_cannot_fit_fails_before_writing_and_names_path_and_bytes(tmp_path):
+    """A real small filesystem (tmpfs in a private mount namespace, so nothing leaks)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    proc = subprocess.run(["unshare", "--mount", "--propagation", "private", sys.executable, "-c", SMALL_DISK,
+                           str(mount)], cwd=REPO, capture_output=True, text=True)
+    if proc.returncode != 0 and ("Operation not permitted" in proc.stderr or "unshare failed" in proc.stderr):
+        pytest.skip(f"cannot make a private mount namespace here: {proc.stderr.strip()[-200:]}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"REFUSED not enough free disk space to write checkpoint {mount}/checkpoint-last.pth" in proc.stdout
+    needed = int(re.search(r"it needs about ([\d,]+) bytes", proc.stdout).group(1).replace(",", ""))
+    assert 80_000_000 < needed < 90_000_000 and "bytes free" in proc.stdout  # 80 MB of tensors + margin
+    assert "LEFT ['checkpoint-last.pth']" in proc.stdout  # no temporary file either
 
 
 def test_write_error_class_is_an_oserror():

@@ -18,11 +18,11 @@ from mapanything_ext.checkpoint import prepare_resume, save_on_master, verify_ch
 TRIALS = 30
 
 
-def save_forever(run_dir: str) -> None:
+def save_forever(run_dir: str, first_step: int) -> None:
     # A forked child must not enter the OpenMP pool the parent (pytest, earlier tests) may have
     # started: GNU OpenMP is not fork-safe, and the child would hang in its first parallel op.
     torch.set_num_threads(1)
-    epoch = 0
+    epoch = first_step  # every trial continues the step count, as a resumed run does
     while True:
         epoch += 1
         ckpt = {"model": {"w": torch.full((2_000_000,), float(epoch))}, "optimizer": {}, "epoch": epoch % 5,
@@ -38,7 +38,7 @@ def test_sigkill_during_saves_never_leaves_a_partial_checkpoint(tmp_path):
     quarantined_leftovers = 0
     for trial in range(TRIALS):
         started_ns = time.time_ns()
-        proc = ctx.Process(target=save_forever, args=(str(tmp_path),))
+        proc = ctx.Process(target=save_forever, args=(str(tmp_path), trial * 10_000))
         proc.start()
         # wait for this trial's first complete save, then kill at a random moment of a later one
         deadline = time.time() + 30

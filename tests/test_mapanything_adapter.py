@@ -18,7 +18,7 @@ from mapanything_ext.models import mapanything_adapter
 from mapanything_ext.models.compact import CompactMapAnything
 from mapanything_ext.models.pretrained import PretrainedLoadError, load_pretrained
 from mapanything_ext.models.registry import build_model
-from tests.training_runs import run_training, tiny_overrides
+from tests.training_runs import run_training, start_ranks, tiny_overrides, wait_all
 
 # A tiny MapAnything (DINOv2-small, 2 encoder blocks, 3 transformer layers) that trains on a CPU.
 TINY_MAPANYTHING = [
@@ -67,7 +67,7 @@ def test_model_mapanything_without_mapanything_fails_clearly():
 
 
 def test_loss_strings_see_nothing_but_the_losses_namespace():
-    with pytest.raises(ValueError, match="cannot build the MapAnything criterion"):
+    with pytest.raises(ValueError, match="only names of MapAnything's losses module may be called"):
         mapanything_adapter._criterion("__import__('os').system('true')", {})
     assert mapanything_adapter._criterion("Weight(2) * 3", {"Weight": lambda w: w}) == 6
 
@@ -127,7 +127,33 @@ def test_pretrained_from_a_hugging_face_folder(tmp_path, capsys):
     assert report["loaded"] == len(source.state_dict()) and not report["missing"]
     for key, value in source.state_dict().items():
         assert torch.equal(target.state_dict()[key], value)
-    assert f"[pretrained] {folder}: loaded {report['loaded']}/{report['loaded']} entries" in capsys.readouterr().out
+    assert f"[pretrained] {folder}: loaded {report['loaded']}/{report['loaded']} tensors (every entry matched)" \
+        in capsys.readouterr().out
+
+
+class Aliased(torch.nn.Module):
+    """One Linear under two names, as MapAnything holds its DPT head (dense_head.0 is dpt_feature_head)."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = torch.nn.Linear(4, 4)
+        self.dense = torch.nn.Sequential(self.head)
+        self.other = torch.nn.Linear(4, 2)
+
+
+def test_aliases_of_a_loaded_tensor_are_loaded_not_missing(tmp_path, capsys):
+    source = Aliased()
+    path = tmp_path / "model.safetensors"
+    # safetensors keeps one name per shared tensor, as MapAnything's save_pretrained writes it
+    save_file({k: v.contiguous() for k, v in source.state_dict().items() if not k.startswith("head.")}, str(path))
+    target = Aliased()
+    report = load_pretrained(target, path)
+    assert (report["tensors"], report["loaded"], report["aliases"], report["missing"]) == (3 + 1, 4, 2, [])
+    assert "(every entry matched)" in capsys.readouterr().out
+    assert torch.equal(target.head.weight, source.head.weight)
+    with torch.no_grad():  # they really are one tensor: a change under one name shows under the other
+        target.state_dict()["dense.0.weight"].add_(1.0)
+    assert torch.equal(target.state_dict()["head.weight"], source.head.weight + 1.0)
 
 
 def test_mapanything_style_pth_needs_trust_and_reports_keys(tmp_path, capsys):
@@ -152,6 +178,20 @@ def test_a_load_that_matches_almost_nothing_is_an_error(tmp_path):
         load_pretrained(small_model(), path)
 
 
+def test_export_refuses_what_mapanything_cannot_load(tmp_path):
+    from mapanything_ext.checkpoint import save_on_master
+    from mapanything_ext.export import ExportError, export, main
+
+    path = save_on_master({"model": small_model().state_dict(), "optimizer": {}, "epoch": 0, "best_so_far": 1.0,
+                           "args": {"model": {"name": "compact"}}, "resume": {"global_step": 1}},
+                          tmp_path / "checkpoint-best.pth")
+    with pytest.raises(ExportError, match="holds a 'compact' model; only model=mapanything"):
+        export(path, tmp_path / "hf")
+    assert main([f"checkpoint={tmp_path / 'missing.pth'}", f"out={tmp_path / 'hf'}"]) == 1
+    with pytest.raises(SystemExit, match="usage: python -m mapanything_ext.export checkpoint="):
+        main([f"checkpoint={path}"])
+
+
 def why_the_real_model_cannot_run() -> str | None:
     import os
     from pathlib import Path
@@ -164,13 +204,18 @@ def why_the_real_model_cannot_run() -> str | None:
     return None
 
 
+def tiny_real_training(synthetic_root, out, *extra) -> list[str]:
+    """Training overrides of one epoch of the tiny MapAnything on the test data."""
+    overrides = [o for o in tiny_overrides(synthetic_root, out, "train_params.epochs=1")
+                 if not o.startswith(("model=", "loss=", "model."))]
+    return [*overrides, *TINY_MAPANYTHING, "train_params.max_num_of_imgs_per_gpu=4", *extra]
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(why_the_real_model_cannot_run() is not None, reason=str(why_the_real_model_cannot_run()))
 def test_real_mapanything_trains_one_step_on_synthetic_views(synthetic_root, tmp_path):
     out = tmp_path / "mapanything"
-    overrides = [o for o in tiny_overrides(synthetic_root, out, "train_params.epochs=1")
-                 if not o.startswith(("model=", "loss=", "model."))]
-    proc = run_training([*overrides, *TINY_MAPANYTHING, "train_params.max_num_of_imgs_per_gpu=4"])
+    proc = run_training(tiny_real_training(synthetic_root, out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     ckpt = torch.load(out / "checkpoint-final.pth", weights_only=True)
     assert ckpt["args"]["model"]["name"] == "mapanything"
@@ -216,3 +261,84 @@ def test_compiled_loss_parts_compute_what_the_eager_criterion_computes(synthetic
         assert compiled[1][key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
     for got, want in zip(compiled[2], eager[2]):  # fused fp32 sums reassociate: compare as vectors
         assert want.norm() > 0 and (got - want).norm() <= 1e-4 * want.norm()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(why_the_real_model_cannot_run() is not None, reason=str(why_the_real_model_cannot_run()))
+def test_real_mapanything_trains_with_ddp_on_two_ranks(synthetic_root, tmp_path):
+    """Unused parameters or a rank mismatch in the real model show up here, not on the cluster."""
+    out = tmp_path / "ddp"
+    overrides = tiny_real_training(synthetic_root, out, "train_params.max_steps_per_epoch=3",
+                                   "train_params.max_eval_steps=1")
+    assert wait_all(start_ranks(overrides, 2, tmp_path), timeout=900) == [0, 0]
+    console = (out / "console.log").read_text()
+    assert "world size 2 (DDP)" in console
+    state = torch.load(out / "checkpoint-final.pth", weights_only=True)["resume"]
+    assert state["global_step"] == 3 and state["consumed"] == 6
+
+
+def tiny_real_model_and_views(synthetic_root, tmp_path):
+    from torch.utils.data import default_collate
+
+    from mapanything_ext.train.data import build_dataset
+
+    overrides = [o for o in tiny_overrides(synthetic_root, tmp_path / "out") if not o.startswith(("model", "loss"))]
+    cfg = compose_training([*overrides, *TINY_MAPANYTHING, "dataset=opv2v_coop_ft"])
+    torch.manual_seed(0)
+    return cfg, build_model(cfg.model).eval(), default_collate([build_dataset(cfg.dataset.train_dataset)[0]])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(why_the_real_model_cannot_run() is not None, reason=str(why_the_real_model_cannot_run()))
+def test_real_mapanything_reads_images_only(synthetic_root, tmp_path):
+    from mapanything_ext.models.input_contract import check_images_only
+
+    _, model, views = tiny_real_model_and_views(synthetic_root, tmp_path)
+    check_images_only(model, views)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(why_the_real_model_cannot_run() is not None, reason=str(why_the_real_model_cannot_run()))
+def test_export_round_trip_through_mapanythings_own_from_pretrained(synthetic_root, tmp_path, capsys):
+    from mapanything_ext.checkpoint import save_on_master
+    from mapanything_ext.config import to_plain
+    from mapanything_ext.export import export
+
+    cfg, model, views = tiny_real_model_and_views(synthetic_root, tmp_path)
+    ours = tmp_path / "checkpoint-best.pth"
+    save_on_master({"model": model.state_dict(), "optimizer": {}, "epoch": 0, "best_so_far": 1.0,
+                    "args": to_plain(cfg), "resume": {"epoch": 0, "global_step": 1, "epoch_complete": True}}, ours)
+    folder = export(ours, tmp_path / "hf")
+    config = json.loads((folder / "config.json").read_text())
+    assert config["info_sharing_config"]["module_args"].get("mlp_layer") is None  # JSON values only
+    assert config["info_sharing_mlp_layer_str"] == "swiglufused"
+    models = mapanything_adapter.import_mapanything("mapanything.models")
+    theirs = models.MapAnything.from_pretrained(str(folder), strict=True).eval()  # no missing/unexpected key
+    assert theirs.state_dict().keys() == model.state_dict().keys()
+    with torch.no_grad():
+        a, b = model(views), theirs(views)
+    for x, y in zip(a, b):
+        for key in x:
+            if torch.is_tensor(x[key]):
+                assert torch.equal(x[key], y[key]), key
+    # our loader reads the same folder: every tensor matched, the aliases counted as such
+    fresh = build_model(cfg.model)
+    report = load_pretrained(fresh, folder)
+    assert not (report["missing"] or report["unexpected"] or report["shape_mismatch"])
+    assert report["aliases"] == 76 and "(every entry matched)" in capsys.readouterr().out
+    with torch.no_grad():  # aliased names really share storage after the load
+        fresh.state_dict()["dense_head.0.scratch.layer1_rn.weight"].add_(1.0)
+    assert torch.equal(fresh.state_dict()["dpt_feature_head.scratch.layer1_rn.weight"],
+                       fresh.state_dict()["dense_head.0.scratch.layer1_rn.weight"])
+
+
+@pytest.mark.skipif(importlib.util.find_spec("mapanything") is None, reason="MapAnything not installed")
+def test_v1_1_loss_strings_build_the_criterion_eval_would_build():
+    """The parser builds exactly what MapAnything's own `eval` of its strings builds."""
+    losses = mapanything_adapter.import_mapanything("mapanything.train.losses")
+    namespace = {name: getattr(losses, name) for name in dir(losses) if not name.startswith("_")}
+    cfg = compose_training(["model=mapanything", "loss=overall_loss"]).loss
+    for expression in (cfg.train_criterion, cfg.test_criterion):
+        ours = mapanything_adapter._criterion(expression, namespace)
+        reference = eval(expression, dict(namespace))  # noqa: S307 -- the reference behaviour, in a test only
+        assert repr(ours) == repr(reference) and type(ours) is type(reference)

@@ -1,7 +1,14 @@
-"""Stage 1 as a real Slurm job on the local cluster: preempted twice, it still ends bitwise identical."""
+"""Stage jobs on a real two-node Slurm cluster (network namespaces on this machine, gloo between nodes).
+
+Preempted by Slurm and by a time-limit signal that reaches one node only, a 2 x 2-rank job ends
+bitwise equal to an uninterrupted 4-rank run; a rank killed on the second node ends the job in
+seconds and a one-node resubmission continues it; the stage pipeline chains across nodes.
+"""
 
 import getpass
+import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -10,12 +17,14 @@ import pytest
 import torch
 
 from mapanything_ext.train.run_log import read_epoch_records as records
-from tests.slurm_cluster import REPO, job_state, kill_job_tasks, release_requeued, slurm, wait_for_job_id
+from tests.slurm_cluster import (
+    CLUSTER, REPO, client_command, final_state, job_field, job_state, kill_job_tasks, release_requeued, slurm, task_pids, wait_for_job_id,
+)
 from tests.training_runs import stage_overrides, start_ranks, tiny_overrides, wait_all, wait_for_text
 
 pytestmark = [pytest.mark.slow, pytest.mark.slurm]
 
-
+DEATH_TO_END_GOAL_S = 60
 _launchers: list[subprocess.Popen] = []
 
 
@@ -30,13 +39,16 @@ def no_leftovers(slurm_env):
     slurm(slurm_env, "scancel", "--full", f"--user={getpass.getuser()}")
 
 
+def job_overrides(data_root, output_dir, *extra):
+    return tiny_overrides(data_root, output_dir, "machine=slurm-test", "train_params.epochs=3",
+                          "train_params.max_num_of_imgs_per_gpu=4", *extra)
+
+
 def submit(data_root, output_dir, env, *extra):
-    overrides = tiny_overrides(data_root, output_dir, "machine=slurm-test", "train_params.epochs=3",
-                               "train_params.max_num_of_imgs_per_gpu=4", "dataset.resolution_train=[112,84]",
-                               "dataset.resolution_test=[112,84]", *extra)
-    cmd = [sys.executable, "-m", "mapanything_ext.train.training", "-m", "hydra/launcher=submitit_slurm", *overrides]
+    cmd = [sys.executable, "-m", "mapanything_ext.train.training", "-m", "hydra/launcher=submitit_slurm",
+           *job_overrides(data_root, output_dir, *extra)]
     log = open(output_dir.parent / f"{output_dir.name}.launcher.log", "a")
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(client_command(env, cmd), cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     _launchers.append(proc)
     return proc
 
@@ -45,79 +57,144 @@ def finish(proc, env, job_id, timeout=300):
     """Wait for the launcher, releasing the job whenever Slurm requeued it with a delayed start."""
     deadline = time.time() + timeout
     while proc.poll() is None:
-        assert time.time() < deadline, "Slurm job did not finish in time"
+        assert time.time() < deadline, f"Slurm job {job_id} did not finish in time: {job_state(env, job_id)}"
         release_requeued(env, job_id)
         time.sleep(0.5)
     return proc.returncode
 
 
-def test_stage1_preempted_twice_on_slurm_matches_uninterrupted_run(synthetic_root, tmp_path, slurm_env):
-    straight = tmp_path / "straight"
-    straight.mkdir()
-    reference = tiny_overrides(synthetic_root, straight, "distributed.world_size=2", "train_params.epochs=3",
-                               "train_params.max_num_of_imgs_per_gpu=4", "dataset.resolution_train=[112,84]",
-                               "dataset.resolution_test=[112,84]")
-    assert wait_all(start_ranks(reference, 2, tmp_path)) == [0, 0]
+def wait_released(env, job_id, console, text, count, timeout=180):
+    """Wait until text appears count times in console, starting the job whenever it waits after a requeue."""
+    deadline = time.time() + timeout
+    while console.read_text(errors="replace").count(text) < count if console.exists() else True:
+        assert time.time() < deadline, f"{text!r} x{count} not in {console}: {job_state(env, job_id)}"
+        release_requeued(env, job_id)
+        time.sleep(0.3)
 
-    out = tmp_path / "slurm_run"
+
+def signal_node(job_id: str, node_index: int, signum) -> list[int]:
+    """Send signum to the tasks of one node only (ranks 2, 3 on the second node); returns their ranks."""
+    per_node = 2
+    pids = task_pids(job_id)
+    ranks = [r for r in pids if r // per_node == node_index]
+    for rank in ranks:
+        os.kill(pids[rank], signum)
+    return ranks
+
+
+def test_two_nodes_preempted_by_slurm_and_by_a_one_node_time_limit_signal_match_an_uninterrupted_run(
+        synthetic_root, tmp_path, slurm_env):
+    straight = tmp_path / "straight"
+    assert wait_all(start_ranks(job_overrides(synthetic_root, straight), 4, tmp_path)) == [0, 0, 0, 0]
+
+    out = tmp_path / "two_nodes"
     out.mkdir()
-    proc = submit(synthetic_root, out, slurm_env)
+    proc = submit(synthetic_root, out, slurm_env, "machine.slurm.nodes=2")
     job = wait_for_job_id(out)
     console = out / "console.log"
-    # 1) preemption as Slurm does it: the job is requeued, its tasks get SIGTERM
-    wait_for_text(console, "starting from scratch", timeout=180)
-    signalled = time.time()
+    # 1) preemption as Slurm does it: the job is requeued, every task gets SIGTERM
+    wait_for_text(console, "first training step done", timeout=180)
     slurm(slurm_env, "scontrol", "requeue", job)
     wait_for_text(console, "leaving for requeue", timeout=120)
-    first_save_s = time.time() - signalled
-    requeued = time.time()
-    # 2) the time-limit warning: SIGUSR2 to the tasks; submitit requeues through the launcher's checkpoint()
-    while "resumed from" not in console.read_text():
-        release_requeued(slurm_env, job)
-        time.sleep(0.3)
-    wait_for_text(console, "first training step done", timeout=120, count=2)
-    requeue_to_step_s = time.time() - requeued
-    slurm(slurm_env, "scancel", "--signal=USR2", job)
-    assert finish(proc, slurm_env, job) == 0, (out.parent / "slurm_run.launcher.log").read_text()[-3000:]
+    # 2) the time-limit warning reaches the second node only; rank 0 must still hand the requeue to submitit
+    wait_released(slurm_env, job, console, "first training step done", 2)
+    signalled_ranks = signal_node(job, 1, signal.SIGUSR2)
+    assert signalled_ranks == [2, 3]
+    assert finish(proc, slurm_env, job) == 0, (out.parent / "two_nodes.launcher.log").read_text()[-3000:]
 
     text = console.read_text()
-    assert text.count("leaving for requeue") == 2 and text.count("resumed from") == 2
-    assert "Slurm restart 2" in text
+    stops = [line for line in text.splitlines() if line.startswith("[preemption]")]
+    assert len(stops) == 2 and stops[0].startswith("[preemption] SIGTERM (received by this rank)")
+    assert stops[1].startswith("[preemption] SIGUSR2 (received by another rank)")
+    assert "Slurm restart 2" in text and "world size 4 (DDP)" in text
+    assert final_state(slurm_env, job) == "COMPLETED" and job_field(slurm_env, job, "Restarts") == "2"
+    assert job_field(slurm_env, job, "NumNodes") == "2"
     assert [r["epoch"] for r in records(out)] == [0, 1, 2]
     a = torch.load(straight / "checkpoint-final.pth", weights_only=True)["model"]
     b = torch.load(out / "checkpoint-final.pth", weights_only=True)["model"]
     for key in a:
         assert torch.equal(a[key], b[key]), key
-    print(f"\n[slurm] scontrol requeue -> checkpoint-last on disk and exit: {first_save_s:.1f}s (seen by the test)")
-    print(f"[slurm] requeue -> first training step of the requeued job: {requeue_to_step_s:.1f}s (seen by the test)")
-    for line in text.splitlines():
-        if "after the signal" in line or "first training step done" in line:
-            print("[slurm] job said:", line.strip())
+    for line in stops:
+        print("\n[slurm] job said:", line)
 
 
-def test_job_killed_mid_save_resumes_from_last_valid_checkpoint(synthetic_root, tmp_path, slurm_env):
+def test_a_rank_killed_on_the_second_node_ends_the_job_fast_and_a_one_node_resubmission_resumes(
+        synthetic_root, tmp_path, slurm_env):
     out = tmp_path / "killed"
     out.mkdir()
-    proc = submit(synthetic_root, out, slurm_env)
+    proc = submit(synthetic_root, out, slurm_env, "machine.slurm.nodes=2")
     job = wait_for_job_id(out)
     wait_for_text(out / "console.log", "saved checkpoint-last.pth", timeout=180)
-    # A save torn by SIGKILL leaves a partial temp file; then every task of the job is SIGKILLed,
-    # so no handler runs and no checkpoint is written on the way out.
-    (out / "checkpoint-last.pth.tmp").write_bytes(b"PK\x03\x04 partial")
-    kill_job_tasks(slurm_env, job)
-    while job_state(slurm_env, job)[0]:
-        time.sleep(0.3)
-    # Without Slurm accounting (sacct) submitit cannot learn that the job failed and would poll
-    # forever; the launcher only watches, so stopping it leaves nothing behind.
+    # A save torn by SIGKILL leaves a temporary file; then rank 3 (second node) dies without a word.
+    (out / "checkpoint-last.pth.maext-n1-999.tmp").write_bytes(b"PK\x03\x04 partial")
+    killed_at = time.monotonic()
+    assert list(kill_job_tasks(job, ranks=[3])) == [3]
+    while task_pids(job):
+        assert time.monotonic() - killed_at < 2 * DEATH_TO_END_GOAL_S, f"tasks left: {task_pids(job)}"
+        time.sleep(0.2)
+    death_to_end = time.monotonic() - killed_at
+    assert final_state(slurm_env, job) == "FAILED"
+    # Without Slurm accounting submitit cannot learn that the job failed; its launcher only watches.
     proc.terminate()
     proc.wait(timeout=30)
-    again = submit(synthetic_root, out, slurm_env)
+
+    again = submit(synthetic_root, out, slurm_env, "machine.slurm.nodes=1")
     job2 = wait_for_job_id(out, not_in=(job,))
     assert finish(again, slurm_env, job2) == 0
     text = (out / "console.log").read_text()
-    assert "quarantined checkpoint-last.pth.tmp" in text or list((out / "quarantine").rglob("checkpoint-last.pth.tmp"))
-    assert "resumed from" in text
+    assert f"previous job {job} of this run ended with:" in text
+    assert re.search(r"srun: error: maext-\w+-n2: task 3: Killed", text), text[-3000:]
+    assert "quarantined checkpoint-last.pth.maext-n1-999.tmp" in text
+    assert "resume: world size changed from 4 to 2" in text
     assert [r["epoch"] for r in records(out)] == [0, 1, 2]
+    print(f"\n[slurm] rank 3 SIGKILLed on the second node -> every task gone: {death_to_end:.1f}s "
+          f"(goal {DEATH_TO_END_GOAL_S}s)")
+    assert death_to_end < DEATH_TO_END_GOAL_S
+
+
+def test_cluster_stop_removes_every_namespace_link_and_hosts_line_it_added(tmp_path):
+    """A second small cluster beside the session's: start, check both nodes, stop, nothing left."""
+    state = tmp_path / "state"
+    env = {**os.environ, "MAPANYTHING_EXT_SLURM_DIR": str(state)}
+    started = subprocess.run(["bash", str(CLUSTER), "start", "--nodes", "2"], env=env, capture_output=True, text=True,
+                             timeout=180)
+    try:
+        assert started.returncode == 0, started.stderr
+        netns = re.search(r"SLURM_NETNS=(\S+)", started.stdout).group(1)
+        tag = netns.split("-")[1]
+        assert {f"maext-{tag}-ctl", f"maext-{tag}-n1", f"maext-{tag}-n2"} <= set(_netns())
+        assert f"# maext-{tag}" in open("/etc/hosts").read()
+        assert oct(state.stat().st_mode & 0o777) == "0o700"
+    finally:
+        stopped = subprocess.run(["bash", str(CLUSTER), "stop"], env=env, capture_output=True, text=True, timeout=120)
+    assert stopped.returncode == 0
+    assert not [ns for ns in _netns() if ns.startswith(f"maext-{tag}-")]
+    assert f"# maext-{tag}" not in open("/etc/hosts").read()
+    assert not [pid for pid in _pids_of("slurmd", "slurmctld", "munged") if str(state) in _cmdline(pid)]
+    # a folder the script did not make is refused, and its munge key never used
+    foreign = tmp_path / "foreign"
+    (foreign / "munge").mkdir(parents=True)
+    (foreign / "munge" / "munge.key").write_bytes(b"not ours")
+    refused = subprocess.run(["bash", str(CLUSTER), "start"], env={**env, "MAPANYTHING_EXT_SLURM_DIR": str(foreign)},
+                             capture_output=True, text=True, timeout=60)
+    assert refused.returncode != 0 and "was not made by this script" in refused.stderr
+
+
+def _netns() -> list[str]:
+    return [line.split()[0] for line in subprocess.run(["ip", "netns", "list"], capture_output=True,
+                                                         text=True).stdout.splitlines() if line.strip()]
+
+
+def _pids_of(*names: str) -> list[int]:
+    out = subprocess.run(["pgrep", "-x", "|".join(names)], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return open(f"/proc/{pid}/cmdline", "rb").read().decode(errors="replace")
+    except OSError:
+        return ""
 
 
 def test_job_with_fewer_ranks_than_the_profile_stops_with_a_clear_message(synthetic_root, tmp_path, slurm_env):
@@ -132,17 +209,21 @@ def test_job_with_fewer_ranks_than_the_profile_stops_with_a_clear_message(synthe
     assert "Submitted job triggered an exception" in logs
 
 
-def test_pipeline_chains_three_stages_with_afterok(synthetic_root, tmp_path, slurm_env):
+def test_pipeline_chains_three_stages_with_afterok_across_two_nodes(synthetic_root, tmp_path, slurm_env):
     experiments = tmp_path / "experiments"
-    overrides = stage_overrides(synthetic_root, experiments, "machine=slurm-test", "train_params.epochs=1")
-    out = subprocess.run([sys.executable, "-m", "mapanything_ext.pipeline", *overrides], cwd=REPO, env=slurm_env,
-                         capture_output=True, text=True, timeout=120)
+    # one rank on each node: the cooperative test split holds 3 samples, fewer than 4 ranks need
+    overrides = stage_overrides(synthetic_root, experiments, "machine=slurm-test", "machine.slurm.nodes=2",
+                                "machine.slurm.tasks_per_node=1", "train_params.epochs=1")
+    out = subprocess.run(client_command(slurm_env, [sys.executable, "-m", "mapanything_ext.pipeline", *overrides]),
+                         cwd=REPO, env=slurm_env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
     ids = re.findall(r"Slurm job (\d+)", out.stdout)
     assert len(ids) == 3, out.stdout
     for folder in ("opv2v_ft_stage1", "opv2v_coop_stage2_full", "opv2v_coop_stage3_varviews"):
         assert str(experiments / folder) in out.stdout
     assert f"Dependency=afterok:{ids[0]}" in slurm(slurm_env, "scontrol", "show", "job", ids[1])
+    assert "--kill-on-bad-exit=1" in (experiments / "opv2v_ft_stage1" / ".submitit" / ids[0] /
+                                      f"{ids[0]}_submission.sh").read_text()
     deadline = time.time() + 400
     while any(job_state(slurm_env, i)[0] for i in ids):
         assert time.time() < deadline, "pipeline did not finish"
@@ -151,6 +232,7 @@ def test_pipeline_chains_three_stages_with_afterok(synthetic_root, tmp_path, slu
                                     ("stage3", "opv2v_coop_stage3_varviews", "opv2v_coop_stage2_full")):
         console = (experiments / folder / "console.log").read_text()
         assert f"[pretrained] {experiments / previous / 'checkpoint-best.pth'}: loaded" in console, stage
+        assert "world size 2 (DDP)" in console
         assert (experiments / folder / "checkpoint-final.pth").is_file()
 
 
@@ -160,7 +242,8 @@ def test_failed_stage_cancels_the_stages_after_it(synthetic_root, tmp_path, slur
     overrides = [o for o in stage_overrides(synthetic_root, experiments, "machine=slurm-test", "train_params.epochs=1",
                                             f"machine.opv2v_root={tmp_path / 'missing'}")
                  if o != f"machine.opv2v_root={synthetic_root / 'opv2v'}"]
-    out = subprocess.run([sys.executable, "-m", "mapanything_ext.pipeline", "--stages", "stage1,stage2", *overrides],
+    out = subprocess.run(client_command(slurm_env, [sys.executable, "-m", "mapanything_ext.pipeline", "--stages",
+                                                    "stage1,stage2", *overrides]),
                          cwd=REPO, env=slurm_env, capture_output=True, text=True, timeout=120)
     ids = re.findall(r"Slurm job (\d+)", out.stdout)
     assert len(ids) == 2, out.stdout + out.stderr[-2000:]

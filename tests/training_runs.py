@@ -46,13 +46,14 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_ranks(overrides: list[str], world_size: int, log_dir: Path) -> list[subprocess.Popen]:
+def start_ranks(overrides: list[str], world_size: int, log_dir: Path, env: dict | None = None) -> list[subprocess.Popen]:
     """world_size real processes rendezvousing like torchrun would (gloo on CPU)."""
     port = free_port()
     procs = []
+    extra = env or {}
     for rank in range(world_size):
         env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "TORCH_DIST_TIMEOUT": "120"}
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "TORCH_DIST_TIMEOUT": "120", **extra}
         log = open(log_dir / f"rank{rank}.log", "a")
         procs.append(subprocess.Popen(train_command(overrides), cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT))
     return procs

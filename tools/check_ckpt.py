@@ -4,7 +4,8 @@
 usage: python tools/check_ckpt.py PATH [PATH ...] [--quarantine] [--json]
 
 PATH is a checkpoint file or an experiment directory (searched recursively for *.pth
-and *.tmp, skipping quarantine/ folders). One line per file: status, epoch, size,
+and *.tmp, skipping quarantine/ folders). Names of one file (hard links: last, best, final)
+are read once. One line per file: status, epoch, size,
 reason; or one JSON document with --json. --quarantine moves every invalid file and
 *.tmp leftover into <its directory>/quarantine/<UTC timestamp>/ with a reason file,
 exactly as a resuming job does. Exit status: 0 all valid, 1 something invalid,
@@ -21,7 +22,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mapanything_ext.checkpoint import quarantine, verify_checkpoint  # noqa: E402
+from mapanything_ext.checkpoint import quarantine  # noqa: E402
+from mapanything_ext.checkpoint.quarantine import verify_all  # noqa: E402
 from mapanything_ext.checkpoint.verify import CheckResult  # noqa: E402
 
 
@@ -44,11 +46,13 @@ def collect(paths: list[str]) -> list[Path]:
     return files
 
 
-def check(path: Path) -> CheckResult:
-    if path.suffix == ".tmp":
-        return CheckResult(str(path), False, "leftover temporary file of an interrupted save", None,
-                           path.stat().st_size)
-    return verify_checkpoint(path)
+def check_all(files: list[Path]) -> dict[Path, CheckResult]:
+    results = verify_all([p for p in files if p.suffix == ".pth"])
+    for path in files:
+        if path.suffix == ".tmp":
+            results[path] = CheckResult(str(path), False, "leftover temporary file of an interrupted save", None,
+                                        path.stat().st_size)
+    return results
 
 
 def main(argv=None) -> int:
@@ -66,8 +70,9 @@ def main(argv=None) -> int:
         return 2
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
     results = []
+    checked = check_all(files)
     for path in files:
-        result = check(path)
+        result = checked[path]
         entry = result.to_dict()
         if args.quarantine and not result.valid:
             entry["moved_to"] = str(quarantine(path, result.reason, path.parent, stamp))

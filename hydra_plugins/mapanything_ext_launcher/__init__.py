@@ -4,7 +4,9 @@ hydra-submitit-launcher runs the task inside Hydra's `run_job`, which catches th
 exception and returns it: the Slurm job then ends COMPLETED (exit 0) even when training
 raised, so an `afterok` dependency would start the next stage on a failed one. These
 subclasses re-raise inside the job, so Slurm records FAILED; everything else (job
-arrays, requeue through `checkpoint()`) is the plugin's own behaviour.
+arrays, requeue through `checkpoint()`) is the plugin's own behaviour. The Slurm launcher
+also runs every job step with the srun options of mapanything_ext.slurm_params (the plugin's
+config schema has no field for them).
 
 Hydra accepts launchers only from the `hydra_plugins` namespace package, hence this
 location outside `mapanything_ext`.
@@ -25,7 +27,11 @@ class _FailingJobs:
 
 
 class SlurmLauncher(_FailingJobs, plugin.SlurmLauncher):
-    pass
+    def launch(self, job_overrides, initial_job_idx):
+        from mapanything_ext.slurm_params import srun_args
+
+        self.params["srun_args"] = srun_args(self.config.machine.get("slurm"))
+        return super().launch(job_overrides, initial_job_idx)
 
 
 class LocalLauncher(_FailingJobs, plugin.LocalLauncher):

@@ -1,12 +1,14 @@
 """Checkpoints that cannot be half-written, and resumes that start from a proven-good one.
 
-  save_on_master(obj, path)      atomic write by global rank 0 (temp file, fsync, rename, fsync dir)
+  save_on_master(obj, path)      atomic write by global rank 0 (free space checked, temp file, fsync,
+                                 rename, fsync dir)
+  link_on_master(src, path)      the same file under a second name (hard link), atomically
   verify_checkpoint(path)        valid / invalid with a reason (docs/checkpoints.md lists them)
   prepare_resume(output_dir)     quarantine leftovers and bad files, pick the checkpoint to resume from
   load_checkpoint(path, ...)     weights_only load; foreign pickles only with the trust switch
 """
 
-from mapanything_ext.checkpoint.atomic import CheckpointWriteError, save_on_master
+from mapanything_ext.checkpoint.atomic import CheckpointWriteError, link_on_master, save_on_master
 from mapanything_ext.checkpoint.format import FORMAT_VERSION, REQUIRED_KEYS
 from mapanything_ext.checkpoint.load import ForeignCheckpointError, load_checkpoint
 from mapanything_ext.checkpoint.quarantine import prepare_resume, quarantine
@@ -14,5 +16,5 @@ from mapanything_ext.checkpoint.verify import CheckResult, verify_checkpoint
 
 __all__ = [
     "FORMAT_VERSION", "REQUIRED_KEYS", "CheckResult", "CheckpointWriteError", "ForeignCheckpointError",
-    "load_checkpoint", "prepare_resume", "quarantine", "save_on_master", "verify_checkpoint",
+    "link_on_master", "load_checkpoint", "prepare_resume", "quarantine", "save_on_master", "verify_checkpoint",
 ]

@@ -3,12 +3,24 @@
 temp file in the target's directory -> torch.save -> flush + fsync -> os.replace over the
 target -> fsync of the directory (so the rename itself survives a power cut). A crash
 at any point leaves either the previous checkpoint or the new one at the target, plus
-at worst a `<name>.tmp` leftover that prepare_resume quarantines.
+at worst a `<name>.<writer>.tmp` leftover that prepare_resume quarantines.
+
+Before writing, the free space of the target's filesystem is checked against the bytes the
+state needs (its tensors plus a margin): a save that cannot fit fails at once, naming the path
+and the numbers, and the previous checkpoint stays as it was.
+
+One state under several names (last, best, final, numbered): `link_on_master` gives the file a
+second name as a hard link (no second copy on disk, no second write), atomically like a save.
+Files are never changed in place (a save replaces the name with a new file), so a linked file
+keeps its content whatever happens to its other names, and moving one name into quarantine
+leaves the others untouched. Where hard links are impossible the file is copied instead.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import socket
 import threading
 from pathlib import Path
 
@@ -16,7 +28,12 @@ import torch
 from torch.utils.serialization import config as serialization_config
 
 from mapanything_ext import distributed as dist
-from mapanything_ext.checkpoint.format import stamp
+from mapanything_ext.checkpoint.format import stamp, tensor_manifest
+
+# Beyond the tensors' bytes: the pickled structure, zip headers and alignment, the config
+# (about 1 MB for MapAnything's ~3,000 tensors with their optimizer state).
+SIZE_MARGIN_BYTES = 4 * 2**20
+SIZE_MARGIN_FRACTION = 0.01
 
 
 class CheckpointWriteError(OSError):
@@ -24,7 +41,22 @@ class CheckpointWriteError(OSError):
 
 
 def temp_path_for(path: Path) -> Path:
-    return path.with_name(path.name + ".tmp")
+    """A temporary name no other writer can have (host and pid), ending in .tmp."""
+    return path.with_name(f"{path.name}.{socket.gethostname()}-{os.getpid()}.tmp")
+
+
+def check_free_space(obj: dict, path: Path) -> int:
+    """Bytes the state needs; raises CheckpointWriteError when the filesystem has fewer free."""
+    tensor_bytes = tensor_manifest(obj)["num_bytes"]
+    needed = int(tensor_bytes * (1 + SIZE_MARGIN_FRACTION)) + SIZE_MARGIN_BYTES
+    free = shutil.disk_usage(path.parent).free
+    if free < needed:
+        raise CheckpointWriteError(
+            f"not enough free disk space to write checkpoint {path}: it needs about {needed:,} bytes "
+            f"({needed / 1e9:.2f} GB), the filesystem has {free:,} bytes free. Nothing was written; the previous "
+            f"file at that path (if any) is untouched. Free space or move output_dir."
+        )
+    return needed
 
 
 def save_on_master(obj: dict, path) -> Path | None:
@@ -33,6 +65,7 @@ def save_on_master(obj: dict, path) -> Path | None:
         return None
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    check_free_space(obj, path)
     tmp = temp_path_for(path)
     # The zip records' CRC-32 is our integrity record: make sure torch computes it.
     serialization_config.save.compute_crc32 = True
@@ -55,13 +88,40 @@ def save_on_master(obj: dict, path) -> Path | None:
     return path
 
 
+def link_on_master(source, path) -> Path | None:
+    """Give rank 0's finished checkpoint `source` the name `path` too (a hard link, else a copy),
+    atomically: path holds its old file or the new one, never a partial one."""
+    if dist.get_rank() != 0:
+        return None
+    source, path = Path(source), Path(path)
+    tmp = temp_path_for(path)
+    try:
+        _remove_quietly(tmp)
+        try:
+            os.link(source, tmp)
+        except OSError:  # no hard links here (some network filesystems): a full copy, fsynced
+            shutil.copyfile(source, tmp)
+            with open(tmp, "rb+") as handle:
+                os.fsync(handle.fileno())
+        retired = _retire(path)
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except OSError as err:
+        _remove_quietly(tmp)
+        raise CheckpointWriteError(f"could not give checkpoint {source} the name {path}: {err}. The previous file "
+                                   f"at that path (if any) is untouched.") from err
+    if retired is not None:
+        threading.Thread(target=_remove_quietly, args=(retired,), daemon=True).start()
+    return path
+
+
 def _retire(path: Path) -> Path | None:
     """Keep the previous checkpoint's data alive under a second name (a hard link, instant) so the
     rename does not free its blocks; the caller deletes that name afterwards. The name ends in .tmp:
     if the process dies first, prepare_resume quarantines it like any other leftover."""
     if not path.exists():
         return None
-    retired = path.with_name(path.name + f".retired-{os.getpid()}.tmp")
+    retired = path.with_name(f"{path.name}.retired-{socket.gethostname()}-{os.getpid()}.tmp")
     _remove_quietly(retired)
     try:
         os.link(path, retired)

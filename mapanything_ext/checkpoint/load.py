@@ -12,12 +12,13 @@ class ForeignCheckpointError(RuntimeError):
     """A file that needs full unpickling was given without the trust switch."""
 
 
-def load_checkpoint(path, map_location="cpu", trust_foreign: bool = False) -> dict:
+def load_checkpoint(path, map_location="cpu", trust_foreign: bool = False, mmap: bool = False) -> dict:
+    """mmap=True leaves tensors on disk until used (a 15 GB file: read only what is taken from it)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
         if not trust_foreign:
             raise ForeignCheckpointError(

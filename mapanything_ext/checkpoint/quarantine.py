@@ -2,10 +2,13 @@
 
 Nothing is ever deleted. Leftover `*.tmp` files (a save killed halfway) and checkpoints
 that fail verification go to `<output_dir>/quarantine/<UTC timestamp>/`, each with a
-`<name>.reason.json`. The resume point is checkpoint-last.pth if valid, else the newest
-valid numbered checkpoint-<epoch>.pth, else none (a fresh start, announced loudly).
-checkpoint-best.pth is never used as a resume point: it may be older than the last
-state, and resuming from it would silently repeat or skip work.
+`<name>.reason.json`. A file with several names (hard links: last, best, final, numbered)
+is verified once; moving one name aside never touches the others.
+
+The resume point is the valid checkpoint with the newest recorded position (global step,
+then a finished epoch over one still running), whichever its name: last, final, numbered or
+best. A run never restarts from scratch while a valid checkpoint exists; what was passed
+over, and why, is printed.
 """
 
 from __future__ import annotations
@@ -20,7 +23,9 @@ from pathlib import Path
 from mapanything_ext import distributed as dist
 from mapanything_ext.checkpoint.verify import CheckResult, verify_checkpoint
 
-_NUMBERED = re.compile(r"^checkpoint-(\d+)\.pth$")
+_NAMES = re.compile(r"^checkpoint-(last|final|best|\d+)\.pth$")
+# Among files of the same position, the one we name first (they hold the same state).
+_PREFERENCE = ("last", "final", "numbered", "best")
 
 
 def quarantine(path: Path, reason: str, output_dir: Path, stamp: str | None = None) -> Path:
@@ -29,11 +34,25 @@ def quarantine(path: Path, reason: str, output_dir: Path, stamp: str | None = No
     folder = Path(output_dir) / "quarantine" / stamp
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / path.name
-    shutil.move(str(path), target)
+    shutil.move(str(path), target)  # a rename of this one name: other hard links keep the file
     record = {"file": str(path), "moved_to": str(target), "reason": reason, "utc": stamp}
     (folder / f"{path.name}.reason.json").write_text(json.dumps(record, indent=1) + "\n")
     print(f"[checkpoint] quarantined {path.name}: {reason} -> {target}", file=sys.stderr, flush=True)
     return target
+
+
+def verify_all(paths: list[Path]) -> dict[Path, CheckResult]:
+    """verify_checkpoint of every path, reading each file (inode) once however many names it has."""
+    by_inode: dict[tuple, CheckResult] = {}
+    results = {}
+    for path in paths:
+        stat = path.stat()
+        key = (stat.st_dev, stat.st_ino)
+        if key not in by_inode:
+            by_inode[key] = verify_checkpoint(path)
+        result = by_inode[key]
+        results[path] = CheckResult(**{**result.to_dict(), "path": str(path)})
+    return results
 
 
 def sweep(output_dir: Path, stamp: str | None = None) -> dict[str, CheckResult]:
@@ -42,8 +61,7 @@ def sweep(output_dir: Path, stamp: str | None = None) -> dict[str, CheckResult]:
     for leftover in sorted(output_dir.glob("*.tmp")):
         quarantine(leftover, "leftover temporary file of an interrupted save", output_dir, stamp)
     valid = {}
-    for candidate in sorted(output_dir.glob("*.pth")):
-        result = verify_checkpoint(candidate)
+    for candidate, result in verify_all(sorted(output_dir.glob("*.pth"))).items():
         if result.valid:
             valid[candidate.name] = result
         else:
@@ -51,15 +69,25 @@ def sweep(output_dir: Path, stamp: str | None = None) -> dict[str, CheckResult]:
     return valid
 
 
+def _kind(name: str) -> str:
+    match = _NAMES.match(name)
+    if not match:
+        return ""
+    return "numbered" if match.group(1).isdigit() else match.group(1)
+
+
 def choose_resume_point(output_dir: Path, valid: dict[str, CheckResult]) -> Path | None:
-    if "checkpoint-last.pth" in valid:
-        return output_dir / "checkpoint-last.pth"
-    numbered = sorted((int(m.group(1)), name) for name in valid if (m := _NUMBERED.match(name)))
-    if numbered:
-        name = numbered[-1][1]
-        print(f"[checkpoint] checkpoint-last.pth is missing or was quarantined: resuming from {name}", flush=True)
-        return output_dir / name
-    return None
+    candidates = [(result.position_key(), -_PREFERENCE.index(_kind(name)), name)
+                  for name, result in valid.items() if _kind(name) and result.global_step is not None]
+    if not candidates:
+        return None
+    (step, complete), _, name = max(candidates)
+    passed = [f"{other} (step {key[0]}{', epoch finished' if key[1] else ''})"
+              for key, _, other in sorted(candidates, reverse=True) if other != name and key != (step, complete)]
+    print(f"[checkpoint] resuming from {name}: newest valid position, global step {step}"
+          f"{', epoch finished' if complete else ''}" + (f"; older: {', '.join(passed)}" if passed else ""),
+          flush=True)
+    return output_dir / name
 
 
 def prepare_resume(output_dir) -> Path | None:

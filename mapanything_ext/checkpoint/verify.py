@@ -27,6 +27,12 @@ class CheckResult:
     reason: str
     epoch: int | None = None
     size: int = 0
+    # The position it resumes at (None for files without one): newer = larger (global_step, epoch_complete).
+    global_step: int | None = None
+    epoch_complete: bool | None = None
+
+    def position_key(self) -> tuple:
+        return (self.global_step if self.global_step is not None else -1, bool(self.epoch_complete))
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -50,7 +56,10 @@ def verify_checkpoint(path) -> CheckResult:
         return CheckResult(str(path), False, f"unreadable: {_first_line(err)}", size=size)
     problem = _content_problem(ckpt)
     epoch = ckpt.get("epoch") if isinstance(ckpt, dict) else None
-    return CheckResult(str(path), problem is None, problem or "ok", epoch if isinstance(epoch, int) else None, size)
+    resume = ckpt.get("resume") if isinstance(ckpt, dict) else None
+    resume = resume if isinstance(resume, dict) else {}
+    return CheckResult(str(path), problem is None, problem or "ok", epoch if isinstance(epoch, int) else None, size,
+                       resume.get("global_step"), resume.get("epoch_complete"))
 
 
 def _archive_problem(path: Path) -> str | None:

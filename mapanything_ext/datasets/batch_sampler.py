@@ -4,13 +4,23 @@ Every sample has a known view count (`num_views_of(index)` on the dataset, or a
 fixed count). Samples are bucketed by that count, each bucket is shuffled and cut
 into batches of `max_num_of_imgs_per_gpu // views` samples, so no step exceeds the
 image budget and every batch collates (all its samples have the same view count).
-The batches of an epoch are shuffled globally and dealt round-robin to the ranks:
-rank r takes batches r, r + W, r + 2W, ...; the list is cut to a multiple of the
-world size so every rank runs the same number of steps (DDP needs lockstep).
+The batches of an epoch form one global list, shuffled, that depends only on
+(seed, epoch, image budget, view counts): never on the number of ranks.
 
-The order depends only on (seed, epoch), so the position inside an epoch is one
-integer: `state_dict()` / `load_state_dict()` save and restore it, and iteration
-resumes at the next batch.
+The ranks walk that list together, one step = the next `world_size` batches, dealt
+round-robin (rank r takes the r-th of them). Where an epoch stands is therefore one
+global number, `consumed`: how many batches of the list the job has used. A resume
+continues at batch `consumed` whatever the world size is now, so no sample of the
+epoch is seen twice or skipped; the remaining batches are cut to a multiple of the
+world size (every rank runs the same number of steps, which DDP needs), dropping at
+most world_size - 1 batches at the epoch's end, as every epoch does.
+
+`max_steps` (train_params.max_steps_per_epoch) ends an epoch after that many steps:
+for smoke runs on real data.
+
+`state_dict()` records what `consumed` means (image budget, dataset length, seed,
+shuffle, world size). `load_state_dict()` maps a changed world size and refuses any
+other change with a message naming the value.
 """
 
 from __future__ import annotations
@@ -19,6 +29,10 @@ from typing import Callable, Iterator
 
 import numpy as np
 from torch.utils.data import Sampler
+
+
+class SamplerStateMismatch(ValueError):
+    """A saved sampler position cannot be mapped onto this run's batches."""
 
 
 class DynamicBatchSampler(Sampler[list[int]]):
@@ -32,6 +46,7 @@ class DynamicBatchSampler(Sampler[list[int]]):
         rank: int = 0,
         world_size: int = 1,
         drop_last: bool = False,
+        max_steps: int | None = None,
     ):
         if num_samples <= 0:
             raise ValueError("the dataset is empty: no sample to batch (check the data roots and split)")
@@ -42,8 +57,9 @@ class DynamicBatchSampler(Sampler[list[int]]):
         self.rank = rank
         self.world_size = world_size
         self.drop_last = drop_last
+        self.max_steps = int(max_steps) if max_steps else None
         self.epoch = 0
-        self.start_batch = 0
+        self.consumed = 0  # batches of this epoch's global list used before the next pass
         self._counts = np.array([views_of(i) for i in range(num_samples)], dtype=np.int64)
         too_many = self._counts > self.max_imgs
         if too_many.any():
@@ -52,11 +68,17 @@ class DynamicBatchSampler(Sampler[list[int]]):
                 f"sample {first} has {self._counts[first]} views but train_params.max_num_of_imgs_per_gpu="
                 f"{self.max_imgs}: raise the image budget or lower the dataset's num_views"
             )
+        if self.epoch_batches() < world_size:
+            raise ValueError(
+                f"{self.epoch_batches()} batches cannot be shared by {world_size} ranks: need more samples or "
+                f"fewer ranks"
+            )
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def _all_batches(self) -> list[list[int]]:
+    def _global_batches(self) -> list[list[int]]:
+        """This epoch's batches, in order, before they are dealt to ranks."""
         rng = np.random.default_rng([self.seed, self.epoch])
         batches = []
         for count in np.unique(self._counts):
@@ -70,31 +92,50 @@ class DynamicBatchSampler(Sampler[list[int]]):
                     batches.append(chunk)
         if self.shuffle:
             batches = [batches[i] for i in rng.permutation(len(batches))]
-        usable = (len(batches) // self.world_size) * self.world_size
-        if usable == 0:
-            raise ValueError(
-                f"{len(batches)} batches cannot be shared by {self.world_size} ranks: need more samples or fewer ranks"
-            )
-        return batches[:usable]
+        if self.max_steps:
+            batches = batches[:self.max_steps * self.world_size]
+        return batches
+
+    def epoch_batches(self) -> int:
+        """Global batches one epoch uses at this world size (the epoch's length for the LR schedule)."""
+        return len(self._global_batches()) // self.world_size * self.world_size
+
+    def _remaining(self) -> list[list[int]]:
+        rest = self._global_batches()[self.consumed:]
+        return rest[:len(rest) // self.world_size * self.world_size]
 
     def __len__(self) -> int:
-        """Batches this rank runs in a full epoch."""
-        return len(self._all_batches()) // self.world_size
+        """Steps this rank runs in the next pass (the rest of the epoch after a resume)."""
+        return len(self._remaining()) // self.world_size
 
     def __iter__(self) -> Iterator[list[int]]:
-        mine = self._all_batches()[self.rank::self.world_size]
-        start, self.start_batch = self.start_batch, 0  # a resume offset applies to one pass only
-        yield from mine[start:]
+        mine = self._remaining()[self.rank::self.world_size]
+        self.consumed = 0  # a resume offset applies to one pass only
+        yield from mine
 
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "start_batch": self.start_batch, "seed": self.seed,
-                "world_size": self.world_size}
+    def state_dict(self, consumed: int | None = None) -> dict:
+        """The position `consumed` (default: the resume offset) and what it means."""
+        return {"epoch": self.epoch, "consumed": self.consumed if consumed is None else int(consumed),
+                "seed": self.seed, "shuffle": self.shuffle, "world_size": self.world_size,
+                "max_num_of_imgs_per_gpu": self.max_imgs, "num_samples": self.num_samples}
 
-    def load_state_dict(self, state: dict) -> None:
-        if state.get("world_size", self.world_size) != self.world_size or state.get("seed", self.seed) != self.seed:
-            raise ValueError(
-                f"sampler state was saved with world_size={state.get('world_size')} seed={state.get('seed')}, "
-                f"this run has world_size={self.world_size} seed={self.seed}: exact resume is impossible"
-            )
-        self.epoch = state["epoch"]
-        self.start_batch = state["start_batch"]
+    def load_state_dict(self, state: dict) -> str | None:
+        """Continue at the saved position; returns a note when the world size changed, else None."""
+        if "consumed" not in state:  # written before positions were global: start_batch steps per rank
+            state = {**state, "consumed": int(state["start_batch"]) * int(state.get("world_size", 1))}
+        ours = self.state_dict()
+        for key, meaning in (("max_num_of_imgs_per_gpu", "train_params.max_num_of_imgs_per_gpu"),
+                             ("num_samples", "the training dataset's length"), ("seed", "train_params.seed"),
+                             ("shuffle", "shuffling")):
+            if key in state and state[key] != ours[key]:
+                raise SamplerStateMismatch(
+                    f"cannot continue the epoch where it stopped: {meaning} was {state[key]} when the checkpoint "
+                    f"was written and is {ours[key]} now, so its position ({state['consumed']} batches into epoch "
+                    f"{state['epoch']}) means other samples. Use the original value, or a new output_dir."
+                )
+        self.epoch, self.consumed = int(state["epoch"]), int(state["consumed"])
+        saved_world = int(state.get("world_size", self.world_size))
+        if saved_world != self.world_size:
+            return (f"world size changed from {saved_world} to {self.world_size}: epoch {self.epoch} continues at "
+                    f"global batch {self.consumed} of {len(self._global_batches())}, each remaining batch once")
+        return None

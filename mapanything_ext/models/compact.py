@@ -50,13 +50,13 @@ def sincos_2d(h: int, w: int, dim: int, device) -> torch.Tensor:
 class Block(nn.Module):
     """Pre-norm transformer block."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, dropout: float = 0.0):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
         self.attn = nn.MultiheadAttention(dim, num_heads, batch_first=True)
         self.norm2 = nn.LayerNorm(dim)
         hidden = int(dim * mlp_ratio)
-        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.norm1(x)
@@ -73,6 +73,7 @@ class CompactMapAnything(nn.Module):
         num_heads: int = 4,
         mlp_ratio: float = 2.0,
         gradient_checkpointing: bool = False,
+        dropout: float = 0.0,
     ):
         super().__init__()
         self.patch_size = patch_size
@@ -82,7 +83,7 @@ class CompactMapAnything(nn.Module):
         self.view_embed = nn.Embedding(2, dim)  # 0: reference (first) view, 1: others
         self.scale_token = nn.Parameter(torch.zeros(1, 1, dim))
         # Even blocks attend within a view, odd blocks across all views.
-        self.blocks = nn.ModuleList(Block(dim, num_heads, mlp_ratio) for _ in range(2 * depth))
+        self.blocks = nn.ModuleList(Block(dim, num_heads, mlp_ratio, dropout) for _ in range(2 * depth))
         self.head_norm = nn.LayerNorm(dim)
         self.dense_head = nn.Linear(dim, patch_size * patch_size * 5)
         self.refine = nn.Sequential(nn.Conv2d(5 + 3 + 2, 32, 3, padding=1), nn.GELU(), nn.Conv2d(32, 5, 3, padding=1))

@@ -1,17 +1,21 @@
 """The only module that imports MapAnything (an optional, user-installed dependency).
 
 `model=mapanything` builds the model through MapAnything's public `init_model` from our
-`configs/model/mapanything.yaml`; `loss=overall_loss` builds its criterion by evaluating
-its loss strings in its own losses namespace and nowhere else. Our views already carry
-every key its model and loss read (docs/mapanything.md), so no wrapper sits in between.
+`configs/model/mapanything.yaml`; `loss=overall_loss` builds its criterion from its loss
+strings, parsed against a whitelist of its own losses namespace (models/loss_strings.py:
+no `eval`). Our views already carry every key its model and loss read (docs/mapanything.md),
+so no wrapper sits in between.
 """
 
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
+
+from mapanything_ext.models.loss_strings import build_loss
 
 INSTALL_HINT = (
     "MapAnything is not installed in this environment. It is an optional dependency that you install "
@@ -43,8 +47,26 @@ def build_mapanything_model(model_cfg: DictConfig):
                              torch_hub_force_reload=bool(model_cfg.torch_hub_force_reload))
 
 
+def hub_config(model_cfg: DictConfig) -> dict:
+    """The JSON-clean config MapAnything's `from_pretrained` rebuilds the model from: exactly what its
+    `__init__` receives from our config (its own save_pretrained would store the config after
+    `__init__` added the MLP layer *class*, which JSON cannot hold)."""
+    config = OmegaConf.to_container(model_cfg.model_config, resolve=True)
+    config["torch_hub_force_reload"] = False
+    return config
+
+
+def save_hf_folder(model, model_cfg: DictConfig, folder) -> Path:
+    """Write `model` as a Hugging Face model folder (config.json + model.safetensors) that
+    MapAnything's own `MapAnything.from_pretrained(folder)` loads."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(folder), config=hub_config(model_cfg))
+    return folder
+
+
 def build_mapanything_criteria(loss_cfg: DictConfig):
-    """(train, test) criteria from MapAnything's loss strings, evaluated in its losses module only."""
+    """(train, test) criteria from MapAnything's loss strings, built from its losses module only."""
     losses = import_mapanything("mapanything.train.losses")
     namespace = {name: getattr(losses, name) for name in dir(losses) if not name.startswith("_")}
     train_string = loss_cfg.train_criterion
@@ -88,8 +110,4 @@ def compile_loss_parts(criteria, names=LOSS_FUNCTIONS + LOSS_MODULES) -> None:
 
 
 def _criterion(expression: str, namespace: dict):
-    try:
-        # MapAnything's own loss strings, with nothing but its losses namespace and no builtins.
-        return eval(expression, {"__builtins__": {}}, namespace)  # noqa: S307
-    except Exception as err:
-        raise ValueError(f"cannot build the MapAnything criterion {expression!r}: {err}") from err
+    return build_loss(expression, namespace)

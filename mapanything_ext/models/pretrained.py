@@ -6,7 +6,12 @@ Accepted:
                                                               trust_foreign_checkpoints=true
   a Hugging Face model folder or a model.safetensors file     needs the `safetensors` package
 Missing and unexpected keys are reported with counts and names; a load that matches
-less than MIN_MATCHED_FRACTION of the model's entries is an error, never a silent no-op.
+less than MIN_MATCHED_FRACTION of the model's tensors is an error, never a silent no-op.
+
+Aliases: a model may hold one tensor under several names (MapAnything's `dense_head.0.*` is
+its `dpt_feature_head.*`), and a safetensors file stores each tensor once, under one of them.
+The report counts tensors, not names: a name whose tensor was loaded through another name is
+an alias (counted and said so), never "missing".
 """
 
 from __future__ import annotations
@@ -37,34 +42,51 @@ def read_state_dict(path, trust_foreign: bool = False) -> dict:
         except ImportError:
             raise PretrainedLoadError(f"{path}: reading .safetensors needs `pip install safetensors`") from None
         return load_file(str(path))
-    if verify_checkpoint(path).valid:  # one of ours: proven good before use
-        return load_checkpoint(path)["model"]
+    if verify_checkpoint(path).valid:  # one of ours: proven good before use; its optimizer state stays on disk
+        return load_checkpoint(path, mmap=True)["model"]
     ckpt = load_checkpoint(path, trust_foreign=trust_foreign)
     return ckpt.get("model", ckpt) if isinstance(ckpt, dict) else ckpt
 
 
+def alias_groups(state: dict) -> list[list[str]]:
+    """Names of a state dict grouped by the tensor they hold (same storage, offset, shape, strides)."""
+    groups: dict[tuple, list[str]] = {}
+    for name, tensor in state.items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.stride(),
+               tensor.device) if tensor.numel() else ("empty", name)
+        groups.setdefault(key, []).append(name)
+    return list(groups.values())
+
+
 def load_pretrained(model: nn.Module, path, trust_foreign: bool = False) -> dict:
-    """Load matching weights into model (strict=False); returns the key report."""
+    """Load matching weights into model (strict=False); returns the report, counted in tensors."""
     state = read_state_dict(path, trust_foreign)
     own = model.state_dict()
     usable = {k: v for k, v in state.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}
+    groups = alias_groups(own)
+    loaded = [g for g in groups if any(name in usable for name in g)]
     report = {
-        "loaded": len(usable),
-        "missing": sorted(set(own) - set(usable)),
+        "tensors": len(groups),
+        "loaded": len(loaded),
+        "aliases": sum(len(g) for g in loaded) - len(loaded),
+        "missing": sorted(g[0] for g in groups if not any(name in usable for name in g)),
         "unexpected": sorted(set(state) - set(own)),
         "shape_mismatch": sorted(k for k in state if k in own and tuple(state[k].shape) != tuple(own[k].shape)),
     }
-    if len(usable) < MIN_MATCHED_FRACTION * len(own):
+    if report["loaded"] < MIN_MATCHED_FRACTION * len(groups):
         raise PretrainedLoadError(
-            f"{path} matches only {len(usable)} of the model's {len(own)} entries (unexpected: "
+            f"{path} matches only {report['loaded']} of the model's {len(groups)} tensors (unexpected: "
             f"{_names(report['unexpected'])}; shape mismatch: {_names(report['shape_mismatch'])}): "
             f"wrong file or wrong model config?"
         )
     with torch.no_grad():
         model.load_state_dict(usable, strict=False)
-    print(f"[pretrained] {path}: loaded {report['loaded']}/{len(own)} entries; missing {len(report['missing'])} "
-          f"{_names(report['missing'])}; unexpected {len(report['unexpected'])} {_names(report['unexpected'])}; "
-          f"shape mismatch {len(report['shape_mismatch'])} {_names(report['shape_mismatch'])}", flush=True)
+    everything = not (report["missing"] or report["unexpected"] or report["shape_mismatch"])
+    print(f"[pretrained] {path}: loaded {report['loaded']}/{len(groups)} tensors"
+          f"{' (every entry matched)' if everything else ''}; {report['aliases']} more names are aliases of "
+          f"loaded tensors; missing {len(report['missing'])} {_names(report['missing'])}; unexpected "
+          f"{len(report['unexpected'])} {_names(report['unexpected'])}; shape mismatch "
+          f"{len(report['shape_mismatch'])} {_names(report['shape_mismatch'])}", flush=True)
     return report
 
 

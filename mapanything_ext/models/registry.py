@@ -16,7 +16,7 @@ from mapanything_ext.models.compact_loss import CompactLoss
 
 Criterion = Callable[[list, list], tuple]
 
-_COMPACT_ARGS = ("patch_size", "dim", "depth", "num_heads", "mlp_ratio", "gradient_checkpointing")
+_COMPACT_ARGS = ("patch_size", "dim", "depth", "num_heads", "mlp_ratio", "gradient_checkpointing", "dropout")
 
 
 def build_model(model_cfg: DictConfig) -> nn.Module:

@@ -26,9 +26,10 @@ def views_counter(dataset):
 
 
 def build_loader(dataset, max_imgs: int, shuffle: bool, seed: int, rank: int, world_size: int,
-                 num_workers: int) -> DataLoader:
+                 num_workers: int, max_steps: int | None = None) -> DataLoader:
+    """Batches by image budget; max_steps (null: all) ends each pass after that many steps."""
     sampler = DynamicBatchSampler(len(dataset), views_counter(dataset), max_imgs, shuffle=shuffle, seed=seed,
-                                  rank=rank, world_size=world_size)
+                                  rank=rank, world_size=world_size, max_steps=max_steps)
     return DataLoader(
         dataset,
         batch_sampler=sampler,
@@ -37,6 +38,10 @@ def build_loader(dataset, max_imgs: int, shuffle: bool, seed: int, rank: int, wo
         worker_init_fn=_seed_worker,
         persistent_workers=False,
         pin_memory=torch.cuda.is_available(),
+        # Each pass draws its workers' base seed from this generator, not from the global torch RNG:
+        # the training RNG (dropout, ...) then depends only on the steps run, so a resumed run that
+        # starts an extra pass (an evaluation rerun, an epoch with nothing left) stays bitwise exact.
+        generator=torch.Generator().manual_seed(seed * 1000 + rank),
     )
 
 

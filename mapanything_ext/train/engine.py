@@ -1,11 +1,12 @@
 """The training engine: one call runs (or resumes) a whole training job on one rank.
 
 Order of a run: distributed init -> resume preparation (quarantine, verify) -> data,
-model, loss, optimizer -> restore position -> epochs. Every iteration ends at a
-boundary where all ranks agree whether a preemption signal arrived; if one did, rank 0
-writes checkpoint-last with the exact position (next batch, sampler, RNG, optimizer,
-running epoch statistics) and the job is requeued. Every save goes through
-mapanything_ext.checkpoint (atomic, verifiable).
+model, loss, optimizer -> restore position -> epochs. The run stops for a preemption or
+time-limit signal at its stop points (mapanything_ext/preemption.py lists them): all ranks
+agree, rank 0 writes checkpoint-last with the exact position when there is something new
+(next batch, sampler, RNG, optimizer, running epoch statistics) and the job is requeued.
+Every save goes through mapanything_ext.checkpoint (atomic, verifiable); a state saved under
+several names (last, best, final, numbered) is written once and linked.
 """
 
 from __future__ import annotations
@@ -24,38 +25,27 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from mapanything_ext import distributed as dist
-from mapanything_ext import preflight
-from mapanything_ext.checkpoint import load_checkpoint, prepare_resume, save_on_master
+from mapanything_ext import faults, preflight
+from mapanything_ext.checkpoint import link_on_master, load_checkpoint, prepare_resume, save_on_master
 from mapanything_ext.config import to_plain
 from mapanything_ext.models.registry import build_criteria, build_model
-from mapanything_ext.preemption import PreemptionWatcher, check_requeue_budget
+from mapanything_ext.preemption import PreemptionWatcher, restarts_so_far
 from mapanything_ext.train import rng_state
 from mapanything_ext.train.compiling import check_compile_settings, compile_in_place, mark_step_begin
 from mapanything_ext.train.data import build_dataset, build_loader, to_device
 from mapanything_ext.train.depth_metrics import depth_abs_rel
 from mapanything_ext.train.optim import build_optimizer
-from mapanything_ext.train.run_log import Scalars, append_epoch_record, tee_console
+from mapanything_ext.train.position import Position, restore_rng
+from mapanything_ext.train.run_log import (
+    Scalars, append_epoch_record, report_failure, report_previous_job, tee_console,
+)
 from mapanything_ext.train.schedule import lr_at, set_lr
-
 
 _PER_VIEW = re.compile(r"_view\d+$")
 
 
 class LossInstability(RuntimeError):
     """The train loss became non-finite or exceeded the configured threshold."""
-
-
-@dataclass
-class Position:
-    """Where training stands: the next batch to run."""
-
-    epoch: int = 0
-    iteration: int = 0
-    global_step: int = 0
-    best_so_far: float = math.inf
-    # Running sums of the epoch in progress, so a mid-epoch resume logs the whole epoch.
-    sums: dict = field(default_factory=dict)
-    count: int = 0
 
 
 @dataclass
@@ -74,6 +64,8 @@ class Run:
     watcher: PreemptionWatcher
     started_at: float = field(default_factory=time.monotonic)  # train() sets it to its own start
     first_step_reported: bool = False
+    saved_step: int = 0  # global step of the newest state on disk (a fresh start: 0, nothing to save)
+    bar: object = None  # the epoch's progress bar, closed before a stop prints
 
     @property
     def tp(self):
@@ -83,19 +75,43 @@ class Run:
 def train(cfg: DictConfig) -> Path:
     """Run the training job described by cfg; returns the output directory."""
     started_at = time.monotonic()
+    _check_precision(cfg.train_params)
     info = dist.init_distributed_mode(
         world_size_expected=cfg.distributed.get("world_size"),
         timeout_s=cfg.machine.get("dist_timeout_s"),
         backend=cfg.distributed.get("backend"),
         slurm_profile=cfg.machine.get("slurm"),
     )
-    restarts = check_requeue_budget(cfg.machine.get("slurm", {}).get("max_num_timeout"))
     output_dir = Path(cfg.output_dir)
+    try:
+        _run(cfg, info, output_dir, started_at)
+    except SystemExit:
+        raise
+    except BaseException as err:
+        report_failure(output_dir, info.rank, info.world_size, err)
+        _cleanup_after_failure()
+        raise
+    dist.cleanup()
+    return output_dir
+
+
+def _cleanup_after_failure() -> None:
+    """Release the process group on the way out; a broken one may refuse, which changes nothing."""
+    try:
+        dist.cleanup()
+    except Exception:  # noqa: BLE001 -- the original error is what the user must see
+        pass
+
+
+def _run(cfg: DictConfig, info: dist.DistInfo, output_dir: Path, started_at: float) -> None:
     if info.rank == 0:
         output_dir.mkdir(parents=True, exist_ok=True)
         tee_console(output_dir)
+        restarts = restarts_so_far()
         if restarts:
-            print(f"[mapanything_ext] Slurm restart {restarts} of job {os.environ.get('SLURM_JOB_ID')}")
+            print(f"[mapanything_ext] Slurm restart {restarts} of job {os.environ.get('SLURM_JOB_ID')} "
+                  f"(preemptions, requeues and time-outs together)")
+        report_previous_job(output_dir)
         print(f"[mapanything_ext] output_dir: {output_dir}")
         print(OmegaConf.to_yaml(cfg, resolve=True))
     dist.barrier()
@@ -106,14 +122,24 @@ def train(cfg: DictConfig) -> Path:
     run = _build_run(cfg, info, output_dir)
     run.started_at = started_at
     position = _restore_or_start(run)
+    _settle_ddp_buckets(run)
+    faults.at("startup")
+    _stop_here(run, position, "startup")
     if cfg.train_params.get("eval_before_training") and position.global_step == 0:
-        _initial_eval(run)
+        _initial_eval(run, position)
     try:
         _train_epochs(run, position)
     finally:
         run.scalars.close()
     dist.barrier()
-    return output_dir
+
+
+def _check_precision(tp) -> None:
+    if tp.get("amp") and str(tp.get("amp_dtype")) != "bf16":
+        raise ValueError(
+            f"train_params.amp_dtype={tp.get('amp_dtype')} is not supported: fp16 needs loss scaling, which this "
+            f"engine does not do. Use train_params.amp_dtype=bf16 (no loss scaling needed) or train_params.amp=false."
+        )
 
 
 def _build_run(cfg: DictConfig, info: dist.DistInfo, output_dir: Path) -> Run:
@@ -124,16 +150,17 @@ def _build_run(cfg: DictConfig, info: dist.DistInfo, output_dir: Path) -> Run:
     test_ds = build_dataset(cfg.dataset.test_dataset)
     workers = int(cfg.machine.get("num_workers", 0))
     train_loader = build_loader(train_ds, tp.max_num_of_imgs_per_gpu, True, int(tp.seed), info.rank,
-                                info.world_size, workers)
+                                info.world_size, workers, max_steps=tp.get("max_steps_per_epoch"))
     test_loader = build_loader(test_ds, tp.max_num_of_imgs_per_gpu, False, int(tp.seed), info.rank,
-                               info.world_size, workers)
+                               info.world_size, workers, max_steps=tp.get("max_eval_steps"))
     module = build_model(cfg.model).to(info.device)
     model = module
     if tp.get("compile"):
         compile_in_place(module, tp.compile, compile_mode)
     if info.distributed:
         device_ids = [info.local_rank] if info.device.type == "cuda" else None
-        model = DistributedDataParallel(module, device_ids=device_ids)
+        model = DistributedDataParallel(module, device_ids=device_ids,
+                                        find_unused_parameters=bool(cfg.model.get("find_unused_parameters")))
     train_criterion, test_criterion = build_criteria(cfg.loss)
     for criterion in (train_criterion, test_criterion):
         if isinstance(criterion, torch.nn.Module):  # MapAnything's criteria are modules
@@ -141,16 +168,38 @@ def _build_run(cfg: DictConfig, info: dist.DistInfo, output_dir: Path) -> Run:
     if info.rank == 0:
         n_params = sum(p.numel() for p in module.parameters())
         print(f"[mapanything_ext] model {cfg.model.name}: {n_params:,} parameters; "
-              f"{len(train_ds)} train / {len(test_ds)} test samples; world size {info.world_size}")
+              f"{len(train_ds)} train / {len(test_ds)} test samples; world size {info.world_size}"
+              f"{' (DDP)' if info.distributed else ''}")
     watcher = PreemptionWatcher()
     watcher.install()
     return Run(cfg, info, output_dir, model, module, build_optimizer(module, tp), train_criterion, test_criterion,
                train_loader, test_loader, Scalars(output_dir, info.rank == 0), watcher)
 
 
-def _initial_eval(run: Run) -> None:
+def _settle_ddp_buckets(run: Run) -> None:
+    """One synced forward/backward on the first training sample, its gradients and RNG draws undone.
+
+    DDP reduces gradients in buckets whose layout it rebuilds after the first backward of each
+    process (in the order gradients became ready). With 3 or more ranks the layout decides the
+    order of each float sum, so a resumed process, whose first step would use the initial layout
+    where the uninterrupted run used the rebuilt one, would drift in the last bits. Settling the
+    layout before the first real step makes every step of every run use the same one (bitwise
+    resume at any world size), for the cost of one step at start."""
+    if not isinstance(run.model, DistributedDataParallel):
+        return
+    from torch.utils.data import default_collate
+
+    saved = rng_state.capture()
+    views = to_device(default_collate([run.train_loader.dataset[0]]), run.info.device)
+    _step(run, views, _amp(run), accum=1, sync=True)
+    run.optimizer.zero_grad(set_to_none=True)
+    rng_state.restore(saved)
+
+
+def _initial_eval(run: Run, position: Position) -> None:
     """Held-out metrics of the initial model, the baseline a run is judged against."""
-    stats = evaluate(run.model, run.test_criterion, run.test_loader, run.info.device, _amp(run))
+    stats = evaluate(run.model, run.test_criterion, run.test_loader, run.info.device, _amp(run),
+                     between_batches=lambda i: _eval_stop_point(run, position, i, "initial_eval"))
     if run.info.rank == 0:
         (run.output_dir / "initial_eval.json").write_text(json.dumps(stats, indent=1) + "\n")
         print("[mapanything_ext] before training: " + ", ".join(f"test_{k}={v:.4g}" for k, v in stats.items()))
@@ -166,7 +215,7 @@ def _restore_or_start(run: Run) -> Position:
 
             load_pretrained(run.module, pretrained, trust_foreign=bool(run.cfg.get("trust_foreign_checkpoints")))
         return Position()
-    ckpt = load_checkpoint(resume_from, map_location="cpu")
+    ckpt = load_checkpoint(resume_from, map_location="cpu", mmap=True)
     try:
         run.module.load_state_dict(ckpt["model"])
     except RuntimeError as err:
@@ -176,19 +225,23 @@ def _restore_or_start(run: Run) -> Position:
         ) from None
     run.optimizer.load_state_dict(ckpt["optimizer"])
     state = ckpt["resume"]
-    position = Position(epoch=state["epoch"], iteration=state["iteration"], global_step=state["global_step"],
-                        best_so_far=ckpt["best_so_far"], sums=dict(state.get("sums", {})),
-                        count=state.get("count", 0))
-    if state["epoch_complete"]:
-        position = Position(epoch=state["epoch"] + 1, global_step=state["global_step"],
-                            best_so_far=ckpt["best_so_far"])
+    position = Position.from_state(state, ckpt["best_so_far"])
+    notes = [restore_rng(state["rng"], run.info.rank, run.info.world_size, int(run.tp.seed), position.epoch)]
+    saved_world = int(state.get("sampler", {}).get("world_size", run.info.world_size))
+    if position.epoch_complete:
+        position.next_epoch()
+        if saved_world != run.info.world_size:
+            notes.append(f"world size changed from {saved_world} to {run.info.world_size} at the end of epoch "
+                         f"{position.epoch - 1}: the next epoch is dealt to {run.info.world_size} rank(s)")
     else:
-        rng = state["rng"]
-        rng_state.restore(rng[run.info.rank] if isinstance(rng, list) else rng)
-        run.train_loader.batch_sampler.load_state_dict(state["sampler"])
+        sampler_state = {**state["sampler"], "consumed": position.consumed, "epoch": position.epoch}
+        notes.append(run.train_loader.batch_sampler.load_state_dict(sampler_state))
+    run.saved_step = position.global_step
     if run.info.rank == 0:
         print(f"[mapanything_ext] resumed from {resume_from}: epoch {position.epoch}, "
-              f"next batch {position.iteration}, global step {position.global_step}")
+              f"{position.consumed} batches of it done, global step {position.global_step}")
+        for note in filter(None, notes):
+            print(f"[mapanything_ext] resume: {note}")
     return position
 
 
@@ -196,21 +249,25 @@ def _train_epochs(run: Run, position: Position) -> None:
     epochs = int(run.tp.epochs)
     while position.epoch < epochs:
         stats = _train_one_epoch(run, position)
-        record = {"epoch": position.epoch, **{f"train_{k}": v for k, v in stats.items()}}
+        record = {"epoch": position.epoch, **{f"train_{k}": v for k, v in stats.items()}, **_memory_record(run)}
         if (position.epoch + 1) % int(run.tp.eval_freq) == 0 or position.epoch + 1 == epochs:
-            test_stats = evaluate(run.model, run.test_criterion, run.test_loader, run.info.device, _amp(run))
+            faults.at("eval")
+            test_stats = evaluate(run.model, run.test_criterion, run.test_loader, run.info.device, _amp(run),
+                                  between_batches=lambda i: _eval_stop_point(run, position, i, "eval"))
             record.update({f"test_{k}": v for k, v in test_stats.items()})
         _end_epoch(run, position, record)
-        position.epoch += 1
-        position.iteration, position.sums, position.count = 0, {}, 0
-    _save(run, "checkpoint-final.pth", position, epoch_complete=True, epoch=epochs - 1)
+        _stop_here(run, position, "end of epoch")
+        position.next_epoch()
+    _ensure_final(run, epochs)
     if run.info.rank == 0:
         print(f"[mapanything_ext] training done: {run.output_dir / 'checkpoint-final.pth'}")
 
 
 def _end_epoch(run: Run, position: Position, record: dict) -> None:
-    """Log the epoch, then save: last, best (lowest test loss), numbered every keep_freq."""
+    """Log the epoch, then save it once under every name due: last, best (lowest test loss),
+    numbered every keep_freq, final after the last epoch."""
     epoch = position.epoch
+    last_epoch = epoch + 1 == int(run.tp.epochs)
     test_loss = record.get("test_loss")
     is_best = test_loss is not None and test_loss < position.best_so_far
     if is_best:
@@ -222,19 +279,61 @@ def _end_epoch(run: Run, position: Position, record: dict) -> None:
         # Per-view loss terms (MapAnything's criterion has dozens) stay in log.txt only.
         print(f"[mapanything_ext] epoch {epoch}: " + ", ".join(
             f"{k}={v:.4g}" for k, v in record.items() if isinstance(v, float) and not _PER_VIEW.search(k)))
-    if is_best:
-        _save(run, "checkpoint-best.pth", position, epoch_complete=True)
-    if (epoch + 1) % int(run.tp.keep_freq) == 0:
-        _save(run, f"checkpoint-{epoch}.pth", position, epoch_complete=True)
-    if (epoch + 1) % int(run.tp.save_freq) == 0 or epoch + 1 == int(run.tp.epochs):
-        _save(run, "checkpoint-last.pth", position, epoch_complete=True)
+    position.epoch_complete = True
+    names = [name for name, due in (
+        ("checkpoint-last.pth", (epoch + 1) % int(run.tp.save_freq) == 0 or last_epoch),
+        ("checkpoint-best.pth", is_best),
+        (f"checkpoint-{epoch}.pth", (epoch + 1) % int(run.tp.keep_freq) == 0),
+        ("checkpoint-final.pth", last_epoch),
+    ) if due]
+    if names:
+        _save(run, names, position)
+
+
+def _ensure_final(run: Run, epochs: int) -> None:
+    """A run resumed after its last epoch's saves but before its final link gets it now."""
+    final, last = run.output_dir / "checkpoint-final.pth", run.output_dir / "checkpoint-last.pth"
+    if run.info.rank == 0 and not final.exists() and last.exists():
+        link_on_master(last, final)
+    dist.barrier()
 
 
 def _amp(run: Run):
     """Autocast dtype, or None: bf16 on GPU when train_params.amp, full precision on CPU."""
     if not run.tp.amp or run.info.device.type != "cuda":
         return None
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}[run.tp.amp_dtype]
+    return torch.bfloat16
+
+
+def _memory_record(run: Run) -> dict:
+    """Peak GPU memory of this rank since the last record (GiB), then reset."""
+    if run.info.device.type != "cuda":
+        return {}
+    gib = 2 ** 30
+    record = {"peak_mem_allocated_gib": torch.cuda.max_memory_allocated() / gib,
+              "peak_mem_reserved_gib": torch.cuda.max_memory_reserved() / gib}
+    torch.cuda.reset_peak_memory_stats()
+    return record
+
+
+def _stop_here(run: Run, position: Position, where: str) -> None:
+    """A stop point: when any rank got a signal, save what is new, then leave for requeue."""
+    if not run.watcher.stop_requested():
+        return
+    if run.bar is not None:
+        run.bar.close()
+    if position.global_step != run.saved_step:
+        _save(run, ["checkpoint-last.pth"], position)
+        saved = f"checkpoint-last.pth written ({where}, epoch {position.epoch}, {position.consumed} batches done)"
+    else:
+        saved = f"nothing new to save ({where}; the newest checkpoint holds this position)"
+    run.watcher.requeue_and_exit(saved)
+
+
+def _eval_stop_point(run: Run, position: Position, batch_index: int, phase: str) -> None:
+    if batch_index == 0:
+        faults.at(phase)
+    _stop_here(run, position, f"during {'the initial ' if phase == 'initial_eval' else ''}evaluation")
 
 
 def _train_one_epoch(run: Run, position: Position) -> dict:
@@ -242,24 +341,34 @@ def _train_one_epoch(run: Run, position: Position) -> dict:
     model.train()
     sampler = run.train_loader.batch_sampler
     sampler.set_epoch(position.epoch)
-    sampler.start_batch = position.iteration
-    steps = len(sampler)
+    sampler.consumed = position.consumed
+    epoch_batches, world = sampler.epoch_batches(), info.world_size
+    steps_left = len(sampler)
     accum = int(tp.accum_iter)
     amp_dtype = _amp(run)
-    bar = tqdm(total=steps, initial=position.iteration, desc=f"epoch {position.epoch}", disable=info.rank != 0,
-               mininterval=2.0, dynamic_ncols=True)
+    done = position.consumed // world
+    bar = run.bar = tqdm(total=done + steps_left, initial=done, desc=f"epoch {position.epoch}",
+                         disable=info.rank != 0, mininterval=2.0, dynamic_ncols=True)
     started, images = time.perf_counter(), 0
-    for it, views in enumerate(run.train_loader, start=position.iteration):
-        set_lr(run.optimizer, lr_at(position.epoch + it / steps, tp.lr, tp.min_lr, tp.warmup_epochs, tp.epochs))
+    faults.at("loader_start")
+    for i, views in enumerate(run.train_loader):
+        if i == 0:
+            _stop_here(run, position, "data-loader start-up")
+        it = position.consumed // world  # this rank's step index within the epoch
+        if i == 1 or i + 1 == steps_left:
+            faults.at("last_step" if i + 1 == steps_left else "train_step")
+        set_lr(run.optimizer, lr_at(position.epoch + position.consumed / epoch_batches, tp.lr, tp.min_lr,
+                                    tp.warmup_epochs, tp.epochs))
         views = to_device(views, info.device)
-        boundary = (it + 1) % accum == 0 or it + 1 == steps
+        boundary = (it + 1) % accum == 0 or i + 1 == steps_left
         loss_value, details = train_step(run, views, amp_dtype, accum, boundary)
         position.global_step += 1
-        position.iteration = it + 1
+        position.consumed += world
         _accumulate(position, {"loss": loss_value, **details})
-        images += len(views) * views[0]["img"].shape[0] * info.world_size
+        images += len(views) * views[0]["img"].shape[0] * world
         rate = images / max(time.perf_counter() - started, 1e-9)
-        bar.set_postfix(loss=f"{loss_value:.4f}", img_s=f"{rate:.1f}", lr=f"{run.optimizer.param_groups[0]['lr']:.2e}", refresh=False)
+        bar.set_postfix(loss=f"{loss_value:.4f}", img_s=f"{rate:.1f}", lr=f"{run.optimizer.param_groups[0]['lr']:.2e}",
+                        refresh=False)
         bar.update(1)
         if not run.first_step_reported and info.rank == 0:
             # Start-up cost of a (re)started job: what a requeue costs beyond the lost iteration.
@@ -269,12 +378,14 @@ def _train_one_epoch(run: Run, position: Position) -> dict:
             run.scalars.add("train", {"loss": loss_value, "lr": run.optimizer.param_groups[0]["lr"], **details},
                             position.global_step)
         # Preemption is honoured only where no gradient is pending, so the saved state is exact.
-        if boundary and it + 1 < steps and run.watcher.should_stop():
-            bar.close()
-            _save(run, "checkpoint-last.pth", position, epoch_complete=False)
-            run.watcher.requeue_and_exit()
+        if boundary:
+            _stop_here(run, position, "after the epoch's last step" if i + 1 == steps_left else "training step")
     bar.close()
-    return {k: v / max(position.count, 1) for k, v in position.sums.items()}
+    run.bar = None
+    stats = {k: v / max(position.count, 1) for k, v in position.sums.items()}
+    if images:
+        stats["images_per_s"] = images / max(time.perf_counter() - started, 1e-9)
+    return stats
 
 
 def train_step(run: Run, views, amp_dtype, accum: int = 1, boundary: bool = True) -> tuple[float, dict]:
@@ -340,11 +451,14 @@ def _accumulate(position: Position, values: dict) -> None:
 
 
 @torch.no_grad()
-def evaluate(model, criterion, loader, device, amp_dtype) -> dict:
-    """Mean test loss, its terms and depth AbsRel over this rank's share, averaged over ranks."""
+def evaluate(model, criterion, loader, device, amp_dtype, between_batches=None) -> dict:
+    """Mean test loss, its terms and depth AbsRel over this rank's share, averaged over ranks.
+    `between_batches(i)` runs before batch i on every rank (the engine's stop point)."""
     model.eval()
     sums, count = {}, 0
-    for views in loader:
+    for i, views in enumerate(loader):
+        if between_batches is not None:
+            between_batches(i)
         views = to_device(views, device)
         mark_step_begin()
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
@@ -361,32 +475,30 @@ def evaluate(model, criterion, loader, device, amp_dtype) -> dict:
     return {k: float(totals[i] / max(float(totals[-1]), 1.0)) for i, k in enumerate(keys)}
 
 
-def _save(run: Run, name: str, position: Position, epoch_complete: bool, epoch: int | None = None) -> None:
-    """Write one checkpoint with everything needed to continue exactly from `position`."""
+def _save(run: Run, names: list[str], position: Position) -> None:
+    """Write the state at `position` once under names[0] and link the other names to it."""
+    faults.at("save")
     rng = dist.all_gather_object(rng_state.capture())
-    sampler = run.train_loader.batch_sampler.state_dict()
-    sampler["start_batch"] = position.iteration
+    sampler_state = run.train_loader.batch_sampler.state_dict(consumed=position.consumed)
+    sampler_state["epoch"] = position.epoch
     ckpt = {
         "model": run.module.state_dict(),
         "optimizer": run.optimizer.state_dict(),
-        "scaler": None,  # bf16 autocast needs no loss scaling
-        "epoch": position.epoch if epoch is None else epoch,
+        "scaler": None,  # bf16 autocast needs no loss scaling (fp16 is refused at start)
+        "epoch": position.epoch,
         "best_so_far": float(position.best_so_far),
         "args": to_plain(run.cfg),
-        "resume": {
-            "epoch": position.epoch,
-            "iteration": position.iteration,
-            "epoch_complete": epoch_complete,
-            "global_step": position.global_step,
-            "sampler": sampler,
-            "rng": rng,
-            "sums": dict(position.sums),
-            "count": position.count,
-        },
+        "resume": position.to_state(sampler_state, rng),
     }
     started = time.perf_counter()
-    save_on_master(ckpt, run.output_dir / name)
+    first = run.output_dir / names[0]
+    save_on_master(ckpt, first)
+    for name in names[1:]:
+        link_on_master(first, run.output_dir / name)
     dist.barrier()
+    run.saved_step = position.global_step
     if run.info.rank == 0:
-        print(f"[mapanything_ext] saved {name} (epoch {ckpt['epoch']}, next batch {position.iteration}) "
-              f"in {time.perf_counter() - started:.2f}s")
+        size = first.stat().st_size / 1e9
+        links = f" (linked as {', '.join(names[1:])})" if len(names) > 1 else ""
+        print(f"[mapanything_ext] saved {names[0]}{links} (epoch {position.epoch}, {position.consumed} batches done, "
+              f"{size:.2f} GB) in {time.perf_counter() - started:.2f}s")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+import socket
 import sys
 from pathlib import Path
 
@@ -85,3 +87,37 @@ class Scalars:
     def close(self) -> None:
         if self._writer is not None:
             self._writer.close()
+
+
+def report_failure(output_dir: Path, rank: int, world_size: int, err: BaseException) -> None:
+    """Name this rank and the cause in console.log, whichever rank failed: a job killed for one
+    rank's error (srun --kill-on-bad-exit) would otherwise leave only rank 0's view of it."""
+    line = (f"[mapanything_ext] rank {rank} of {world_size} on {socket.gethostname()} (pid {os.getpid()}) "
+            f"FAILED: {type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}\n")
+    sys.stderr.write(line)  # rank 0's stderr is already copied into console.log
+    sys.stderr.flush()
+    if rank != 0 and Path(output_dir).is_dir():
+        with open(Path(output_dir) / "console.log", "a", encoding="utf-8") as log:  # O_APPEND: whole lines
+            log.write(line)
+
+
+_SLURM_ERROR = re.compile(r"(srun: error: .*|slurmstepd: error: .*|.*(CANCELLED|TIME LIMIT|OUT_OF_MEMORY|oom-kill).*)")
+
+
+def report_previous_job(output_dir: Path) -> None:
+    """At a (re)start under submitit: what Slurm said about how the previous job of this run ended
+    (a task killed outright cannot say it itself), from that job's logs in <output_dir>/.submitit/."""
+    folder = Path(output_dir) / ".submitit"
+    current = os.environ.get("SLURM_JOB_ID")
+    if not folder.is_dir():
+        return
+    jobs = sorted((p for p in folder.iterdir() if p.is_dir() and p.name != current), key=lambda p: p.stat().st_mtime)
+    if not jobs:
+        return
+    lines = []
+    for log in sorted(jobs[-1].glob("*_log.*")):
+        lines += [m.group(0).strip() for m in map(_SLURM_ERROR.match, log.read_text(errors="replace").splitlines()) if m]
+    if lines:
+        print(f"[mapanything_ext] previous job {jobs[-1].name} of this run ended with:")
+        for line in dict.fromkeys(lines):
+            print(f"  {line}")

@@ -1,0 +1,47 @@
+"""Fault injection for tests of the stop paths: a real signal at an exact phase of a run.
+
+    MAPANYTHING_EXT_FAULT=<signal>@<phase>[@<rank>]     e.g. SIGUSR2@eval@1
+
+makes rank <rank> (default 0) send itself <signal> (SIGUSR2 or SIGTERM) with os.kill when it
+enters <phase> for the first time in this process. Phases, in the order a run meets them:
+
+  startup       after the model is built, before the first batch is fetched
+  initial_eval  the first batch of the evaluation before training (train_params.eval_before_training)
+  loader_start  before the first batch of an epoch is fetched (data-loader workers starting)
+  train_step    the second training step of an epoch (a step in the middle)
+  last_step     the last training step of an epoch
+  eval          the first batch of an end-of-epoch evaluation
+  save          the start of a checkpoint write
+
+The signal is real and goes through the same handler as Slurm's; only its timing is chosen.
+Unset (the normal case), `at()` costs one dictionary lookup.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+from mapanything_ext import distributed as dist
+
+PHASES = ("startup", "initial_eval", "loader_start", "train_step", "last_step", "eval", "save")
+_fired: set[str] = set()
+
+
+def _parse(spec: str) -> tuple[int, str, int]:
+    parts = spec.split("@")
+    if len(parts) not in (2, 3) or parts[1] not in PHASES or parts[0] not in ("SIGUSR2", "SIGTERM"):
+        raise ValueError(f"MAPANYTHING_EXT_FAULT={spec!r}: expected SIGUSR2|SIGTERM@<phase>[@<rank>], "
+                         f"phases {', '.join(PHASES)}")
+    return getattr(signal, parts[0]), parts[1], int(parts[2]) if len(parts) == 3 else 0
+
+
+def at(phase: str) -> None:
+    spec = os.environ.get("MAPANYTHING_EXT_FAULT")
+    if not spec:
+        return
+    signum, wanted, rank = _parse(spec)
+    if phase == wanted and rank == dist.get_rank() and phase not in _fired:
+        _fired.add(phase)
+        print(f"[faults] rank {rank}: sending itself {signal.Signals(signum).name} at {phase}", flush=True)
+        os.kill(os.getpid(), signum)

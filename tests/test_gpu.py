@@ -1,0 +1,76 @@
+"""Our distributed paths under NCCL on a real GPU (`pytest -m gpu`; skipped without CUDA).
+
+gloo on a CPU reduces tensors wherever they are; NCCL serves CUDA tensors only, so a collective
+of CPU tensors that every CPU test passes stops a GPU job at its first step. These tests run
+under `torchrun --nproc_per_node=1`: the process group exists at world size 1 too, so one GPU
+walks the code path of many (DDP, NCCL, every collective of ours).
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from mapanything_ext.checkpoint import verify_checkpoint
+from tests.training_runs import REPO, tiny_overrides
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+
+COLLECTIVES = """
+import torch
+from mapanything_ext import distributed as dist
+from mapanything_ext.preemption import PreemptionWatcher
+info = dist.init_distributed_mode()
+assert dist.is_distributed(), "no process group under torchrun"
+backend = str(torch.distributed.get_backend()).lower()
+assert "nccl" in backend, backend
+cpu = torch.tensor([1.0, 2.0], dtype=torch.float64)
+assert torch.equal(dist.all_reduce_sum(cpu), cpu) and dist.all_reduce_sum(cpu).device.type == "cpu"
+assert dist.all_reduce_max(torch.tensor([3.0])).item() == 3.0
+assert dist.all_reduce_mean(torch.tensor([4.0], device=info.device)).device.type == "cuda"
+assert dist.all_gather_object({"rng": torch.get_rng_state()})[0]["rng"].numel() > 0
+assert dist.broadcast_object("x") == "x"
+watcher = PreemptionWatcher()
+assert not watcher.stop_requested()
+watcher.received, watcher.received_at = 12, 0.0
+assert watcher.stop_requested() and watcher.agreed == 12
+dist.barrier()
+dist.cleanup()
+print("COLLECTIVES OK", backend)
+"""
+
+
+def torchrun(args: list[str], env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", *args]
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **NO_MULTICAST, **(env or {})})
+
+
+def test_every_collective_of_ours_runs_under_nccl(tmp_path):
+    script = tmp_path / "collectives.py"
+    script.write_text(COLLECTIVES)
+    proc = torchrun([str(script)])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "COLLECTIVES OK nccl" in proc.stdout
+
+
+def test_training_under_nccl_evaluates_stops_on_a_signal_saves_and_resumes(synthetic_root, tmp_path):
+    out = tmp_path / "gpu_run"
+    overrides = ["-m", "mapanything_ext.train.training",
+                 *tiny_overrides(synthetic_root, out, "train_params.eval_before_training=true",
+                                 "train_params.max_num_of_imgs_per_gpu=4")]
+    stopped = torchrun(overrides, {"MAPANYTHING_EXT_FAULT": "SIGUSR2@train_step@0"})
+    assert stopped.returncode != 0  # the rank left for requeue (exit 3), torchrun reports it
+    console = (out / "console.log").read_text()
+    assert "world size 1 (DDP)" in console and (out / "initial_eval.json").is_file()
+    assert "[preemption] SIGUSR2 (received by this rank): checkpoint-last.pth written (training step" in console
+    assert verify_checkpoint(out / "checkpoint-last.pth").valid
+    resumed = torchrun(overrides)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    console = (out / "console.log").read_text()
+    assert "resumed from" in console and "training done" in console
+    assert verify_checkpoint(out / "checkpoint-final.pth").valid

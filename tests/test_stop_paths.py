@@ -1,0 +1,97 @@
+"""Every stop path, with real processes, real gloo and real signals (timed by MAPANYTHING_EXT_FAULT).
+
+One 2-rank run is stopped once in every phase a signal can land in, each time on one rank only,
+resumed after each stop, and must end bitwise equal to an uninterrupted run (dropout on, so a
+missed RNG restore shows). Also: a resume with another world size, a rank whose data is broken.
+"""
+
+import re
+import shutil
+
+import pytest
+import torch
+
+from mapanything_ext.train.run_log import read_epoch_records as records
+from tests.training_runs import start_ranks, tiny_overrides, wait_all
+
+pytestmark = pytest.mark.slow
+
+SETTINGS = ("train_params.max_num_of_imgs_per_gpu=4", "train_params.eval_before_training=true",
+            "model.dropout=0.1", "train_params.print_freq=100")
+
+# (phase, rank that gets the signal, what the job must say it saved)
+CHAIN = [
+    ("startup", 1, "nothing new to save (startup"),
+    ("initial_eval", 0, "nothing new to save (during the initial evaluation"),
+    ("loader_start", 1, "nothing new to save (data-loader start-up"),
+    ("train_step", 1, "checkpoint-last.pth written (training step, epoch 0, 4 batches done)"),
+    ("last_step", 0, "checkpoint-last.pth written (after the epoch's last step, epoch 0, 8 batches done)"),
+    ("eval", 1, "nothing new to save (during evaluation"),
+    ("save", 1, "nothing new to save (end of epoch"),
+]
+
+
+def run(data_root, out, tmp_path, world=2, fault=None, *extra):
+    env = {"MAPANYTHING_EXT_FAULT": fault} if fault else {}
+    return wait_all(start_ranks(tiny_overrides(data_root, out, *SETTINGS, *extra), world, tmp_path, env=env))
+
+
+def preemption_lines(out):
+    return [line for line in (out / "console.log").read_text().splitlines() if line.startswith("[preemption]")]
+
+
+def test_a_signal_in_any_phase_on_any_rank_stops_all_ranks_and_loses_nothing(synthetic_root, tmp_path):
+    straight, chained = tmp_path / "straight", tmp_path / "chained"
+    assert run(synthetic_root, straight, tmp_path) == [0, 0]
+    seconds = {}
+    for phase, rank, saved in CHAIN:
+        assert run(synthetic_root, chained, tmp_path, 2, f"SIGUSR2@{phase}@{rank}") == [3, 3], phase
+        line = preemption_lines(chained)[-1]
+        assert saved in line, (phase, line)
+        assert ("received by this rank" if rank == 0 else "received by another rank") in line
+        seconds[phase] = float(re.search(r"([\d.]+)s after the signal", line).group(1))
+    assert run(synthetic_root, chained, tmp_path) == [0, 0]
+
+    a = torch.load(straight / "checkpoint-final.pth", weights_only=True)["model"]
+    b = torch.load(chained / "checkpoint-final.pth", weights_only=True)["model"]
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert [r["epoch"] for r in records(chained)] == [0, 1]
+    assert records(chained)[0]["train_loss"] == records(straight)[0]["train_loss"]
+    assert records(chained)[1]["test_loss"] == records(straight)[1]["test_loss"]
+    print("\n[stop paths] signal -> checkpoint on disk and exit, seconds (tiny model, CPU):")
+    for phase, value in seconds.items():
+        print(f"  {phase:<13} {value:.2f}")
+    assert max(seconds.values()) < 30
+
+
+def test_sigterm_on_one_rank_mid_epoch_stops_the_job_at_the_same_step(synthetic_root, tmp_path):
+    out = tmp_path / "term"
+    assert run(synthetic_root, out, tmp_path, 2, "SIGTERM@train_step@1") == [3, 3]
+    assert "SIGTERM (received by another rank): checkpoint-last.pth written" in preemption_lines(out)[-1]
+    state = torch.load(out / "checkpoint-last.pth", weights_only=True)["resume"]
+    assert (state["epoch"], state["consumed"], state["epoch_complete"]) == (0, 4, False)
+
+
+def test_a_resume_with_another_world_size_continues_the_epoch(synthetic_root, tmp_path):
+    out = tmp_path / "elastic"
+    assert run(synthetic_root, out, tmp_path, 2, "SIGUSR2@train_step@0") == [3, 3]
+    assert run(synthetic_root, out, tmp_path, 1) == [0]
+    console = (out / "console.log").read_text()
+    assert "resume: world size changed from 2 to 1: epoch 0 continues at global batch 4 of 9" in console
+    assert "RNG states of 2 rank(s) saved, 1 now" in console  # the run says it is exact, not bitwise
+    assert [r["epoch"] for r in records(out)] == [0, 1]
+
+
+def test_a_rank_that_fails_is_named_and_the_others_end(synthetic_root, tmp_path):
+    broken = tmp_path / "broken_data"
+    shutil.copytree(synthetic_root, broken)
+    image = sorted((broken / "opv2v" / "train").rglob("*_camera0.png"))[0]
+    image.write_bytes(b"not a png")
+    out = tmp_path / "fails"
+    codes = run(broken, out, tmp_path, 2)
+    assert all(code != 0 for code in codes), codes
+    console = (out / "console.log").read_text()
+    failed = re.findall(r"rank (\d) of 2 on \S+ \(pid \d+\) FAILED: (.*)", console)
+    assert failed, console[-2000:]
+    assert any(image.name in cause for _, cause in failed), failed
