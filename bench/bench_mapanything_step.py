@@ -55,7 +55,8 @@ from mapanything_ext.distributed import DistInfo  # noqa: E402
 from mapanything_ext.models.registry import build_criteria, build_model  # noqa: E402
 from mapanything_ext.train import engine  # noqa: E402
 from mapanything_ext.train.compiling import compile_in_place  # noqa: E402
-from mapanything_ext.train.data import build_dataset, to_device  # noqa: E402
+from mapanything_ext.datasets.build import build_dataset  # noqa: E402
+from mapanything_ext.train.data import to_device  # noqa: E402
 from mapanything_ext.train.optim import build_optimizer, param_groups  # noqa: E402
 
 # What each engine variant compiles: the model parts (train_params.compile), whether the loss

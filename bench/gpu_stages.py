@@ -180,7 +180,7 @@ def pipeline(data: Path, work: Path, pretrained: Path, args) -> dict:
     if code != 0:
         raise RuntimeError(f"the pipeline failed (see {work / 'pipeline.log'})")
     log(f"pipeline done in {time.monotonic() - started:.0f}s")
-    from mapanything_ext.train.run_log import read_epoch_records
+    from mapanything_ext.run_log import read_epoch_records
 
     rows = {}
     for stage, folder in STAGE_DIRS.items():
@@ -220,7 +220,7 @@ def export_round_trip(work: Path, data: Path, best: Path, args) -> dict:
     from mapanything_ext.evaluation.predict import batch_of_one, load_model
     from mapanything_ext.export import export
     from mapanything_ext.models.mapanything_adapter import import_mapanything
-    from mapanything_ext.train.data import build_dataset
+    from mapanything_ext.datasets.build import build_dataset
 
     folder = work / "exported_stage3"
     started = time.perf_counter()

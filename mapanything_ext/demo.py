@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from mapanything_ext.config import REPO_ROOT
-from mapanything_ext.train.run_log import read_epoch_records
+from mapanything_ext.run_log import read_epoch_records
 
 # Small images and a short, brisk schedule so the demo finishes in minutes on 2 CPU cores.
 DEMO_TRAIN_OVERRIDES = [

@@ -20,7 +20,7 @@ from mapanything_ext.evaluation import export_ply, plots
 from mapanything_ext.evaluation.predict import batch_of_one, load_model, predict, to_cpu
 from mapanything_ext.evaluation.report import MAIN_VIEWS, evaluate_model, format_tables
 from mapanything_ext.models.input_contract import check_images_only
-from mapanything_ext.train.data import build_dataset
+from mapanything_ext.datasets.build import build_dataset
 
 register_resolvers()
 warnings.filterwarnings("ignore", message="(?s).*is validated against ConfigStore schema with the same name")

@@ -1,6 +1,6 @@
 """Export a fine-tuned checkpoint as a Hugging Face model folder for MapAnything's own code.
 
-    python -m mapanything_ext.export checkpoint=<checkpoint-best.pth> out=<folder>
+usage: python -m mapanything_ext.export checkpoint=<checkpoint-best.pth> out=<folder>
 
 Reads one of our checkpoints (weights_only, verified first), rebuilds the MapAnything
 architecture it was trained with (its recorded `args.model`), and writes `config.json` +
@@ -47,6 +47,9 @@ def export(checkpoint, out) -> Path:
 
 
 def parse(argv: list[str]) -> dict:
+    if {"-h", "--help"} & set(argv):
+        print(__doc__)
+        raise SystemExit(0)
     args = dict(a.split("=", 1) for a in argv if "=" in a)
     unknown = [a for a in argv if "=" not in a] + [k for k in args if k not in ("checkpoint", "out")]
     if unknown or not {"checkpoint", "out"} <= set(args):

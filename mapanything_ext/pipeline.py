@@ -1,7 +1,7 @@
 """Submit Stage 1 -> 2 -> 3 (or a chosen subset) with one command.
 
     python -m mapanything_ext.pipeline machine=<profile> [--stages stage1,stage2,stage3]
-        [--launcher slurm|local] [--nproc-per-node N] [--export] [more training overrides ...]
+        [--launcher slurm|local] [--nproc-per-node N] [--export] [--dry-run] [more training overrides ...]
 
 Flags and overrides may come in any order.
 
@@ -12,6 +12,9 @@ local   the stages run one after another on this machine, each exactly as
         `python -m mapanything_ext.train.training stage=<stage> ...` would; a failure stops it.
         With --nproc-per-node N each stage runs under `torchrun --nproc_per_node=N` (one rank
         per GPU; N=1 puts DDP and the NCCL process group in the path of a one-GPU run too).
+
+--dry-run prints what would be submitted or run (per stage: output folder, Slurm parameters or
+command line) and submits nothing.
 
 --export writes each finished stage's checkpoint-best.pth as a Hugging Face model folder
 (<output_dir>/hf_export, python -m mapanything_ext.export) for MapAnything's own from_pretrained.
@@ -33,7 +36,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from mapanything_ext.config import REPO_ROOT, compose_training
-from mapanything_ext.slurm_params import executor_parameters
+from mapanything_ext.slurm_params import executor_arguments, launcher_config
 
 STAGES = ("stage1", "stage2", "stage3")
 
@@ -112,11 +115,13 @@ def submit_slurm(steps, export: bool = False) -> list[str]:
 
     job_ids, previous = [], None
     for stage, stage_overrides, cfg in steps:
-        slurm, output_dir = cfg.machine.slurm, Path(cfg.output_dir)
-        executor = submitit.AutoExecutor(folder=output_dir / ".submitit" / "%j", cluster="slurm",
-                                         slurm_max_num_timeout=int(slurm.max_num_timeout))
+        output_dir = Path(cfg.output_dir)
+        # The same launcher config as `-m hydra/launcher=submitit_slurm` with these overrides.
+        launcher = launcher_config([f"stage={stage}", *stage_overrides])
         after = {"dependency": f"afterok:{previous}", "kill_on_invalid_dep": "yes"} if previous else {}
-        executor.update_parameters(**executor_parameters(slurm, f"mapanything_ext_{stage}", after))
+        init, update = executor_arguments(launcher, f"mapanything_ext_{stage}", after)
+        executor = submitit.AutoExecutor(folder=output_dir / ".submitit" / "%j", cluster="slurm", **init)
+        executor.update_parameters(**update)
         output_dir.mkdir(parents=True, exist_ok=True)
         job = executor.submit(StageJob(stage, stage_overrides, export))
         after = f" (after {previous})" if previous else ""
@@ -146,6 +151,17 @@ def run_local(steps, nproc_per_node: int | None = None, export: bool = False) ->
             export_stage(output_dir)
 
 
+def print_plan(steps, launcher: str, nproc_per_node: int | None) -> None:
+    for stage, stage_overrides, cfg in steps:
+        print(f"[pipeline] {stage} -> {cfg.output_dir}")
+        if launcher == "slurm":
+            init, update = executor_arguments(launcher_config([f"stage={stage}", *stage_overrides]),
+                                              f"mapanything_ext_{stage}")
+            print(f"  submitit: {init} {update}")
+        else:
+            print("  " + " ".join(local_command(stage, stage_overrides, nproc_per_node)))
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--stages", default=",".join(STAGES), help="comma-separated subset of stage1,stage2,stage3")
@@ -154,13 +170,16 @@ def main(argv=None) -> None:
                         help="local launcher: run each stage under torchrun with this many ranks (one per GPU)")
     parser.add_argument("--export", action="store_true",
                         help="export each stage's best checkpoint as a Hugging Face folder (<output_dir>/hf_export)")
+    parser.add_argument("--dry-run", action="store_true", help="print what would be submitted or run, then stop")
     parser.add_argument("overrides", nargs="*", help="training overrides, e.g. machine=<profile> model=mapanything")
     args = parser.parse_intermixed_args(argv)
     try:
         if args.nproc_per_node and args.launcher != "local":
             raise PipelineError("--nproc-per-node applies to --launcher local only (on Slurm the profile sets the ranks)")
         steps = plan([s for s in args.stages.split(",") if s], args.overrides)
-        if args.launcher == "slurm":
+        if args.dry_run:
+            print_plan(steps, args.launcher, args.nproc_per_node)
+        elif args.launcher == "slurm":
             submit_slurm(steps, args.export)
         else:
             run_local(steps, args.nproc_per_node, args.export)

@@ -2,7 +2,8 @@
 
     python -m mapanything_ext.preflight machine=<profile> model=mapanything [model.pretrained=...] ...
 
-Runs at the start of every training job too (and stops it with the same message). It checks,
+Runs at the start of every training job too (and stops it with the same message). It also prints
+warnings about what will run but not as expected (a warm-up as long as the run). It checks,
 for `model=mapanything`: MapAnything and uniception import; the DINOv2 hub code is in the torch
 hub cache; `encoder.torch_hub_pretrained` is off when a full checkpoint is given, and its weights
 are cached when it is on; torch hub is not asked to reload; and, for every model, that
@@ -98,9 +99,18 @@ def _torch_home() -> str:
     return os.environ.get("TORCH_HOME", "~/.cache/torch (default)")
 
 
+def warnings_of(cfg: DictConfig) -> list[str]:
+    """What will run, but not as a user would expect (the job prints these at start too)."""
+    from mapanything_ext.train.schedule import warmup_warning
+
+    return [w for w in (warmup_warning(cfg.train_params),) if w]
+
+
 def main(argv=None) -> int:
     cfg = compose_training(list(sys.argv[1:] if argv is None else argv))
     found = problems_of(cfg)
+    for warning in warnings_of(cfg):
+        print(f"[preflight] WARNING: {warning}")
     for problem in found:
         print(f"[preflight] PROBLEM: {problem}")
     print(f"[preflight] {'OK: nothing will be downloaded' if not found else f'{len(found)} problem(s)'} "

@@ -231,7 +231,7 @@ def test_compiled_loss_parts_compute_what_the_eager_criterion_computes(synthetic
     from torch.utils.data import default_collate
 
     from mapanything_ext.models.registry import build_criteria
-    from mapanything_ext.train.data import build_dataset
+    from mapanything_ext.datasets.build import build_dataset
 
     losses = mapanything_adapter.import_mapanything("mapanything.train.losses")
     for name in mapanything_adapter.LOSS_FUNCTIONS:  # compiling patches them process-wide; undo at the end
@@ -280,7 +280,7 @@ def test_real_mapanything_trains_with_ddp_on_two_ranks(synthetic_root, tmp_path)
 def tiny_real_model_and_views(synthetic_root, tmp_path):
     from torch.utils.data import default_collate
 
-    from mapanything_ext.train.data import build_dataset
+    from mapanything_ext.datasets.build import build_dataset
 
     overrides = [o for o in tiny_overrides(synthetic_root, tmp_path / "out") if not o.startswith(("model", "loss"))]
     cfg = compose_training([*overrides, *TINY_MAPANYTHING, "dataset=opv2v_coop_ft"])

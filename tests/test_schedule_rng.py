@@ -10,8 +10,8 @@ import torch
 from mapanything_ext.models.compact import CompactMapAnything
 from mapanything_ext.train import rng_state
 from mapanything_ext.train.optim import param_groups
-from mapanything_ext.train.run_log import append_epoch_record
-from mapanything_ext.train.schedule import lr_at
+from mapanything_ext.run_log import append_epoch_record
+from mapanything_ext.train.schedule import lr_at, warmup_warning
 
 
 def test_warmup_is_linear_then_half_cosine_to_min_lr():
@@ -54,3 +54,13 @@ def test_replayed_epoch_replaces_its_log_line(tmp_path):
     records = [json.loads(line) for line in log.read_text().splitlines()]
     assert [r["epoch"] for r in records] == [0, 1]
     assert records[1]["train_loss"] == 0.9
+
+
+def test_a_warm_up_as_long_as_the_run_is_told_with_the_peak_it_reaches():
+    from omegaconf import OmegaConf
+
+    stage1 = OmegaConf.create({"lr": 5e-5, "min_lr": 1e-6, "warmup_epochs": 10, "epochs": 5})
+    warning = warmup_warning(stage1)
+    assert "peaks at 2.5e-05 (50% of train_params.lr=5e-05)" in warning and "never decays" in warning
+    assert "train_params.warmup_epochs=0.5" in warning
+    assert warmup_warning(OmegaConf.create({**stage1, "warmup_epochs": 0.5})) is None

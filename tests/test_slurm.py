@@ -16,7 +16,7 @@ import time
 import pytest
 import torch
 
-from mapanything_ext.train.run_log import read_epoch_records as records
+from mapanything_ext.run_log import read_epoch_records as records
 from tests.slurm_cluster import (
     CLUSTER, REPO, client_command, final_state, job_field, job_state, kill_job_tasks, release_requeued, slurm, task_pids, wait_for_job_id,
 )
@@ -72,6 +72,12 @@ def wait_released(env, job_id, console, text, count, timeout=180):
         time.sleep(0.3)
 
 
+def run_status(env, folder) -> subprocess.CompletedProcess:
+    """`python -m mapanything_ext.status <folder>`, where Slurm's controller is reachable."""
+    return subprocess.run(client_command(env, [sys.executable, "-m", "mapanything_ext.status", str(folder)]),
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+
+
 def signal_node(job_id: str, node_index: int, signum) -> list[int]:
     """Send signum to the tasks of one node only (ranks 2, 3 on the second node); returns their ranks."""
     per_node = 2
@@ -108,6 +114,8 @@ def test_two_nodes_preempted_by_slurm_and_by_a_one_node_time_limit_signal_match_
     assert stops[1].startswith("[preemption] SIGUSR2 (received by another rank)")
     assert "Slurm restart 2" in text and "world size 4 (DDP)" in text
     assert final_state(slurm_env, job) == "COMPLETED" and job_field(slurm_env, job, "Restarts") == "2"
+    status = run_status(slurm_env, out)
+    assert status.returncode == 0 and "| two_nodes | done, requeued 2 times | 3/3 |" in status.stdout, status.stdout
     assert job_field(slurm_env, job, "NumNodes") == "2"
     assert [r["epoch"] for r in records(out)] == [0, 1, 2]
     a = torch.load(straight / "checkpoint-final.pth", weights_only=True)["model"]
@@ -134,6 +142,9 @@ def test_a_rank_killed_on_the_second_node_ends_the_job_fast_and_a_one_node_resub
         time.sleep(0.2)
     death_to_end = time.monotonic() - killed_at
     assert final_state(slurm_env, job) == "FAILED"
+    status = run_status(slurm_env, out)
+    assert status.returncode == 1 and "| killed | failed |" in status.stdout, status.stdout
+    assert f"Slurm job {job}: FAILED" in status.stdout
     # Without Slurm accounting submitit cannot learn that the job failed; its launcher only watches.
     proc.terminate()
     proc.wait(timeout=30)

@@ -11,7 +11,7 @@ import shutil
 import pytest
 import torch
 
-from mapanything_ext.train.run_log import read_epoch_records as records
+from mapanything_ext.run_log import read_epoch_records as records
 from tests.training_runs import start_ranks, tiny_overrides, wait_all
 
 pytestmark = pytest.mark.slow
@@ -95,3 +95,31 @@ def test_a_rank_that_fails_is_named_and_the_others_end(synthetic_root, tmp_path)
     failed = re.findall(r"rank (\d) of 2 on \S+ \(pid \d+\) FAILED: (.*)", console)
     assert failed, console[-2000:]
     assert any(image.name in cause for _, cause in failed), failed
+
+
+def tensorboard_steps(out, tag):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    return [(e.step, e.value) for e in events.Scalars(tag)]
+
+
+def test_tensorboard_after_a_replayed_epoch_has_each_step_once(synthetic_root, tmp_path):
+    """A job killed after logging steps its checkpoint does not hold replays them on resume."""
+    out = tmp_path / "replayed"
+    extra = ("train_params.print_freq=1", "train_params.eval_before_training=false")
+    assert run(synthetic_root, out, tmp_path, 1, None, "train_params.epochs=1", *extra) == [0]
+    kept = tmp_path / "epoch0.pth"
+    kept.write_bytes((out / "checkpoint-last.pth").read_bytes())
+    assert run(synthetic_root, out, tmp_path, 1, None, "train_params.epochs=2", *extra) == [0]
+    first_pass = tensorboard_steps(out, "train/loss")
+    # as if the process had died after logging epoch 1 but before any checkpoint of it
+    for name in ("checkpoint-last.pth", "checkpoint-best.pth", "checkpoint-final.pth"):
+        (out / name).unlink(missing_ok=True)
+    (out / "checkpoint-last.pth").write_bytes(kept.read_bytes())
+    assert run(synthetic_root, out, tmp_path, 1, None, "train_params.epochs=2", *extra) == [0]
+    steps = [step for step, _ in tensorboard_steps(out, "train/loss")]
+    assert steps == sorted(set(steps)) == [step for step, _ in first_pass]  # each step once, none lost
+    epochs = [step for step, _ in tensorboard_steps(out, "epoch/train_loss")]
+    assert epochs == sorted(set(epochs)) and len(epochs) == 2

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mapanything_ext.checkpoint import verify_checkpoint
-from mapanything_ext.train.run_log import read_epoch_records as records
+from mapanything_ext.run_log import read_epoch_records as records
 from tests.training_runs import REPO, run_training, stage_overrides, tiny_overrides
 
 pytestmark = pytest.mark.slow
@@ -35,6 +35,7 @@ def test_stage1_learns_and_writes_everything(synthetic_root, tmp_path):
     console = (out / "console.log").read_text()
     assert "train_params:" in console and "max_num_of_imgs_per_gpu: 4" in console
     assert list((out / "tensorboard").iterdir())
+    assert not [p.name for p in out.rglob("*") if p.is_file() and p.stat().st_size == 0]  # no empty files
     # a rerun of the finished command resumes from its newest checkpoint and trains nothing more
     again = run_training(overrides)
     assert again.returncode == 0 and "resumed from" in again.stdout and "saved" not in again.stdout

@@ -1,92 +1,12 @@
 #!/usr/bin/env python3
-"""Verify checkpoints; optionally quarantine the bad ones.
+"""Verify checkpoints; optionally quarantine the bad ones: `python tools/check_ckpt.py --help`.
 
-usage: python tools/check_ckpt.py PATH [PATH ...] [--quarantine] [--json]
-
-PATH is a checkpoint file or an experiment directory (searched recursively for *.pth
-and *.tmp, skipping quarantine/ folders). Names of one file (hard links: last, best, final)
-are read once. One line per file: status, epoch, size,
-reason; or one JSON document with --json. --quarantine moves every invalid file and
-*.tmp leftover into <its directory>/quarantine/<UTC timestamp>/ with a reason file,
-exactly as a resuming job does. Exit status: 0 all valid, 1 something invalid,
-2 usage error. Needs no GPU; tensors are memory-mapped, never loaded twice.
+The same as the installed console script `check_ckpt` (mapanything_ext/checkpoint/cli.py).
 """
 
-from __future__ import annotations
-
-import argparse
-import json
 import sys
-from datetime import datetime, timezone
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from mapanything_ext.checkpoint import quarantine  # noqa: E402
-from mapanything_ext.checkpoint.quarantine import verify_all  # noqa: E402
-from mapanything_ext.checkpoint.verify import CheckResult  # noqa: E402
-
-
-class UsageError(Exception):
-    pass
-
-
-def collect(paths: list[str]) -> list[Path]:
-    files = []
-    for raw in paths:
-        path = Path(raw)
-        if path.is_file():
-            files.append(path)
-        elif path.is_dir():
-            found = [p for p in sorted(path.rglob("*")) if p.is_file() and p.suffix in (".pth", ".tmp")
-                     and "quarantine" not in p.relative_to(path).parts]
-            files.extend(found)
-        else:
-            raise UsageError(f"no such file or directory: {path}")
-    return files
-
-
-def check_all(files: list[Path]) -> dict[Path, CheckResult]:
-    results = verify_all([p for p in files if p.suffix == ".pth"])
-    for path in files:
-        if path.suffix == ".tmp":
-            results[path] = CheckResult(str(path), False, "leftover temporary file of an interrupted save", None,
-                                        path.stat().st_size)
-    return results
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("paths", nargs="+", metavar="PATH")
-    parser.add_argument("--quarantine", action="store_true", help="move invalid files into quarantine/")
-    parser.add_argument("--json", action="store_true", help="print one JSON document")
-    try:
-        args = parser.parse_args(argv)
-        files = collect(args.paths)
-    except SystemExit as exit_:
-        return 2 if exit_.code else 0
-    except UsageError as err:
-        print(f"check_ckpt: {err}", file=sys.stderr)
-        return 2
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
-    results = []
-    checked = check_all(files)
-    for path in files:
-        result = checked[path]
-        entry = result.to_dict()
-        if args.quarantine and not result.valid:
-            entry["moved_to"] = str(quarantine(path, result.reason, path.parent, stamp))
-        results.append(entry)
-        if not args.json:
-            status = "OK " if result.valid else "BAD"
-            epoch = "-" if result.epoch is None else result.epoch
-            print(f"{status} epoch={epoch:<4} size={result.size:>12,d}  {path}  ({result.reason})")
-    if args.json:
-        print(json.dumps({"files": results, "all_valid": all(r["valid"] for r in results)}, indent=1))
-    elif not files:
-        print("no checkpoint found")
-    return 0 if all(r["valid"] for r in results) else 1
-
+from mapanything_ext.checkpoint.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -27,7 +27,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from mapanything_ext.geometry import depth_to_points, pixel_rays, resize_crop_intrinsics, rotation_to_quaternion
+from mapanything_ext.geometry import depth_to_points, pixel_rays, resize_crop_intrinsics
+from mapanything_ext.rotations import matrix_to_quaternion
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
@@ -130,7 +131,7 @@ class BaseMultiViewDataset(Dataset):
             "depth_along_ray": np.linalg.norm(pts_cam, axis=-1, keepdims=True).astype(np.float32),
             "valid_mask": valid,
             "non_ambiguous_mask": valid.copy(),  # invalid depth here is sky / beyond range
-            "camera_pose_quats": rotation_to_quaternion(pose[:3, :3]).astype(np.float32),
+            "camera_pose_quats": matrix_to_quaternion(torch.from_numpy(pose[:3, :3])).numpy().astype(np.float32),
             "camera_pose_trans": pose[:3, 3].astype(np.float32),
             "is_metric_scale": True,
             "is_synthetic": raw.is_synthetic,

@@ -19,16 +19,10 @@ import math
 
 import torch
 
-from mapanything_ext.models.rotations import quaternion_to_matrix
+from mapanything_ext.depth_metrics import depth_abs_rel
+from mapanything_ext.rotations import quaternion_to_matrix
 
 INLIER_THRESHOLD = 1.25
-
-
-def depth_abs_rel(z_pred: torch.Tensor, z_gt: torch.Tensor, valid: torch.Tensor) -> float:
-    """Mean |z_pred - z_gt| / z_gt over valid pixels (z: depth along the optical axis)."""
-    if not valid.any():
-        return math.nan
-    return float(((z_pred[valid] - z_gt[valid]).abs() / z_gt[valid]).mean())
 
 
 def depth_inlier_ratio(z_pred: torch.Tensor, z_gt: torch.Tensor, valid: torch.Tensor,

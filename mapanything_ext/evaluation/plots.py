@@ -11,12 +11,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from mapanything_ext.datasets.base import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
-from mapanything_ext.train.run_log import read_epoch_records  # noqa: E402
+from mapanything_ext.run_log import read_epoch_records  # noqa: E402
 
 
 def loss_curves(run_dirs: list[Path], out_png: Path, labels: list[str] | None = None) -> Path:
-    """Train (solid) and eval (dashed) loss per epoch for one or several runs."""
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    """Train (solid) and eval (dashed) loss per epoch for one or several runs, and below them the
+    learning rate each epoch trained with (its mean; a warm-up longer than the run shows here)."""
+    fig, (ax, lr_ax) = plt.subplots(2, 1, figsize=(7, 6.5), sharex=True, gridspec_kw={"height_ratios": [3, 1.4]})
     for i, run_dir in enumerate(run_dirs):
         label = labels[i] if labels else Path(run_dir).name
         records = read_epoch_records(run_dir)
@@ -26,11 +27,15 @@ def loss_curves(run_dirs: list[Path], out_png: Path, labels: list[str] | None = 
         tested = [r for r in records if "test_loss" in r]
         ax.plot([r["epoch"] for r in tested], [r["test_loss"] for r in tested], "--s", color=color,
                 label=f"{label} eval")
-    ax.set_xlabel("epoch")
+        lr_ax.plot([r["epoch"] for r in records], [r.get("train_lr", np.nan) for r in records], "-o", color=color,
+                   label=label)
     ax.set_ylabel("loss")
-    ax.set_title("Training and evaluation loss")
+    ax.set_title("Training and evaluation loss, learning rate")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    lr_ax.set_xlabel("epoch")
+    lr_ax.set_ylabel("learning rate")
+    lr_ax.grid(alpha=0.3)
     return _save(fig, out_png)
 
 

@@ -1,4 +1,4 @@
-"""Datasets and loaders of a run: instantiate from the config, batch by image budget."""
+"""Loaders of a training run: batches by image budget, moved to the device."""
 
 from __future__ import annotations
 
@@ -6,15 +6,9 @@ import random
 
 import numpy as np
 import torch
-from hydra.utils import instantiate
 from torch.utils.data import DataLoader, default_collate
 
 from mapanything_ext.datasets.batch_sampler import DynamicBatchSampler
-
-
-def build_dataset(node):
-    """Instantiate one dataset node (`_target_` + constructor kwargs) from the dataset config."""
-    return instantiate(node, _convert_="all")
 
 
 def views_counter(dataset):

@@ -25,21 +25,22 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from mapanything_ext import distributed as dist
+from mapanything_ext.depth_metrics import mean_depth_abs_rel
 from mapanything_ext import faults, preflight
 from mapanything_ext.checkpoint import link_on_master, load_checkpoint, prepare_resume, save_on_master
 from mapanything_ext.config import to_plain
+from mapanything_ext.datasets.build import build_dataset
 from mapanything_ext.models.registry import build_criteria, build_model
 from mapanything_ext.preemption import PreemptionWatcher, restarts_so_far
 from mapanything_ext.train import rng_state
 from mapanything_ext.train.compiling import check_compile_settings, compile_in_place, mark_step_begin
-from mapanything_ext.train.data import build_dataset, build_loader, to_device
-from mapanything_ext.train.depth_metrics import depth_abs_rel
+from mapanything_ext.train.data import build_loader, to_device
 from mapanything_ext.train.optim import build_optimizer
 from mapanything_ext.train.position import Position, restore_rng
-from mapanything_ext.train.run_log import (
+from mapanything_ext.run_log import (
     Scalars, append_epoch_record, report_failure, report_previous_job, tee_console,
 )
-from mapanything_ext.train.schedule import lr_at, set_lr
+from mapanything_ext.train.schedule import lr_at, set_lr, warmup_warning
 
 _PER_VIEW = re.compile(r"_view\d+$")
 
@@ -60,7 +61,7 @@ class Run:
     test_criterion: object
     train_loader: object
     test_loader: object
-    scalars: Scalars
+    scalars: Scalars | None  # opened once the resume step is known
     watcher: PreemptionWatcher
     started_at: float = field(default_factory=time.monotonic)  # train() sets it to its own start
     first_step_reported: bool = False
@@ -114,6 +115,8 @@ def _run(cfg: DictConfig, info: dist.DistInfo, output_dir: Path, started_at: flo
         report_previous_job(output_dir)
         print(f"[mapanything_ext] output_dir: {output_dir}")
         print(OmegaConf.to_yaml(cfg, resolve=True))
+        if warmup_warning(cfg.train_params):
+            print(f"[mapanything_ext] WARNING: {warmup_warning(cfg.train_params)}")
     dist.barrier()
     # Before anything slow: an offline node must not start a download. A run that will resume
     # from its own checkpoint no longer needs model.pretrained (the earlier stage may be gone).
@@ -122,12 +125,13 @@ def _run(cfg: DictConfig, info: dist.DistInfo, output_dir: Path, started_at: flo
     run = _build_run(cfg, info, output_dir)
     run.started_at = started_at
     position = _restore_or_start(run)
-    _settle_ddp_buckets(run)
-    faults.at("startup")
-    _stop_here(run, position, "startup")
-    if cfg.train_params.get("eval_before_training") and position.global_step == 0:
-        _initial_eval(run, position)
+    run.scalars = Scalars(output_dir, info.rank == 0, resume_step=position.global_step)
     try:
+        _settle_ddp_buckets(run)
+        faults.at("startup")
+        _stop_here(run, position, "startup")
+        if cfg.train_params.get("eval_before_training") and position.global_step == 0:
+            _initial_eval(run, position)
         _train_epochs(run, position)
     finally:
         run.scalars.close()
@@ -173,7 +177,7 @@ def _build_run(cfg: DictConfig, info: dist.DistInfo, output_dir: Path) -> Run:
     watcher = PreemptionWatcher()
     watcher.install()
     return Run(cfg, info, output_dir, model, module, build_optimizer(module, tp), train_criterion, test_criterion,
-               train_loader, test_loader, Scalars(output_dir, info.rank == 0), watcher)
+               train_loader, test_loader, None, watcher)
 
 
 def _settle_ddp_buckets(run: Run) -> None:
@@ -248,6 +252,7 @@ def _restore_or_start(run: Run) -> Position:
 def _train_epochs(run: Run, position: Position) -> None:
     epochs = int(run.tp.epochs)
     while position.epoch < epochs:
+        epoch_started = time.time()
         stats = _train_one_epoch(run, position)
         record = {"epoch": position.epoch, **{f"train_{k}": v for k, v in stats.items()}, **_memory_record(run)}
         if (position.epoch + 1) % int(run.tp.eval_freq) == 0 or position.epoch + 1 == epochs:
@@ -255,6 +260,9 @@ def _train_epochs(run: Run, position: Position) -> None:
             test_stats = evaluate(run.model, run.test_criterion, run.test_loader, run.info.device, _amp(run),
                                   between_batches=lambda i: _eval_stop_point(run, position, i, "eval"))
             record.update({f"test_{k}": v for k, v in test_stats.items()})
+        # Wall time of this process's part of the epoch (a resumed epoch counts from the resume).
+        record.update({"time": time.time(), "epoch_seconds": time.time() - epoch_started,
+                       "global_step": position.global_step})
         _end_epoch(run, position, record)
         _stop_here(run, position, "end of epoch")
         position.next_epoch()
@@ -275,7 +283,7 @@ def _end_epoch(run: Run, position: Position, record: dict) -> None:
     record["best_so_far"] = position.best_so_far
     if run.info.rank == 0:
         append_epoch_record(run.output_dir / "log.txt", record)
-        run.scalars.add("epoch", record, epoch)
+        run.scalars.add("epoch", record, position.global_step)
         # Per-view loss terms (MapAnything's criterion has dozens) stay in log.txt only.
         print(f"[mapanything_ext] epoch {epoch}: " + ", ".join(
             f"{k}={v:.4g}" for k, v in record.items() if isinstance(v, float) and not _PER_VIEW.search(k)))
@@ -364,7 +372,7 @@ def _train_one_epoch(run: Run, position: Position) -> dict:
         loss_value, details = train_step(run, views, amp_dtype, accum, boundary)
         position.global_step += 1
         position.consumed += world
-        _accumulate(position, {"loss": loss_value, **details})
+        _accumulate(position, {"loss": loss_value, "lr": run.optimizer.param_groups[0]["lr"], **details})
         images += len(views) * views[0]["img"].shape[0] * world
         rate = images / max(time.perf_counter() - started, 1e-9)
         bar.set_postfix(loss=f"{loss_value:.4f}", img_s=f"{rate:.1f}", lr=f"{run.optimizer.param_groups[0]['lr']:.2e}",
@@ -385,6 +393,7 @@ def _train_one_epoch(run: Run, position: Position) -> dict:
     stats = {k: v / max(position.count, 1) for k, v in position.sums.items()}
     if images:
         stats["images_per_s"] = images / max(time.perf_counter() - started, 1e-9)
+    stats["steps_run"] = steps_left  # by this process (a resumed epoch: the steps after the resume)
     return stats
 
 
@@ -455,7 +464,7 @@ def evaluate(model, criterion, loader, device, amp_dtype, between_batches=None) 
     """Mean test loss, its terms and depth AbsRel over this rank's share, averaged over ranks.
     `between_batches(i)` runs before batch i on every rank (the engine's stop point)."""
     model.eval()
-    sums, count = {}, 0
+    sums, counts = {}, {}
     for i, views in enumerate(loader):
         if between_batches is not None:
             between_batches(i)
@@ -465,14 +474,18 @@ def evaluate(model, criterion, loader, device, amp_dtype, between_batches=None) 
             preds = model(views)
         with torch.autocast(device.type, enabled=False):
             loss, details = criterion(views, preds)
-        values = {"loss": float(loss), **details, "depth_abs_rel": depth_abs_rel(views, preds)}
+        values = {"loss": float(loss), **details, "depth_abs_rel": mean_depth_abs_rel(views, preds)}
         for key, value in values.items():
-            sums[key] = sums.get(key, 0.0) + float(value)
-        count += 1
+            if math.isfinite(float(value)):  # a batch without any valid depth has no AbsRel
+                sums[key] = sums.get(key, 0.0) + float(value)
+                counts[key] = counts.get(key, 0) + 1
     model.train()
-    keys = sorted(sums)
-    totals = dist.all_reduce_sum(torch.tensor([sums[k] for k in keys] + [count], dtype=torch.float64))
-    return {k: float(totals[i] / max(float(totals[-1]), 1.0)) for i, k in enumerate(keys)}
+    # Every rank reduces the same keys in the same order, even one whose batches had none of a key.
+    keys = sorted(set().union(*dist.all_gather_object(sorted(sums))))
+    totals = dist.all_reduce_sum(torch.tensor([sums.get(k, 0.0) for k in keys] + [counts.get(k, 0) for k in keys],
+                                              dtype=torch.float64))
+    return {k: float(totals[i] / totals[len(keys) + i]) if totals[len(keys) + i] > 0 else math.nan
+            for i, k in enumerate(keys)}
 
 
 def _save(run: Run, names: list[str], position: Position) -> None:

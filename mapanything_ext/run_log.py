@@ -68,14 +68,17 @@ def _finite(record: dict) -> dict:
 
 
 class Scalars:
-    """TensorBoard scalars on rank 0; a no-op elsewhere."""
+    """TensorBoard scalars on rank 0; a no-op elsewhere. Every scalar's x-axis is the global step
+    (epoch scalars at the step that ended the epoch), so a resumed run given `resume_step` (the step
+    of its checkpoint) hides whatever an earlier process wrote past that step: no step twice."""
 
-    def __init__(self, output_dir: Path, enabled: bool):
+    def __init__(self, output_dir: Path, enabled: bool, resume_step: int = 0):
         self._writer = None
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._writer = SummaryWriter(log_dir=str(output_dir / "tensorboard"))
+            purge = resume_step + 1 if resume_step else None
+            self._writer = SummaryWriter(log_dir=str(output_dir / "tensorboard"), purge_step=purge)
 
     def add(self, prefix: str, values: dict, step: int) -> None:
         if self._writer is None:

@@ -1,4 +1,5 @@
-"""Quaternion <-> rotation matrix in torch (x-y-z-w order, MapAnything's convention)."""
+"""Quaternion <-> rotation matrix in torch (x-y-z-w order, MapAnything's convention): the one converter
+of the project, used by the datasets, the models and the evaluation."""
 
 from __future__ import annotations
 

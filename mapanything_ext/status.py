@@ -1,0 +1,219 @@
+"""Where a run of three stages stands: one line per stage (or per run folder given).
+
+    python -m mapanything_ext.status machine=<profile> [more training overrides ...]
+    python -m mapanything_ext.status <run folder> [<run folder> ...]
+
+Per stage: its state, from Slurm where it is reachable (`sacct` when the cluster keeps
+accounting, `scontrol show job` otherwise, `squeue` for queued jobs) and from the run folder
+(not started / queued / running / requeued N times / done / failed); the epoch and step
+reached; the newest checkpoint (age, size; its structure read, not its CRC: `--verify` reads
+every byte); the best test loss; the recent images/s; and an estimate of the time left.
+Exit code 0 when nothing failed, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mapanything_ext.checkpoint import verify_checkpoint
+from mapanything_ext.checkpoint.load import load_checkpoint
+from mapanything_ext.run_log import read_epoch_records
+
+STAGES = ("stage1", "stage2", "stage3")
+_SLURM_STATES = {"PENDING": "queued", "CONFIGURING": "running", "RUNNING": "running", "COMPLETING": "running",
+                 "COMPLETED": "done", "FAILED": "failed", "TIMEOUT": "failed", "CANCELLED": "failed",
+                 "NODE_FAIL": "failed", "OUT_OF_MEMORY": "failed", "PREEMPTED": "requeued", "REQUEUED": "requeued",
+                 "BOOT_FAIL": "failed", "DEADLINE": "failed"}
+
+
+@dataclass
+class StageStatus:
+    name: str
+    folder: Path
+    state: str = "not started"
+    job: str = ""
+    restarts: int = 0
+    epoch: str = "-"
+    step: str = "-"
+    checkpoint: str = "-"
+    best_loss: str = "-"
+    images_per_s: str = "-"
+    eta: str = "-"
+    notes: list = field(default_factory=list)
+
+    @property
+    def failed(self) -> bool:
+        return self.state.startswith("failed")
+
+
+def slurm_job(job_id: str) -> tuple[str, int] | None:
+    """(Slurm state, restart count) of a job, or None when Slurm does not know it (any more)."""
+    if shutil.which("sacct"):
+        out = _run(["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "State"])
+        if out:
+            state = out.split()[0].split("+")[0]
+            restarts = _run(["scontrol", "show", "job", job_id])
+            return state, _restarts(restarts)
+    text = _run(["scontrol", "show", "job", job_id])
+    if "JobState=" in text:
+        state = text.split("JobState=")[1].split()[0]
+        return state, _restarts(text)
+    return None
+
+
+def _restarts(text: str) -> int:
+    return int(text.split("Restarts=")[1].split()[0]) if "Restarts=" in text else 0
+
+
+def _run(cmd: list[str]) -> str:
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def newest_job(folder: Path) -> str:
+    jobs = folder / ".submitit"
+    ids = [p.name for p in jobs.iterdir() if p.is_dir() and p.name.split("_")[0].isdigit()] if jobs.is_dir() else []
+    return max(ids, key=lambda i: int(i.split("_")[0])) if ids else ""
+
+
+def status_of(name: str, folder: Path, epochs: int | None, verify: bool = False) -> StageStatus:
+    status = StageStatus(name, folder)
+    if not folder.is_dir():
+        return status
+    status.job = newest_job(folder)
+    slurm = slurm_job(status.job) if status.job else None
+    _progress(status, folder, epochs, verify)
+    console = folder / "console.log"
+    text = console.read_text(errors="replace") if console.is_file() else ""
+    if slurm:
+        state, status.restarts = slurm
+        status.state = _SLURM_STATES.get(state, state.lower())
+        if status.restarts and status.state in ("running", "queued", "done"):
+            status.state += f", requeued {status.restarts} time{'s' * (status.restarts != 1)}"
+        status.notes.append(f"Slurm job {status.job}: {state}")
+    elif (folder / "checkpoint-final.pth").exists():
+        status.state = "done"
+    elif " FAILED: " in text:
+        status.state = "failed"
+    elif text:
+        status.state = "stopped (no job known to Slurm; rerun the command to resume)"
+    if status.failed:
+        lines = [ln for ln in text.splitlines() if " FAILED: " in ln]
+        if lines:
+            status.notes.append(lines[-1].strip()[:200])
+    return status
+
+
+def _progress(status: StageStatus, folder: Path, epochs: int | None, verify: bool) -> None:
+    records = read_epoch_records(folder) if (folder / "log.txt").is_file() else []
+    if records:
+        last = records[-1]
+        status.best_loss = f"{last['best_so_far']:.4g}" if isinstance(last.get("best_so_far"), float) else "-"
+        if isinstance(last.get("train_images_per_s"), float):
+            status.images_per_s = f"{last['train_images_per_s']:.1f}"
+    ckpt = _newest_checkpoint(folder, verify)
+    if ckpt:
+        path, resume = ckpt
+        age = time.time() - path.stat().st_mtime
+        status.checkpoint = f"{path.name} ({_age(age)} old, {path.stat().st_size / 1e9:.2f} GB)"
+        done = int(resume["epoch"]) + (1 if resume.get("epoch_complete") else 0)
+        status.epoch = f"{done}/{epochs}" if epochs else str(done)
+        status.step = str(resume.get("global_step", "-"))
+        status.eta = _eta(records, done, epochs)
+
+
+def _newest_checkpoint(folder: Path, verify: bool):
+    best = None
+    # Of several names of one state, show the one a resume would take first.
+    order = {"checkpoint-last.pth": 0, "checkpoint-final.pth": 1}
+    for path in sorted(folder.glob("checkpoint-*.pth"), key=lambda p: (order.get(p.name, 2), p.name)):
+        try:
+            if verify and not verify_checkpoint(path).valid:
+                continue
+            resume = load_checkpoint(path, mmap=True).get("resume") or {}  # the pickle only; tensors stay on disk
+        except Exception:  # noqa: BLE001 -- a torn or foreign file is simply not the newest good one
+            continue
+        key = (resume.get("global_step", -1), bool(resume.get("epoch_complete")))
+        if best is None or key > best[0]:
+            best = (key, path, resume)
+    return best[1:] if best else None
+
+
+def _eta(records: list[dict], done_epochs: int, epochs: int | None) -> str:
+    timed = [r for r in records if r.get("epoch_seconds")]
+    if not epochs or not timed:
+        return "-"
+    if done_epochs >= epochs:
+        return "0"
+    return _age(sum(r["epoch_seconds"] for r in timed) / len(timed) * (epochs - done_epochs))
+
+
+def _age(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}min"
+    return f"{seconds / 3600:.1f}h"
+
+
+def stage_folders(overrides: list[str]) -> list[tuple[str, Path, int]]:
+    from mapanything_ext.config import compose_training
+
+    rows = []
+    for stage in STAGES:
+        cfg = compose_training([f"stage={stage}", *overrides])
+        rows.append((stage, Path(cfg.output_dir), int(cfg.train_params.epochs)))
+    return rows
+
+
+def folder_epochs(folder: Path) -> int | None:
+    """The run's train_params.epochs, from its resolved config in the newest checkpoint."""
+    ckpt = _newest_checkpoint(folder, verify=False)
+    if not ckpt:
+        return None
+    try:
+        return int(load_checkpoint(ckpt[0], mmap=True)["args"]["train_params"]["epochs"])
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def table(rows: list[StageStatus]) -> str:
+    head = "| stage | state | epoch | step | newest checkpoint | best test loss | images/s | time left |"
+    lines = [head, "|---" * 8 + "|"]
+    for s in rows:
+        lines.append(f"| {s.name} | {s.state} | {s.epoch} | {s.step} | {s.checkpoint} | {s.best_loss} | "
+                     f"{s.images_per_s} | {s.eta} |")
+    for s in rows:
+        lines += [f"{s.name}: {note}" for note in s.notes]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--verify", action="store_true", help="verify each checkpoint fully (reads every byte)")
+    parser.add_argument("--json", action="store_true", help="print one JSON document")
+    parser.add_argument("args", nargs="*", help="training overrides (machine=<profile> ...) or run folders")
+    args = parser.parse_intermixed_args(argv)
+    folders = [Path(a) for a in args.args if "=" not in a]
+    if folders:
+        rows = [status_of(f.name, f, folder_epochs(f), args.verify) for f in folders]
+    else:
+        rows = [status_of(stage, folder, epochs, args.verify) for stage, folder, epochs in stage_folders(args.args)]
+    if args.json:
+        print(json.dumps([{**vars(r), "folder": str(r.folder)} for r in rows], indent=1))
+    else:
+        print(table(rows))
+    return 1 if any(r.failed for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
