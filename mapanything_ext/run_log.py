@@ -34,11 +34,20 @@ class _Tee:
         return getattr(self._stream, name)
 
 
-def tee_console(output_dir: Path) -> None:
-    """Copy stdout and stderr into <output_dir>/console.log (appending across resumes)."""
+def tee_console(output_dir: Path):
+    """Copy stdout and stderr into <output_dir>/console.log (appending across resumes); returns the
+    function that stops it (jobs of an in-process sweep must not write into each other's log)."""
     log_file = open(output_dir / "console.log", "a", buffering=1, encoding="utf-8")
-    sys.stdout = _Tee(sys.stdout, log_file)
-    sys.stderr = _Tee(sys.stderr, log_file)
+    stdout, stderr = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = _Tee(stdout, log_file), _Tee(stderr, log_file)
+
+    def stop() -> None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        sys.stdout, sys.stderr = stdout, stderr
+        log_file.close()
+
+    return stop
 
 
 def read_epoch_records(run_dir: Path) -> list[dict]:
@@ -58,7 +67,7 @@ def append_epoch_record(log_path: Path, record: dict) -> None:
             if line.strip() and json.loads(line).get("epoch") != record["epoch"]:
                 lines.append(line)
     lines.append(json.dumps(_finite(record)))
-    tmp = log_path.with_suffix(".txt.tmp")
+    tmp = log_path.with_name(f"{log_path.name}.{socket.gethostname()}-{os.getpid()}.tmp")  # unique per writer
     tmp.write_text("\n".join(lines) + "\n")
     os.replace(tmp, log_path)
 
@@ -104,7 +113,9 @@ def report_failure(output_dir: Path, rank: int, world_size: int, err: BaseExcept
             log.write(line)
 
 
-_SLURM_ERROR = re.compile(r"(srun: error: .*|slurmstepd: error: .*|.*(CANCELLED|TIME LIMIT|OUT_OF_MEMORY|oom-kill).*)")
+# Slurm's own lines, also where they follow a progress bar on the same line.
+_SLURM_ERROR = re.compile(r"(srun: error: .*|slurmstepd[\w.-]*: error: .*|\*\*\* .*(CANCELLED|TIME LIMIT|OUT_OF_MEMORY).*"
+                          r"|.*oom-kill.*)")
 
 
 def report_previous_job(output_dir: Path) -> None:
@@ -119,7 +130,7 @@ def report_previous_job(output_dir: Path) -> None:
         return
     lines = []
     for log in sorted(jobs[-1].glob("*_log.*")):
-        lines += [m.group(0).strip() for m in map(_SLURM_ERROR.match, log.read_text(errors="replace").splitlines()) if m]
+        lines += [m.group(0).strip() for m in map(_SLURM_ERROR.search, log.read_text(errors="replace").splitlines()) if m]
     if lines:
         print(f"[mapanything_ext] previous job {jobs[-1].name} of this run ended with:")
         for line in dict.fromkeys(lines):

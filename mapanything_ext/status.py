@@ -3,6 +3,8 @@
     python -m mapanything_ext.status machine=<profile> [more training overrides ...]
     python -m mapanything_ext.status <run folder> [<run folder> ...]
 
+A sweep's folder (one run folder per job, mapanything_ext/sweeps.py) is listed job by job.
+
 Per stage: its state, from Slurm where it is reachable (`sacct` when the cluster keeps
 accounting, `scontrol show job` otherwise, `squeue` for queued jobs) and from the run folder
 (not started / queued / running / requeued N times / done / failed); the epoch and step
@@ -186,6 +188,14 @@ def folder_epochs(folder: Path) -> int | None:
         return None
 
 
+def run_folders(folder: Path) -> list[Path]:
+    """The folder itself, or, for a sweep's base folder, each job's run folder."""
+    if (folder / "console.log").is_file() or not folder.is_dir():
+        return [folder]
+    jobs = sorted(p for p in folder.iterdir() if p.is_dir() and (p / "console.log").is_file())
+    return jobs or [folder]
+
+
 def table(rows: list[StageStatus]) -> str:
     head = "| stage | state | epoch | step | newest checkpoint | best test loss | images/s | time left |"
     lines = [head, "|---" * 8 + "|"]
@@ -205,9 +215,10 @@ def main(argv=None) -> int:
     args = parser.parse_intermixed_args(argv)
     folders = [Path(a) for a in args.args if "=" not in a]
     if folders:
-        rows = [status_of(f.name, f, folder_epochs(f), args.verify) for f in folders]
+        rows = [status_of(run.name, run, folder_epochs(run), args.verify) for f in folders for run in run_folders(f)]
     else:
-        rows = [status_of(stage, folder, epochs, args.verify) for stage, folder, epochs in stage_folders(args.args)]
+        rows = [status_of(stage if run == folder else f"{stage}/{run.name}", run, epochs, args.verify)
+                for stage, folder, epochs in stage_folders(args.args) for run in run_folders(folder)]
     if args.json:
         print(json.dumps([{**vars(r), "folder": str(r.folder)} for r in rows], indent=1))
     else:

@@ -151,7 +151,8 @@ def test_linked_names_are_one_file_and_quarantining_one_name_keeps_the_others(tm
     # the next save replaces last with a new file: best and final keep the old state
     save_on_master(positioned(3, 40, complete=False), last)
     assert torch.load(tmp_path / "checkpoint-best.pth", weights_only=True)["resume"]["global_step"] == 30
-    assert (tmp_path / "checkpoint-best.pth").stat().st_nlink == 2
+    assert (tmp_path / "checkpoint-best.pth").stat().st_ino == (tmp_path / "checkpoint-final.pth").stat().st_ino
+    assert (tmp_path / "checkpoint-best.pth").stat().st_ino != last.stat().st_ino
     quarantine(tmp_path / "checkpoint-final.pth", "test", tmp_path)
     assert verify_checkpoint(tmp_path / "checkpoint-best.pth").valid
     assert torch.load(tmp_path / "checkpoint-last.pth", weights_only=True)["resume"]["global_step"] == 40

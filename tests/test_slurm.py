@@ -16,6 +16,7 @@ import time
 import pytest
 import torch
 
+from mapanything_ext.checkpoint import verify_checkpoint
 from mapanything_ext.run_log import read_epoch_records as records
 from tests.slurm_cluster import (
     CLUSTER, REPO, client_command, final_state, job_field, job_state, kill_job_tasks, release_requeued, slurm, task_pids, wait_for_job_id,
@@ -206,6 +207,24 @@ def _cmdline(pid: int) -> str:
         return open(f"/proc/{pid}/cmdline", "rb").read().decode(errors="replace")
     except OSError:
         return ""
+
+
+def test_a_two_value_sweep_on_slurm_gives_two_complete_separate_runs(synthetic_root, tmp_path, slurm_env):
+    base = tmp_path / "sweep"
+    base.mkdir()
+    proc = submit(synthetic_root, base, slurm_env, "train_params.epochs=1", "train_params.lr=1e-3,2e-3")
+    deadline = time.time() + 300
+    while proc.poll() is None:
+        assert time.time() < deadline, "the sweep did not finish"
+        time.sleep(0.5)
+    assert proc.returncode == 0, (tmp_path / "sweep.launcher.log").read_text()[-3000:]
+    for name in ("job0_lr_0.001", "job1_lr_0.002"):
+        run = base / name
+        assert verify_checkpoint(run / "checkpoint-final.pth").valid
+        assert [r["epoch"] for r in records(run)] == [0]
+        assert "world size 2 (DDP)" in (run / "console.log").read_text()
+    status = run_status(slurm_env, base)
+    assert status.returncode == 0 and status.stdout.count("| done |") == 2, status.stdout
 
 
 def test_job_with_fewer_ranks_than_the_profile_stops_with_a_clear_message(synthetic_root, tmp_path, slurm_env):

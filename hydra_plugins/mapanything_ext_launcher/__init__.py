@@ -8,14 +8,26 @@ arrays, requeue through `checkpoint()`) is the plugin's own behaviour. The Slurm
 also runs every job step with the srun options of mapanything_ext.slurm_params (the plugin's
 config schema has no field for them).
 
+Every launcher here also gives each job of a sweep its own run folder
+(mapanything_ext/sweeps.py), so jobs never share checkpoints, logs or locks; `basic_run_folders`
+(the default of `-m`) is Hydra's in-process launcher with that one addition.
+
 Hydra accepts launchers only from the `hydra_plugins` namespace package, hence this
 location outside `mapanything_ext`.
 """
 
 from __future__ import annotations
 
+from hydra._internal.core_plugins.basic_launcher import BasicLauncher as _HydraBasicLauncher
 from hydra.core.utils import JobReturn, JobStatus
 from hydra_plugins.hydra_submitit_launcher import submitit_launcher as plugin
+
+from mapanything_ext.sweeps import run_folder_overrides
+
+
+class _RunFolders:
+    def launch(self, job_overrides, initial_job_idx):
+        return super().launch(run_folder_overrides(self.config, job_overrides, initial_job_idx), initial_job_idx)
 
 
 class _FailingJobs:
@@ -26,7 +38,7 @@ class _FailingJobs:
         return ret
 
 
-class SlurmLauncher(_FailingJobs, plugin.SlurmLauncher):
+class SlurmLauncher(_RunFolders, _FailingJobs, plugin.SlurmLauncher):
     def launch(self, job_overrides, initial_job_idx):
         from mapanything_ext.slurm_params import srun_args
 
@@ -34,5 +46,9 @@ class SlurmLauncher(_FailingJobs, plugin.SlurmLauncher):
         return super().launch(job_overrides, initial_job_idx)
 
 
-class LocalLauncher(_FailingJobs, plugin.LocalLauncher):
+class LocalLauncher(_RunFolders, _FailingJobs, plugin.LocalLauncher):
+    pass
+
+
+class BasicLauncher(_RunFolders, _HydraBasicLauncher):
     pass

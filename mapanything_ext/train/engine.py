@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from mapanything_ext import distributed as dist
 from mapanything_ext.depth_metrics import mean_depth_abs_rel
-from mapanything_ext import faults, preflight
+from mapanything_ext import faults, preflight, run_lock
 from mapanything_ext.checkpoint import link_on_master, load_checkpoint, prepare_resume, save_on_master
 from mapanything_ext.config import to_plain
 from mapanything_ext.datasets.build import build_dataset
@@ -84,16 +84,39 @@ def train(cfg: DictConfig) -> Path:
         slurm_profile=cfg.machine.get("slurm"),
     )
     output_dir = Path(cfg.output_dir)
+    lock, lock_note = _lock_run_folder(output_dir, info)
+    untee = tee_console(output_dir) if info.rank == 0 else None
     try:
-        _run(cfg, info, output_dir, started_at)
+        _run(cfg, info, output_dir, started_at, lock_note)
     except SystemExit:
         raise
     except BaseException as err:
         report_failure(output_dir, info.rank, info.world_size, err)
         _cleanup_after_failure()
         raise
+    finally:
+        if untee is not None:
+            untee()
+        if lock is not None:
+            run_lock.release(lock)
     dist.cleanup()
     return output_dir
+
+
+def _lock_run_folder(output_dir: Path, info: dist.DistInfo):
+    """Rank 0 takes the run folder's lock before anything is written there; every rank learns the
+    outcome, so a busy folder stops all of them with the same message."""
+    lock = note = error = None
+    if info.rank == 0:
+        try:
+            lock, note = run_lock.acquire(output_dir)
+        except run_lock.RunFolderBusy as err:
+            error = str(err)
+    error, note = dist.broadcast_object((error, note))
+    if error:
+        _cleanup_after_failure()
+        raise run_lock.RunFolderBusy(error)
+    return lock, note
 
 
 def _cleanup_after_failure() -> None:
@@ -104,10 +127,10 @@ def _cleanup_after_failure() -> None:
         pass
 
 
-def _run(cfg: DictConfig, info: dist.DistInfo, output_dir: Path, started_at: float) -> None:
+def _run(cfg: DictConfig, info: dist.DistInfo, output_dir: Path, started_at: float, lock_note: str | None) -> None:
     if info.rank == 0:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        tee_console(output_dir)
+        if lock_note:
+            print(f"[mapanything_ext] {lock_note}")
         restarts = restarts_so_far()
         if restarts:
             print(f"[mapanything_ext] Slurm restart {restarts} of job {os.environ.get('SLURM_JOB_ID')} "
@@ -286,7 +309,8 @@ def _end_epoch(run: Run, position: Position, record: dict) -> None:
         run.scalars.add("epoch", record, position.global_step)
         # Per-view loss terms (MapAnything's criterion has dozens) stay in log.txt only.
         print(f"[mapanything_ext] epoch {epoch}: " + ", ".join(
-            f"{k}={v:.4g}" for k, v in record.items() if isinstance(v, float) and not _PER_VIEW.search(k)))
+            f"{k}={v:.4g}" for k, v in record.items()
+            if isinstance(v, float) and not _PER_VIEW.search(k) and k != "time"))
     position.epoch_complete = True
     names = [name for name, due in (
         ("checkpoint-last.pth", (epoch + 1) % int(run.tp.save_freq) == 0 or last_epoch),

@@ -1,0 +1,135 @@
+"""One writer per run folder: `<output_dir>/.run.lock`.
+
+A job takes the lock before it writes anything in its run folder and gives it back when it
+leaves (normally, for a requeue, or with an error). The lock is a file created with
+O_CREAT | O_EXCL, which is atomic on local disks and on the shared file systems clusters use
+(NFSv3 and later, Lustre, GPFS), unlike `fcntl` locks, which NFS serves only with a lock daemon
+and which die with the process that held them without a trace of who it was. The file says who
+holds it: host, pid, Slurm job id, start time.
+
+When the file exists, its holder is judged:
+
+  same Slurm job id as ours      a requeued job: it takes its own lock back
+  another Slurm job              alive while Slurm still runs it (squeue); else dead
+  no Slurm job, this host        alive while its pid exists; else dead
+  no Slurm job, another host     cannot be checked: treated as alive
+
+A live holder stops the new job at once with a message naming it; a dead one's lock is taken
+over (the old file is kept beside it as `.run.lock.stale-<time>`) and the takeover is logged.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+LOCK_NAME = ".run.lock"
+
+
+class RunFolderBusy(RuntimeError):
+    """Another live job holds the run folder."""
+
+
+def me() -> dict:
+    return {"host": socket.gethostname(), "pid": os.getpid(), "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+            "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+
+def acquire(folder) -> tuple[Path, str | None]:
+    """Take the lock of folder; returns (lock path, a note when a dead holder's lock was taken over)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / LOCK_NAME
+    note = None
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder = _read(path)
+            verdict = judge(holder)
+            if verdict == "alive":
+                raise RunFolderBusy(
+                    f"run folder {folder} is in use by {_describe(holder)}: one job writes a run folder at a time. "
+                    f"Stop that job, or give this one another output_dir. If it is certainly dead, delete {path}."
+                ) from None
+            stale = path.with_name(f"{LOCK_NAME}.stale-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}")
+            try:
+                os.rename(path, stale)
+            except FileNotFoundError:  # another job took it over first; try again
+                continue
+            note = (f"took over the lock of {folder} from {_describe(holder)} ({verdict}); "
+                    f"its lock file is kept as {stale.name}")
+            continue
+        with os.fdopen(fd, "w") as handle:
+            json.dump(me(), handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        return path, note
+    raise RunFolderBusy(f"could not take the lock of {folder}: other jobs keep taking it ({path})")
+
+
+def release(path: Path) -> None:
+    """Give the lock back, if it is still ours."""
+    holder = _read(path)
+    if holder.get("host") == socket.gethostname() and holder.get("pid") == os.getpid():
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+
+
+def judge(holder: dict) -> str:
+    """'alive', or why the holder is no longer there ('dead: ...', 'our own job, requeued')."""
+    ours = os.environ.get("SLURM_JOB_ID")
+    job = holder.get("slurm_job_id")
+    if job and ours and job == ours:
+        return "our own job, requeued"
+    if job:
+        state = _slurm_state(job)
+        if state is None:  # Slurm unreachable from here: fall back to what this host can see
+            return _by_pid(holder)
+        return "alive" if state in ("RUNNING", "COMPLETING", "CONFIGURING", "SUSPENDED") else \
+            f"dead: Slurm job {job} is {state or 'gone'}"
+    return _by_pid(holder)
+
+
+def _by_pid(holder: dict) -> str:
+    if holder.get("host") != socket.gethostname():
+        return "alive"
+    try:
+        os.kill(int(holder.get("pid", -1)), 0)
+    except ProcessLookupError:
+        return f"dead: pid {holder.get('pid')} is gone"
+    except (PermissionError, ValueError, TypeError):
+        return "alive"
+    return "alive"
+
+
+def _slurm_state(job: str) -> str | None:
+    """The job's state as squeue shows it ('' when Slurm no longer lists it), None without Slurm."""
+    try:
+        out = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return "" if "Invalid job id" in out.stderr else None
+    return out.stdout.strip().split("\n")[0]
+
+
+def _read(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _describe(holder: dict) -> str:
+    if not holder:
+        return "a job whose lock file is empty (it may be starting right now)"
+    slurm = f", Slurm job {holder['slurm_job_id']}" if holder.get("slurm_job_id") else ""
+    return f"pid {holder.get('pid')} on {holder.get('host')}{slurm}, started {holder.get('started')}"

@@ -1,0 +1,94 @@
+"""Sweeps that do not destroy each other: a run folder per job, one writer per run folder."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from mapanything_ext import run_lock
+from mapanything_ext.checkpoint import verify_checkpoint
+from mapanything_ext.run_log import read_epoch_records as records
+from tests.training_runs import REPO, run_training, tiny_overrides, train_command
+
+pytestmark = pytest.mark.slow
+
+
+def test_a_two_value_sweep_on_submitit_local_gives_two_complete_separate_runs(synthetic_root, tmp_path):
+    base = tmp_path / "sweep"
+    proc = run_training(["-m", "hydra/launcher=submitit_local",
+                         *tiny_overrides(synthetic_root, base, "train_params.epochs=1", "train_params.lr=1e-3,2e-3")],
+                        timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = {"job0_lr_0.001": 0.001, "job1_lr_0.002": 0.002}
+    for name, lr in runs.items():
+        run = base / name
+        assert verify_checkpoint(run / "checkpoint-final.pth").valid
+        assert [r["epoch"] for r in records(run)] == [0]  # one job's epochs in each log.txt
+        console = (run / "console.log").read_text()
+        assert f"lr: {lr}" in console and str(base / [n for n in runs if n != name][0]) not in console
+        assert (run / ".hydra" / "overrides.yaml").is_file() and list((run / "tensorboard").iterdir())
+        assert not (run / run_lock.LOCK_NAME).exists()  # given back at the end
+    status = subprocess.run([sys.executable, "-m", "mapanything_ext.status", str(base)], cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
+    assert status.returncode == 0 and "| job0_lr_0.001 | done |" in status.stdout and "| job1_lr_0.002 | done |" \
+        in status.stdout, status.stdout
+
+
+def test_two_identical_commands_one_trains_the_other_is_refused(synthetic_root, tmp_path):
+    out = tmp_path / "shared"
+    command = train_command(tiny_overrides(synthetic_root, out, "train_params.epochs=3"))
+    first, second = (subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                     for _ in range(2))
+    outputs = [p.communicate(timeout=300) for p in (first, second)]
+    codes = sorted([first.returncode, second.returncode])
+    assert codes[0] == 0 and codes[1] != 0, outputs
+    refused = next(err for (_, err), p in zip(outputs, (first, second)) if p.returncode != 0)
+    assert f"run folder {out} is in use by pid" in refused and "give this one another output_dir" in refused
+    assert [r["epoch"] for r in records(out)] == [0, 1, 2]  # the first job is unharmed
+    assert verify_checkpoint(out / "checkpoint-final.pth").valid
+
+
+def test_the_lock_of_a_killed_job_is_taken_over_and_said(synthetic_root, tmp_path):
+    out = tmp_path / "orphan"
+    out.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    dead.kill()
+    dead.wait()
+    holder = {**run_lock.me(), "pid": dead.pid, "slurm_job_id": None}
+    (out / run_lock.LOCK_NAME).write_text(json.dumps(holder))
+    proc = run_training(tiny_overrides(synthetic_root, out, "train_params.epochs=1"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    console = (out / "console.log").read_text()
+    assert f"took over the lock of {out} from pid {dead.pid}" in console and f"dead: pid {dead.pid} is gone" in console
+    assert list(out.glob(".run.lock.stale-*"))
+
+
+def test_a_requeued_slurm_job_takes_its_own_lock_back_and_another_live_one_is_refused(tmp_path, monkeypatch):
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / run_lock.LOCK_NAME).write_text(json.dumps({"host": "node7", "pid": 1, "slurm_job_id": "41",
+                                                         "started": "earlier"}))
+    monkeypatch.setenv("SLURM_JOB_ID", "41")  # the same job, started again by Slurm
+    path, note = run_lock.acquire(folder)
+    assert "our own job, requeued" in note and json.loads(path.read_text())["pid"] == os.getpid()
+    run_lock.release(path)
+    assert not path.exists()
+    # a live holder on another host without Slurm cannot be checked: it is left alone
+    (folder / run_lock.LOCK_NAME).write_text(json.dumps({"host": "elsewhere", "pid": 1, "started": "now"}))
+    monkeypatch.delenv("SLURM_JOB_ID")
+    with pytest.raises(run_lock.RunFolderBusy, match="in use by pid 1 on elsewhere"):
+        run_lock.acquire(folder)
+
+
+def test_temporary_names_are_unique_per_writer(tmp_path):
+    from mapanything_ext.checkpoint.atomic import temp_path_for
+
+    target = tmp_path / "checkpoint-last.pth"
+    here = temp_path_for(target).name
+    assert here.startswith("checkpoint-last.pth.") and str(os.getpid()) in here and here.endswith(".tmp")
+    other = subprocess.run([sys.executable, "-c", "from pathlib import Path; from mapanything_ext.checkpoint.atomic "
+                            f"import temp_path_for; print(temp_path_for(Path({str(target)!r})).name)"],
+                           cwd=REPO, capture_output=True, text=True).stdout.strip()
+    assert other and other != here
