@@ -1,13 +1,16 @@
 """Submit Stage 1 -> 2 -> 3 (or a chosen subset) with one command.
 
     python -m mapanything_ext.pipeline machine=<profile> [--stages stage1,stage2,stage3]
-        [--launcher slurm|local] [--nproc-per-node N] [--export] [--dry-run] [more training overrides ...]
+        [--launcher slurm|local] [--nproc-per-node N] [--export] [--dry-run] [--wait]
+        [more training overrides ...]
 
 Flags and overrides may come in any order.
 
 slurm   every stage is one Slurm job shaped by the profile's `machine.slurm` settings; each
         later stage depends `afterok` on the one before (a failed stage cancels the rest),
-        so the command returns at once, printing the job ids and output folders.
+        so the command returns at once, printing the job ids and output folders. With --wait it
+        stays until every job has ended and returns non-zero when one did not complete (the
+        states come from sacct where the cluster keeps accounting, else from scontrol).
 local   the stages run one after another on this machine, each exactly as
         `python -m mapanything_ext.train.training stage=<stage> ...` would; a failure stops it.
         With --nproc-per-node N each stage runs under `torchrun --nproc_per_node=N` (one rank
@@ -30,6 +33,7 @@ import argparse
 import os
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -151,6 +155,28 @@ def run_local(steps, nproc_per_node: int | None = None, export: bool = False) ->
             export_stage(output_dir)
 
 
+def wait_for_jobs(job_ids: list[str], poll_s: float = 5.0) -> None:
+    """Until every job has ended; PipelineError naming those that did not complete."""
+    from mapanything_ext.status import slurm_job
+
+    ended: dict[str, str] = {}
+    while len(ended) < len(job_ids):
+        for job in job_ids:
+            if job in ended:
+                continue
+            found = slurm_job(job)
+            state = found[0] if found else "GONE"
+            if state not in ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "SUSPENDED",
+                             "REQUEUE_HOLD", "REQUEUE_FED", "RESIZING", "PREEMPTED"):
+                ended[job] = state
+                print(f"[pipeline] Slurm job {job}: {state}", flush=True)
+        if len(ended) < len(job_ids):
+            time.sleep(poll_s)
+    failed = {job: state for job, state in ended.items() if state != "COMPLETED"}
+    if failed:
+        raise PipelineError(f"Slurm job(s) did not complete: {failed}")
+
+
 def print_plan(steps, launcher: str, nproc_per_node: int | None) -> None:
     for stage, stage_overrides, cfg in steps:
         print(f"[pipeline] {stage} -> {cfg.output_dir}")
@@ -171,6 +197,8 @@ def main(argv=None) -> None:
     parser.add_argument("--export", action="store_true",
                         help="export each stage's best checkpoint as a Hugging Face folder (<output_dir>/hf_export)")
     parser.add_argument("--dry-run", action="store_true", help="print what would be submitted or run, then stop")
+    parser.add_argument("--wait", action="store_true",
+                        help="slurm launcher: wait for every stage's job; non-zero exit when one did not complete")
     parser.add_argument("overrides", nargs="*", help="training overrides, e.g. machine=<profile> model=mapanything")
     args = parser.parse_intermixed_args(argv)
     try:
@@ -180,7 +208,9 @@ def main(argv=None) -> None:
         if args.dry_run:
             print_plan(steps, args.launcher, args.nproc_per_node)
         elif args.launcher == "slurm":
-            submit_slurm(steps, args.export)
+            job_ids = submit_slurm(steps, args.export)
+            if args.wait:
+                wait_for_jobs(job_ids)
         else:
             run_local(steps, args.nproc_per_node, args.export)
     except PipelineError as err:

@@ -2,7 +2,8 @@
 
   SIGUSR2   Slurm's warning before the time limit (submitit asks for `--signal=USR2@<signal_delay_s>`).
             Our job asks submitit to requeue it (submitit counts these requeues as time-outs, at most
-            `slurm.max_num_timeout`; when that budget is spent, submitit refuses and the job ends).
+            `slurm.max_num_timeout`; when that budget is spent, submitit refuses: the job says so, goes
+            on training from its fresh checkpoint and Slurm ends it at the limit, state TIMEOUT).
   SIGTERM   Slurm preempts the job or `scontrol requeue` was run: Slurm requeues the job itself
             (no budget of ours; Slurm counts every restart in SLURM_RESTART_COUNT).
 
@@ -79,14 +80,16 @@ class PreemptionWatcher:
         return self.agreed is not None
 
     def requeue_and_exit(self, what_was_saved: str) -> None:
-        """After what the position needs is on disk: let Slurm/submitit requeue, then leave."""
+        """After what the position needs is on disk: let Slurm/submitit requeue, then leave. When
+        submitit refuses (its time-out budget is spent) every rank returns instead and training goes
+        on until Slurm ends the job at its time limit (state TIMEOUT), from a checkpoint on disk."""
         signum = self.agreed
         source = "this rank" if self.received == signum else "another rank"
         waited = f", {time.time() - self.agreed_at:.2f}s after the signal" if self.agreed_at else ""
         if dist.get_rank() == 0:
             print(f"[preemption] {signal.Signals(signum).name} (received by {source}): {what_was_saved}"
                   f"{waited}; leaving for requeue", flush=True)
-        code = EXIT_PREEMPTED
+        code, refused = EXIT_PREEMPTED, None
         submitit_handler = self._previous.get(signal.SIGUSR2)
         if signum == signal.SIGUSR2 and dist.get_rank() == 0 and _is_submitit_handler(submitit_handler):
             try:
@@ -94,10 +97,16 @@ class PreemptionWatcher:
             except SystemExit as exit_:
                 code = exit_.code
             except Exception as err:  # submitit refuses: its time-out budget is spent
-                print(f"[preemption] not requeued: {err} (machine.slurm.max_num_timeout). checkpoint-last is "
-                      f"intact: resubmit the same command to continue.", flush=True)
-                raise
-        dist.barrier()  # nobody leaves before rank 0 has handed the requeue to Slurm
+                refused = str(err)
+        # Nobody leaves before rank 0 has handed the requeue to Slurm (or learnt it is refused).
+        refused = dist.broadcast_object(refused)
+        if refused:
+            if dist.get_rank() == 0:
+                print(f"[preemption] not requeued: {refused} (machine.slurm.max_num_timeout). The job runs on until "
+                      f"Slurm ends it at its time limit (TIMEOUT); the newest checkpoint holds this position: "
+                      f"resubmit the same command to continue.", flush=True)
+            self.received = self.received_at = self.agreed = self.agreed_at = None
+            return
         dist.cleanup()
         sys.exit(code)
 

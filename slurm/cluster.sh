@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The project's own local Slurm cluster (munge + slurmctld + slurmd), for tests and demos.
 #
-#   slurm/cluster.sh start [--nodes N]   start it, wait until every node is idle, print the lines to
+#   slurm/cluster.sh start [--nodes N] [--no-accounting]
+#                                        start it, wait until every node is idle, print the lines to
 #                                        `eval` (export SLURM_CONF=..., and with N > 1 SLURM_NETNS=...)
 #   slurm/cluster.sh stop                stop exactly what it started; remove every namespace, link
 #                                        and /etc/hosts line it added
@@ -16,6 +17,12 @@
 # (`ip netns exec` remounts /sys, and slurmd then misses its cgroup mount). Slurm clients (sbatch,
 # squeue, our launchers) must run inside the controller's namespace:
 #   nsenter --net=/var/run/netns/$SLURM_NETNS <command>
+#
+# Accounting, as real clusters keep it (unless --no-accounting): a private MariaDB server
+# (mariadb-install-db into the state dir, mariadbd on a free port of the controller's loopback) and
+# slurmdbd, which reads the slurmdbd.conf (mode 600) beside $SLURM_CONF; sacct then reports job
+# states (COMPLETED, FAILED, REQUEUED, TIMEOUT, ...) and requeues. Needs Debian's mariadb-server and
+# slurmdbd.
 #
 # State lives in $MAPANYTHING_EXT_SLURM_DIR (default /tmp/mapanything-ext-slurm-<uid>), created
 # mode 700 and marked as ours; a directory we did not create, or a munge key we did not make,
@@ -54,6 +61,13 @@ client() {
 }
 
 make_state_dir() {
+  # slurmstepd makes Unix sockets named <spool>/<node>/<node>_<job>.<step> (at most 108 bytes).
+  local longest="$STATE/spool/maext-$TAG-n99/maext-$TAG-n99_9999999.4294967291"
+  if [ "${#longest}" -gt 107 ]; then
+    echo "cluster.sh: the state folder path $STATE is too long for Slurm's socket names (${#longest} > 107" \
+         "bytes); set MAPANYTHING_EXT_SLURM_DIR to a shorter path" >&2
+    exit 1
+  fi
   if [ -e "$STATE" ] && [ ! -f "$MARK" ]; then
     echo "cluster.sh: $STATE exists but was not made by this script; refusing to use it (or its munge key)." \
          "Remove it or set MAPANYTHING_EXT_SLURM_DIR to a new folder." >&2
@@ -103,7 +117,7 @@ remove_network() {
 }
 
 write_conf() {
-  local n=$1 ctld_host ctld_addr node_lines i
+  local n=$1 accounting=$2 ctld_host ctld_addr node_lines i dbd_port acct
   if [ "$n" -gt 1 ]; then
     ctld_host=$CTL_NS; ctld_addr=$NET.1
     node_lines=""
@@ -116,15 +130,93 @@ write_conf() {
     node_lines="NodeName=$ctld_host NodeAddr=127.0.0.1 CPUs=8 RealMemory=16000 State=UNKNOWN"$'\n'
     nodes=$ctld_host
   fi
+  if [ "$accounting" = 1 ]; then
+    dbd_port=$(free_port)
+    acct="AccountingStorageType=accounting_storage/slurmdbd"$'\n'"AccountingStorageHost=$ctld_host"
+    acct+=$'\n'"AccountingStoragePort=$dbd_port"$'\n'"JobAcctGatherType=jobacct_gather/linux"
+    acct+=$'\n'"JobAcctGatherFrequency=30"
+    # For slurmdbd connections, AccountingStoragePass names the munge socket (ours, not the system's).
+    acct+=$'\n'"AccountingStoragePass=$STATE/munge/munge.socket"
+    write_dbd_conf "$ctld_host" "$ctld_addr" "$dbd_port"
+  else
+    acct="AccountingStorageType=accounting_storage/none"$'\n'"JobAcctGatherType=jobacct_gather/none"
+  fi
   python3 - "$HERE/slurm.conf.template" "$CONF" <<EOF
 import sys
 text = open(sys.argv[1]).read()
 for key, value in {"@STATE@": "$STATE", "@CTLD_HOST@": "$ctld_host", "@CTLD_ADDR@": "$ctld_addr",
                    "@CTLD_PORT@": "$(free_port)", "@SLURMD_PORT@": "$(free_port)", "@NODES@": "$nodes",
-                   "@NODE_LINES@": """$node_lines""".rstrip("\n")}.items():
+                   "@NODE_LINES@": """$node_lines""".rstrip("\n"), "@ACCOUNTING@": """$acct"""}.items():
     text = text.replace(key, value)
 open(sys.argv[2], "w").write(text)
 EOF
+}
+
+DB_USER=slurm
+DB_NAME=slurm_acct_db
+
+write_dbd_conf() {
+  local host=$1 addr=$2 port=$3
+  free_port > "$STATE/mariadb.port"
+  # A password of this cluster's own: the server listens only on the controller's loopback.
+  [ -f "$STATE/mariadb.pass" ] || (umask 077; head -c 18 /dev/urandom | base64 | tr -d '/+=' > "$STATE/mariadb.pass")
+  (umask 077; cat > "$STATE/slurmdbd.conf" <<EOF
+# Written by slurm/cluster.sh: slurmdbd of the local test cluster (it reads this file beside SLURM_CONF).
+AuthType=auth/munge
+AuthInfo=socket=$STATE/munge/munge.socket
+DbdHost=$host
+DbdAddr=$addr
+DbdPort=$port
+SlurmUser=root
+PidFile=$STATE/slurmdbd.pid
+LogFile=$STATE/slurmdbd.log
+DebugLevel=info
+StorageType=accounting_storage/mysql
+StorageHost=127.0.0.1
+StoragePort=$(cat "$STATE/mariadb.port")
+StorageUser=$DB_USER
+StoragePass=$(cat "$STATE/mariadb.pass")
+StorageLoc=$DB_NAME
+EOF
+)
+  chmod 600 "$STATE/slurmdbd.conf"
+}
+
+# A daemon that checks its host name (slurmctld, slurmdbd): with N > 1 inside the controller's
+# namespace, with the controller's host name.
+as_controller() {
+  if [ "$(nodes_of)" -gt 1 ]; then
+    nsenter --net="/var/run/netns/$CTL_NS" unshare --uts sh -c "hostname $CTL_NS; exec $*"
+  else
+    sh -c "exec $*"
+  fi
+}
+
+start_accounting() {
+  need mariadbd mariadb-install-db mariadb slurmdbd sacctmgr
+  local port sock=$STATE/mariadb.sock
+  port=$(cat "$STATE/mariadb.port")
+  if [ ! -d "$STATE/mariadb" ]; then
+    mariadb-install-db --user=root --datadir="$STATE/mariadb" --auth-root-authentication-method=socket \
+      --skip-test-db > "$STATE/mariadb-install.log" 2>&1 || {
+      echo "cluster.sh: mariadb-install-db failed; see $STATE/mariadb-install.log" >&2; exit 1; }
+  fi
+  client mariadbd --user=root --datadir="$STATE/mariadb" --socket="$sock" --port="$port" \
+    --bind-address=127.0.0.1 --pid-file="$STATE/mariadbd.pid" --log-error="$STATE/mariadbd.log" \
+    --skip-name-resolve > /dev/null 2>&1 &
+  for _ in $(seq 1 120); do [ -S "$sock" ] && break; sleep 0.25; done
+  [ -S "$sock" ] || { echo "cluster.sh: MariaDB did not start; see $STATE/mariadbd.log" >&2; exit 1; }
+  mariadb --socket="$sock" -u root <<EOF
+CREATE DATABASE IF NOT EXISTS $DB_NAME;
+CREATE USER IF NOT EXISTS '$DB_USER'@'127.0.0.1' IDENTIFIED BY '$(cat "$STATE/mariadb.pass")';
+GRANT ALL ON $DB_NAME.* TO '$DB_USER'@'127.0.0.1';
+EOF
+  as_controller "env SLURM_CONF=$CONF slurmdbd"
+  for _ in $(seq 1 120); do
+    SLURM_CONF=$CONF client sacctmgr -n list cluster >/dev/null 2>&1 && break
+    sleep 0.25
+  done
+  SLURM_CONF=$CONF client sacctmgr -i add cluster maext >/dev/null 2>&1 || true
 }
 
 start_daemons() {
@@ -132,13 +224,9 @@ start_daemons() {
   munged --force --key-file="$STATE/munge/munge.key" --socket="$STATE/munge/munge.socket" \
     --pid-file="$STATE/munged.pid" --log-file="$STATE/munged.log" --seed-file="$STATE/munge/munged.seed"
   export SLURM_CONF=$CONF
+  if [ -f "$STATE/slurmdbd.conf" ]; then start_accounting; fi
   # -c: a fresh controller state every start, so no job of an earlier run is recovered.
-  if [ "$n" -gt 1 ]; then
-    # slurmctld checks that its host name is SlurmctldHost: it gets a UTS namespace of its own too.
-    nsenter --net="/var/run/netns/$CTL_NS" unshare --uts sh -c "hostname $CTL_NS; exec slurmctld -f $CONF -c -i"
-  else
-    slurmctld -f "$CONF" -c -i
-  fi
+  as_controller "slurmctld -f $CONF -c -i"
   if [ "$n" -gt 1 ]; then
     for i in $(seq 1 "$n"); do
       node=maext-$TAG-n$i
@@ -157,11 +245,12 @@ env_lines() {
 }
 
 start() {
-  local n=1
+  local n=1 accounting=1
   while [ $# -gt 0 ]; do
     case "$1" in
       --nodes) n=$2; shift 2 ;;
       --nodes=*) n=${1#--nodes=}; shift ;;
+      --no-accounting) accounting=0; shift ;;
       *) echo "cluster.sh start: unknown option $1" >&2; exit 2 ;;
     esac
   done
@@ -173,8 +262,9 @@ start() {
   [ -d "$STATE" ] && stop >/dev/null 2>&1 || true
   make_state_dir
   echo "$n" > "$STATE/nodes"
-  [ "$n" -gt 1 ] && make_network "$n"
-  write_conf "$n"
+  rm -f "$STATE/slurmdbd.conf"
+  if [ "$n" -gt 1 ]; then make_network "$n"; fi
+  write_conf "$n" "$accounting"
   start_daemons "$n"
   for _ in $(seq 1 90); do
     # One line per node and partition: count nodes, not lines.
@@ -209,7 +299,8 @@ stop() {
     done
   fi
   for pid in $(our_stepds); do kill -9 -- "-$pid" "$pid" 2>/dev/null || true; done
-  for pidfile in "$STATE"/slurmd*.pid "$STATE/slurmctld.pid" "$STATE/munged.pid"; do
+  for pidfile in "$STATE"/slurmd.*.pid "$STATE/slurmctld.pid" "$STATE/slurmdbd.pid" "$STATE/mariadbd.pid" \
+                 "$STATE/munged.pid"; do
     [ -f "$pidfile" ] || continue
     pid=$(cat "$pidfile")
     kill "$pid" 2>/dev/null || true
@@ -223,12 +314,13 @@ stop() {
 
 status() {
   echo "state: $STATE ($(nodes_of) node(s))"
-  for daemon in munged slurmctld; do
+  for daemon in munged slurmctld slurmdbd mariadbd; do
     if running "$daemon"; then echo "$daemon: running (pid $(cat "$STATE/$daemon.pid"))"; else echo "$daemon: stopped"; fi
   done
-  for pidfile in "$STATE"/slurmd*.pid; do
+  for pidfile in "$STATE"/slurmd.*.pid; do
     [ -f "$pidfile" ] && kill -0 "$(cat "$pidfile")" 2>/dev/null && echo "$(basename "$pidfile" .pid): running"
   done
+  if [ -f "$STATE/slurmdbd.conf" ]; then echo "accounting: slurmdbd + MariaDB"; else echo "accounting: none"; fi
   if running slurmctld; then SLURM_CONF=$CONF client sinfo -N; fi
 }
 
@@ -238,5 +330,5 @@ case "$cmd" in
   start) start "$@" ;;
   stop) stop ;;
   status) status ;;
-  *) echo "usage: $0 start [--nodes N]|stop|status" >&2; exit 2 ;;
+  *) echo "usage: $0 start [--nodes N] [--no-accounting]|stop|status" >&2; exit 2 ;;
 esac

@@ -24,13 +24,15 @@ NODES = 2
 
 def slurm_installed() -> bool:
     path = os.environ.get("PATH", "") + ":/usr/sbin"
-    return all(shutil.which(tool, path=path) for tool in ("slurmctld", "slurmd", "munged", "sbatch", "ip", "nsenter"))
+    return all(shutil.which(tool, path=path) for tool in ("slurmctld", "slurmd", "munged", "sbatch", "ip", "nsenter",
+                                                          "slurmdbd", "mariadbd"))
 
 
 def cluster_env(state_dir: Path):
-    """Start a 2-node cluster for this test session; yields the environment for Slurm clients."""
+    """Start a 2-node cluster with accounting for this test session; yields the environment for Slurm clients."""
     if not slurm_installed():
-        message = "Slurm/munge/iproute2 not installed (apt-get install slurmctld slurmd slurm-client munge iproute2)"
+        message = ("Slurm/munge/MariaDB/iproute2 not installed (apt-get install slurmctld slurmd slurm-client slurmdbd "
+                   "mariadb-server munge iproute2)")
         if REQUIRE:
             pytest.fail(message + " but MAPANYTHING_EXT_REQUIRE_SLURM=1")
         pytest.skip(message)
@@ -42,7 +44,7 @@ def cluster_env(state_dir: Path):
                          timeout=180, env=env)
     if out.returncode != 0:
         pytest.fail(f"slurm/cluster.sh start failed: {out.stdout}\n{out.stderr}")
-    print(f"\n[slurm] {NODES}-node cluster up in {time.monotonic() - started:.1f}s")
+    print(f"\n[slurm] {NODES}-node cluster with accounting up in {time.monotonic() - started:.1f}s")
     env["SLURM_CONF"] = re.search(r"export SLURM_CONF=(\S+)", out.stdout).group(1)
     env["SLURM_NETNS"] = re.search(r"export SLURM_NETNS=(\S+)", out.stdout).group(1)
     try:
@@ -77,10 +79,22 @@ def job_field(env: dict, job_id: str, name: str) -> str:
     return match.group(1) if match else ""
 
 
+def sacct_states(env: dict, job_id: str, timeout: float = 60) -> list[str]:
+    """Every state the job went through as accounting recorded it (one per allocation, oldest first),
+    once accounting has recorded its end (slurmdbd lags the controller by a moment)."""
+    deadline = time.time() + timeout
+    while True:
+        lines = slurm(env, "sacct", "-D", "-X", "-n", "-P", "-j", job_id, "-o", "State").splitlines()
+        states = [line.split()[0] for line in lines if line.strip()]
+        if (states and states[-1] not in ("PENDING", "RUNNING", "COMPLETING", "REQUEUED")) or time.time() > deadline:
+            return states
+        time.sleep(0.5)
+
+
 def final_state(env: dict, job_id: str, timeout: float = 60) -> str:
     """JobState once the job has ended (submitit's launcher may return while Slurm still completes it)."""
     deadline = time.time() + timeout
-    while (state := job_field(env, job_id, "JobState")) in ("RUNNING", "COMPLETING", "CONFIGURING") \
+    while (state := job_field(env, job_id, "JobState")) in ("PENDING", "RUNNING", "COMPLETING", "CONFIGURING") \
             and time.time() < deadline:
         time.sleep(0.3)
     return state

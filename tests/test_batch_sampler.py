@@ -89,3 +89,12 @@ def test_max_steps_ends_the_epoch_early_on_every_rank():
 def test_sample_over_budget_is_a_clear_error():
     with pytest.raises(ValueError, match="max_num_of_imgs_per_gpu"):
         make(budget=8)
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4, 30])
+def test_evaluation_deals_every_batch_once_whatever_the_world_size(world):
+    everything = sorted(tuple(b) for b in DynamicBatchSampler(len(COUNTS), COUNTS.__getitem__, 12, shuffle=False))
+    shares = [list(DynamicBatchSampler(len(COUNTS), COUNTS.__getitem__, 12, shuffle=False, rank=r, world_size=world,
+                                       lockstep=False)) for r in range(world)]
+    assert sorted(tuple(b) for share in shares for b in share) == everything  # nothing dropped, nothing twice
+    assert max(map(len, shares)) - min(map(len, shares)) <= 1

@@ -11,7 +11,9 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,7 +21,8 @@ import torch
 from mapanything_ext.checkpoint import verify_checkpoint
 from mapanything_ext.run_log import read_epoch_records as records
 from tests.slurm_cluster import (
-    CLUSTER, REPO, client_command, final_state, job_field, job_state, kill_job_tasks, release_requeued, slurm, task_pids, wait_for_job_id,
+    CLUSTER, REPO, client_command, final_state, job_field, job_state, kill_job_tasks, release_requeued, sacct_states,
+    slurm, task_pids, wait_for_job_id,
 )
 from tests.training_runs import stage_overrides, start_ranks, tiny_overrides, wait_all, wait_for_text
 
@@ -115,6 +118,8 @@ def test_two_nodes_preempted_by_slurm_and_by_a_one_node_time_limit_signal_match_
     assert stops[1].startswith("[preemption] SIGUSR2 (received by another rank)")
     assert "Slurm restart 2" in text and "world size 4 (DDP)" in text
     assert final_state(slurm_env, job) == "COMPLETED" and job_field(slurm_env, job, "Restarts") == "2"
+    states = sacct_states(slurm_env, job)  # accounting, as users read it: two requeues, then done
+    assert states[-1] == "COMPLETED" and len(states) == 3 and set(states[:2]) <= {"REQUEUED", "PREEMPTED"}, states
     status = run_status(slurm_env, out)
     assert status.returncode == 0 and "| two_nodes | done, requeued 2 times | 3/3 |" in status.stdout, status.stdout
     assert job_field(slurm_env, job, "NumNodes") == "2"
@@ -146,9 +151,9 @@ def test_a_rank_killed_on_the_second_node_ends_the_job_fast_and_a_one_node_resub
     status = run_status(slurm_env, out)
     assert status.returncode == 1 and "| killed | failed |" in status.stdout, status.stdout
     assert f"Slurm job {job}: FAILED" in status.stdout
-    # Without Slurm accounting submitit cannot learn that the job failed; its launcher only watches.
-    proc.terminate()
-    proc.wait(timeout=30)
+    # With accounting, submitit learns that the job failed: the submitting command ends, non-zero.
+    assert proc.wait(timeout=120) != 0
+    assert sacct_states(slurm_env, job) == ["FAILED"]
 
     again = submit(synthetic_root, out, slurm_env, "machine.slurm.nodes=1")
     job2 = wait_for_job_id(out, not_in=(job,))
@@ -166,17 +171,27 @@ def test_a_rank_killed_on_the_second_node_ends_the_job_fast_and_a_one_node_resub
 
 def test_cluster_stop_removes_every_namespace_link_and_hosts_line_it_added(tmp_path):
     """A second small cluster beside the session's: start, check both nodes, stop, nothing left."""
-    state = tmp_path / "state"
+    state = Path(tempfile.mkdtemp(prefix="maext-", dir="/tmp")) / "s"  # Slurm's socket names need a short path
     env = {**os.environ, "MAPANYTHING_EXT_SLURM_DIR": str(state)}
-    started = subprocess.run(["bash", str(CLUSTER), "start", "--nodes", "2"], env=env, capture_output=True, text=True,
-                             timeout=180)
+    started_at = time.monotonic()
+    started = subprocess.run(["bash", str(CLUSTER), "start", "--nodes", "2", "--no-accounting"], env=env,
+                             capture_output=True, text=True, timeout=180)
     try:
         assert started.returncode == 0, started.stderr
+        print(f"\n[slurm] 2-node cluster without accounting up in {time.monotonic() - started_at:.1f}s")
         netns = re.search(r"SLURM_NETNS=(\S+)", started.stdout).group(1)
         tag = netns.split("-")[1]
         assert {f"maext-{tag}-ctl", f"maext-{tag}-n1", f"maext-{tag}-n2"} <= set(_netns())
         assert f"# maext-{tag}" in open("/etc/hosts").read()
         assert oct(state.stat().st_mode & 0o777) == "0o700"
+        # Nothing assumes accounting: the status command reads scontrol when sacct has nothing.
+        client = {**env, "SLURM_CONF": str(state / "slurm.conf"), "SLURM_NETNS": netns}
+        job = re.search(r"(\d+)", slurm(client, "sbatch", "--wrap", "true", "-o", str(tmp_path / "wrap.out"))).group(1)
+        (tmp_path / "run" / ".submitit" / job).mkdir(parents=True)
+        assert final_state(client, job) == "COMPLETED", slurm(client, "scontrol", "show", "job", job)
+        status = run_status(client, tmp_path / "run")
+        assert status.returncode == 0 and "| run | done |" in status.stdout and f"Slurm job {job}: COMPLETED" \
+            in status.stdout, status.stdout
     finally:
         stopped = subprocess.run(["bash", str(CLUSTER), "stop"], env=env, capture_output=True, text=True, timeout=120)
     assert stopped.returncode == 0
@@ -184,7 +199,7 @@ def test_cluster_stop_removes_every_namespace_link_and_hosts_line_it_added(tmp_p
     assert f"# maext-{tag}" not in open("/etc/hosts").read()
     assert not [pid for pid in _pids_of("slurmd", "slurmctld", "munged") if str(state) in _cmdline(pid)]
     # a folder the script did not make is refused, and its munge key never used
-    foreign = tmp_path / "foreign"
+    foreign = state.parent / "foreign"
     (foreign / "munge").mkdir(parents=True)
     (foreign / "munge" / "munge.key").write_bytes(b"not ours")
     refused = subprocess.run(["bash", str(CLUSTER), "start"], env={**env, "MAPANYTHING_EXT_SLURM_DIR": str(foreign)},
@@ -232,7 +247,9 @@ def test_job_with_fewer_ranks_than_the_profile_stops_with_a_clear_message(synthe
     out.mkdir()
     # The command line wins over the profile for the launcher, so the job really gets 1 task.
     proc = submit(synthetic_root, out, slurm_env, "hydra.launcher.tasks_per_node=1")
-    assert finish(proc, slurm_env, wait_for_job_id(out), timeout=120) != 0
+    job = wait_for_job_id(out)
+    assert finish(proc, slurm_env, job, timeout=120) != 0
+    assert sacct_states(slurm_env, job) == ["FAILED"]
     logs = "".join(p.read_text() for p in (out / ".submitit").rglob("*_log.out"))
     assert "has 1 rank(s) (SLURM_NTASKS) but the machine profile asks for 2" in logs, logs[-2000:]
     # the job itself failed (not a COMPLETED job carrying an exception), so afterok dependants never start
@@ -273,12 +290,25 @@ def test_failed_stage_cancels_the_stages_after_it(synthetic_root, tmp_path, slur
                                             f"machine.opv2v_root={tmp_path / 'missing'}")
                  if o != f"machine.opv2v_root={synthetic_root / 'opv2v'}"]
     out = subprocess.run(client_command(slurm_env, [sys.executable, "-m", "mapanything_ext.pipeline", "--stages",
-                                                    "stage1,stage2", *overrides]),
-                         cwd=REPO, env=slurm_env, capture_output=True, text=True, timeout=120)
-    ids = re.findall(r"Slurm job (\d+)", out.stdout)
+                                                    "stage1,stage2", "--wait", *overrides]),
+                         cwd=REPO, env=slurm_env, capture_output=True, text=True, timeout=240)
+    ids = re.findall(r"Slurm job (\d+) ", out.stdout)
     assert len(ids) == 2, out.stdout + out.stderr[-2000:]
-    deadline = time.time() + 120
-    while any(job_state(slurm_env, i)[0] for i in ids):
-        assert time.time() < deadline, f"stage 2 still queued: {job_state(slurm_env, ids[1])}"
-        time.sleep(1)
+    assert out.returncode != 0 and "did not complete" in out.stderr  # --wait: the chain's outcome, not a hang
+    assert sacct_states(slurm_env, ids[0]) == ["FAILED"] and sacct_states(slurm_env, ids[1]) == ["CANCELLED"]
     assert not (experiments / "opv2v_coop_stage2_full" / "console.log").exists()
+
+
+def test_a_job_past_its_time_limit_with_no_requeue_budget_ends_timeout_saying_so(synthetic_root, tmp_path, slurm_env):
+    """Slurm's own warning signal (USR2, signal_delay_s before the limit); submitit may requeue 0 times."""
+    out = tmp_path / "limit"
+    out.mkdir()
+    proc = submit(synthetic_root, out, slurm_env, "machine.slurm.timeout_min=2", "machine.slurm.signal_delay_s=30",
+                  "machine.slurm.max_num_timeout=0", "train_params.epochs=1000")
+    job = wait_for_job_id(out)
+    assert proc.wait(timeout=300) != 0
+    assert final_state(slurm_env, job) == "TIMEOUT" and sacct_states(slurm_env, job) == ["TIMEOUT"]
+    console = (out / "console.log").read_text()
+    assert "[preemption] SIGUSR2" in console and "[preemption] not requeued:" in console
+    assert "runs on until Slurm ends it at its time limit (TIMEOUT)" in console
+    assert verify_checkpoint(out / "checkpoint-last.pth").valid

@@ -18,6 +18,9 @@ most world_size - 1 batches at the epoch's end, as every epoch does.
 `max_steps` (train_params.max_steps_per_epoch) ends an epoch after that many steps:
 for smoke runs on real data.
 
+`lockstep=False` (evaluation) deals every batch, so ranks may get one batch more or less
+(a rank may get none): an evaluation sees each sample once, whatever the world size.
+
 `state_dict()` records what `consumed` means (image budget, dataset length, seed,
 shuffle, world size). `load_state_dict()` maps a changed world size and refuses any
 other change with a message naming the value.
@@ -47,6 +50,7 @@ class DynamicBatchSampler(Sampler[list[int]]):
         world_size: int = 1,
         drop_last: bool = False,
         max_steps: int | None = None,
+        lockstep: bool = True,
     ):
         if num_samples <= 0:
             raise ValueError("the dataset is empty: no sample to batch (check the data roots and split)")
@@ -58,6 +62,7 @@ class DynamicBatchSampler(Sampler[list[int]]):
         self.world_size = world_size
         self.drop_last = drop_last
         self.max_steps = int(max_steps) if max_steps else None
+        self.lockstep = lockstep
         self.epoch = 0
         self.consumed = 0  # batches of this epoch's global list used before the next pass
         self._counts = np.array([views_of(i) for i in range(num_samples)], dtype=np.int64)
@@ -68,7 +73,7 @@ class DynamicBatchSampler(Sampler[list[int]]):
                 f"sample {first} has {self._counts[first]} views but train_params.max_num_of_imgs_per_gpu="
                 f"{self.max_imgs}: raise the image budget or lower the dataset's num_views"
             )
-        if self.epoch_batches() < world_size:
+        if lockstep and self.epoch_batches() < world_size:
             raise ValueError(
                 f"{self.epoch_batches()} batches cannot be shared by {world_size} ranks: need more samples or "
                 f"fewer ranks"
@@ -98,15 +103,16 @@ class DynamicBatchSampler(Sampler[list[int]]):
 
     def epoch_batches(self) -> int:
         """Global batches one epoch uses at this world size (the epoch's length for the LR schedule)."""
-        return len(self._global_batches()) // self.world_size * self.world_size
+        total = len(self._global_batches())
+        return total // self.world_size * self.world_size if self.lockstep else total
 
     def _remaining(self) -> list[list[int]]:
         rest = self._global_batches()[self.consumed:]
-        return rest[:len(rest) // self.world_size * self.world_size]
+        return rest[:len(rest) // self.world_size * self.world_size] if self.lockstep else rest
 
     def __len__(self) -> int:
         """Steps this rank runs in the next pass (the rest of the epoch after a resume)."""
-        return len(self._remaining()) // self.world_size
+        return len(self._remaining()[self.rank::self.world_size])
 
     def __iter__(self) -> Iterator[list[int]]:
         mine = self._remaining()[self.rank::self.world_size]

@@ -20,10 +20,11 @@ def views_counter(dataset):
 
 
 def build_loader(dataset, max_imgs: int, shuffle: bool, seed: int, rank: int, world_size: int,
-                 num_workers: int, max_steps: int | None = None) -> DataLoader:
-    """Batches by image budget; max_steps (null: all) ends each pass after that many steps."""
+                 num_workers: int, max_steps: int | None = None, lockstep: bool = True) -> DataLoader:
+    """Batches by image budget; max_steps (null: all) ends each pass after that many steps;
+    lockstep=False (evaluation) deals every batch, ranks may get one more or less."""
     sampler = DynamicBatchSampler(len(dataset), views_counter(dataset), max_imgs, shuffle=shuffle, seed=seed,
-                                  rank=rank, world_size=world_size, max_steps=max_steps)
+                                  rank=rank, world_size=world_size, max_steps=max_steps, lockstep=lockstep)
     return DataLoader(
         dataset,
         batch_sampler=sampler,

@@ -76,6 +76,9 @@ class Run:
 def train(cfg: DictConfig) -> Path:
     """Run the training job described by cfg; returns the output directory."""
     started_at = time.monotonic()
+    # First of all: a signal during start-up (distributed init, model build, data) is recorded, not lost.
+    watcher = PreemptionWatcher()
+    watcher.install()
     _check_precision(cfg.train_params)
     info = dist.init_distributed_mode(
         world_size_expected=cfg.distributed.get("world_size"),
@@ -87,7 +90,7 @@ def train(cfg: DictConfig) -> Path:
     lock, lock_note = _lock_run_folder(output_dir, info)
     untee = tee_console(output_dir) if info.rank == 0 else None
     try:
-        _run(cfg, info, output_dir, started_at, lock_note)
+        _run(cfg, info, output_dir, started_at, lock_note, watcher)
     except SystemExit:
         raise
     except BaseException as err:
@@ -127,7 +130,8 @@ def _cleanup_after_failure() -> None:
         pass
 
 
-def _run(cfg: DictConfig, info: dist.DistInfo, output_dir: Path, started_at: float, lock_note: str | None) -> None:
+def _run(cfg: DictConfig, info: dist.DistInfo, output_dir: Path, started_at: float, lock_note: str | None,
+         watcher: PreemptionWatcher) -> None:
     if info.rank == 0:
         if lock_note:
             print(f"[mapanything_ext] {lock_note}")
@@ -145,7 +149,7 @@ def _run(cfg: DictConfig, info: dist.DistInfo, output_dir: Path, started_at: flo
     # from its own checkpoint no longer needs model.pretrained (the earlier stage may be gone).
     resuming = bool(cfg.train_params.resume) and any(output_dir.glob("checkpoint-*.pth"))
     preflight.check(cfg, resuming=resuming)
-    run = _build_run(cfg, info, output_dir)
+    run = _build_run(cfg, info, output_dir, watcher)
     run.started_at = started_at
     position = _restore_or_start(run)
     run.scalars = Scalars(output_dir, info.rank == 0, resume_step=position.global_step)
@@ -169,7 +173,7 @@ def _check_precision(tp) -> None:
         )
 
 
-def _build_run(cfg: DictConfig, info: dist.DistInfo, output_dir: Path) -> Run:
+def _build_run(cfg: DictConfig, info: dist.DistInfo, output_dir: Path, watcher: PreemptionWatcher) -> Run:
     tp = cfg.train_params
     compile_mode = check_compile_settings(tp)
     rng_state.seed_everything(int(tp.seed) + info.rank)
@@ -179,7 +183,7 @@ def _build_run(cfg: DictConfig, info: dist.DistInfo, output_dir: Path) -> Run:
     train_loader = build_loader(train_ds, tp.max_num_of_imgs_per_gpu, True, int(tp.seed), info.rank,
                                 info.world_size, workers, max_steps=tp.get("max_steps_per_epoch"))
     test_loader = build_loader(test_ds, tp.max_num_of_imgs_per_gpu, False, int(tp.seed), info.rank,
-                               info.world_size, workers, max_steps=tp.get("max_eval_steps"))
+                               info.world_size, workers, max_steps=tp.get("max_eval_steps"), lockstep=False)
     module = build_model(cfg.model).to(info.device)
     model = module
     if tp.get("compile"):
@@ -197,8 +201,6 @@ def _build_run(cfg: DictConfig, info: dist.DistInfo, output_dir: Path) -> Run:
         print(f"[mapanything_ext] model {cfg.model.name}: {n_params:,} parameters; "
               f"{len(train_ds)} train / {len(test_ds)} test samples; world size {info.world_size}"
               f"{' (DDP)' if info.distributed else ''}")
-    watcher = PreemptionWatcher()
-    watcher.install()
     return Run(cfg, info, output_dir, model, module, build_optimizer(module, tp), train_criterion, test_criterion,
                train_loader, test_loader, None, watcher)
 
@@ -225,7 +227,7 @@ def _settle_ddp_buckets(run: Run) -> None:
 
 def _initial_eval(run: Run, position: Position) -> None:
     """Held-out metrics of the initial model, the baseline a run is judged against."""
-    stats = evaluate(run.model, run.test_criterion, run.test_loader, run.info.device, _amp(run),
+    stats = evaluate(run.module, run.test_criterion, run.test_loader, run.info.device, _amp(run),
                      between_batches=lambda i: _eval_stop_point(run, position, i, "initial_eval"))
     if run.info.rank == 0:
         (run.output_dir / "initial_eval.json").write_text(json.dumps(stats, indent=1) + "\n")
@@ -280,7 +282,7 @@ def _train_epochs(run: Run, position: Position) -> None:
         record = {"epoch": position.epoch, **{f"train_{k}": v for k, v in stats.items()}, **_memory_record(run)}
         if (position.epoch + 1) % int(run.tp.eval_freq) == 0 or position.epoch + 1 == epochs:
             faults.at("eval")
-            test_stats = evaluate(run.model, run.test_criterion, run.test_loader, run.info.device, _amp(run),
+            test_stats = evaluate(run.module, run.test_criterion, run.test_loader, run.info.device, _amp(run),
                                   between_batches=lambda i: _eval_stop_point(run, position, i, "eval"))
             record.update({f"test_{k}": v for k, v in test_stats.items()})
         # Wall time of this process's part of the epoch (a resumed epoch counts from the resume).
@@ -485,13 +487,19 @@ def _accumulate(position: Position, values: dict) -> None:
 
 @torch.no_grad()
 def evaluate(model, criterion, loader, device, amp_dtype, between_batches=None) -> dict:
-    """Mean test loss, its terms and depth AbsRel over this rank's share, averaged over ranks.
-    `between_batches(i)` runs before batch i on every rank (the engine's stop point)."""
+    """Mean test loss, its terms and depth AbsRel over every test batch, each seen once by one rank
+    (ranks may hold one batch more or less). `model` is the plain module (no DDP collective in its
+    forward); `between_batches(i)` runs before step i on every rank alike (the engine's stop point)."""
     model.eval()
     sums, counts = {}, {}
-    for i, views in enumerate(loader):
+    batches = iter(loader)
+    steps = int(dist.all_reduce_max(torch.tensor([len(loader)])).item())
+    for i in range(steps):
         if between_batches is not None:
             between_batches(i)
+        views = next(batches, None)
+        if views is None:  # this rank's share is done; the others still meet at between_batches
+            continue
         views = to_device(views, device)
         mark_step_begin()
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
