@@ -300,12 +300,16 @@ def test_failed_stage_cancels_the_stages_after_it(synthetic_root, tmp_path, slur
 
 
 def test_a_job_past_its_time_limit_with_no_requeue_budget_ends_timeout_saying_so(synthetic_root, tmp_path, slurm_env):
-    """Slurm's own warning signal (USR2, signal_delay_s before the limit); submitit may requeue 0 times."""
+    """Slurm's own warning signal (USR2, signal_delay_s before the limit); submitit may requeue 0 times.
+    The limit is cut to Slurm's shortest (1 minute) once the job trains, so the test waits ~1 minute;
+    submitit treats any warning of a job of <= 10 minutes as a time-out."""
     out = tmp_path / "limit"
     out.mkdir()
-    proc = submit(synthetic_root, out, slurm_env, "machine.slurm.timeout_min=2", "machine.slurm.signal_delay_s=30",
+    proc = submit(synthetic_root, out, slurm_env, "machine.slurm.timeout_min=10", "machine.slurm.signal_delay_s=30",
                   "machine.slurm.max_num_timeout=0", "train_params.epochs=1000")
     job = wait_for_job_id(out)
+    wait_for_text(out / "console.log", "first training step done", timeout=180)
+    slurm(slurm_env, "scontrol", "update", f"jobid={job}", "TimeLimit=1")
     assert proc.wait(timeout=300) != 0
     assert final_state(slurm_env, job) == "TIMEOUT" and sacct_states(slurm_env, job) == ["TIMEOUT"]
     console = (out / "console.log").read_text()
