@@ -58,6 +58,7 @@ from mapanything_ext.train.compiling import compile_in_place  # noqa: E402
 from mapanything_ext.datasets.build import build_dataset  # noqa: E402
 from mapanything_ext.train.data import to_device  # noqa: E402
 from mapanything_ext.train.optim import build_optimizer, param_groups  # noqa: E402
+from mapanything_ext.train.run import Run  # noqa: E402
 
 # What each engine variant compiles: the model parts (train_params.compile), whether the loss
 # parts too (loss.compile), and how (train_params.compile_mode).
@@ -127,7 +128,7 @@ def engine_stepper(cfg, model, criterion, device, variant: str, loss_parts: tupl
         compile_loss_parts([criterion], loss_parts or LOSS_FUNCTIONS + LOSS_MODULES)
     info = DistInfo(0, 1, 0, device, False, 7200.0)
     optimizer = build_optimizer(model, cfg.train_params)
-    run = engine.Run(cfg, info, Path("/tmp"), model, model, optimizer, criterion, criterion, None, None, None, None)
+    run = Run(cfg, info, Path("/tmp"), model, model, optimizer, criterion, criterion, None, None, None, None)
 
     def step(batch):
         engine.train_step(run, to_device(batch, device), torch.bfloat16)

@@ -131,11 +131,17 @@ def init_distributed_mode(world_size_expected=None, timeout_s=None, backend=None
               f"({'TORCH_DIST_TIMEOUT' if os.environ.get('TORCH_DIST_TIMEOUT') else 'profile/default'})")
     launched = env is not None
     if launched and not tdist.is_initialized():
-        store = _rendezvous(rank, world_size, timeout)
+        global _STORE
+        store = _STORE = _rendezvous(rank, world_size, timeout)
         tdist.init_process_group(backend=backend or ("nccl" if use_cuda else "gloo"), store=store, rank=rank,
                                  world_size=world_size, timeout=datetime.timedelta(seconds=timeout),
                                  device_id=device if use_cuda else None)
     return DistInfo(rank, world_size, local_rank, device, launched, timeout)
+
+
+# The rendezvous store (served by rank 0's process unless torchrun's agent serves it), kept so that
+# cleanup() can let the other ranks let go of it before rank 0 leaves.
+_STORE = None
 
 
 class RanksMissing(RuntimeError):
@@ -232,7 +238,32 @@ def broadcast_object(obj, src: int = 0):
     return holder[0]
 
 
-def cleanup() -> None:
-    """Destroy the process group (every normal exit and every exit for requeue calls this)."""
-    if is_distributed():
+def cleanup(graceful: bool = True, wait_s: float = 30.0) -> None:
+    """Destroy the process group (every normal exit and every exit for requeue calls this).
+
+    Rank 0's process serves the store the others are connected to; if it left first, a client
+    whose connection breaks under it can abort its process at exit ("terminate called without an
+    active exception"). So every rank meets at a barrier, destroys its group, the others then say
+    on the store that they are done with it and drop it, and rank 0 waits for them (at most wait_s).
+    graceful=False (after an error, when other ranks may be gone): only destroy the group."""
+    global _STORE
+    if not is_distributed():
+        return
+    if not graceful:
         tdist.destroy_process_group()
+        _STORE = None
+        return
+    rank, world = get_rank(), get_world_size()
+    tdist.barrier()
+    tdist.destroy_process_group()
+    store, _STORE = _STORE, None
+    if store is None or world == 1:
+        return
+    try:
+        if rank != 0:
+            store.set(f"mapanything_ext/left/{rank}", "1")
+        else:
+            store.wait([f"mapanything_ext/left/{r}" for r in range(1, world)], datetime.timedelta(seconds=wait_s))
+    except Exception:  # noqa: BLE001 -- a rank already gone: nothing left to wait for
+        pass
+    del store

@@ -1,6 +1,5 @@
 """Compact model: output contract, metric outputs consistent, gradient checkpointing exact."""
 
-import pytest
 import torch
 
 from mapanything_ext.models.compact import CompactMapAnything

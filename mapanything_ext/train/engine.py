@@ -16,7 +16,6 @@ import math
 import os
 import re
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -25,21 +24,20 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from mapanything_ext import distributed as dist
-from mapanything_ext.depth_metrics import mean_depth_abs_rel
 from mapanything_ext import faults, preflight, run_lock
-from mapanything_ext.checkpoint import link_on_master, load_checkpoint, prepare_resume, save_on_master
-from mapanything_ext.config import to_plain
+from mapanything_ext.checkpoint import load_checkpoint, prepare_resume
 from mapanything_ext.datasets.build import build_dataset
 from mapanything_ext.models.registry import build_criteria, build_model
 from mapanything_ext.preemption import PreemptionWatcher, restarts_so_far
+from mapanything_ext.run_log import Scalars, append_epoch_record, report_failure, report_previous_job, tee_console
 from mapanything_ext.train import rng_state
 from mapanything_ext.train.compiling import check_compile_settings, compile_in_place, mark_step_begin
 from mapanything_ext.train.data import build_loader, to_device
+from mapanything_ext.train.evaluation_loop import evaluate
 from mapanything_ext.train.optim import build_optimizer
 from mapanything_ext.train.position import Position, restore_rng
-from mapanything_ext.run_log import (
-    Scalars, append_epoch_record, report_failure, report_previous_job, tee_console,
-)
+from mapanything_ext.train.run import Run, amp_dtype
+from mapanything_ext.train.saving import ensure_final, eval_stop_point, save, stop_here
 from mapanything_ext.train.schedule import lr_at, set_lr, warmup_warning
 
 _PER_VIEW = re.compile(r"_view\d+$")
@@ -47,30 +45,6 @@ _PER_VIEW = re.compile(r"_view\d+$")
 
 class LossInstability(RuntimeError):
     """The train loss became non-finite or exceeded the configured threshold."""
-
-
-@dataclass
-class Run:
-    cfg: DictConfig
-    info: dist.DistInfo
-    output_dir: Path
-    model: torch.nn.Module
-    module: torch.nn.Module  # the model without its DDP wrapper
-    optimizer: torch.optim.Optimizer
-    train_criterion: object
-    test_criterion: object
-    train_loader: object
-    test_loader: object
-    scalars: Scalars | None  # opened once the resume step is known
-    watcher: PreemptionWatcher
-    started_at: float = field(default_factory=time.monotonic)  # train() sets it to its own start
-    first_step_reported: bool = False
-    saved_step: int = 0  # global step of the newest state on disk (a fresh start: 0, nothing to save)
-    bar: object = None  # the epoch's progress bar, closed before a stop prints
-
-    @property
-    def tp(self):
-        return self.cfg.train_params
 
 
 def train(cfg: DictConfig) -> Path:
@@ -125,7 +99,7 @@ def _lock_run_folder(output_dir: Path, info: dist.DistInfo):
 def _cleanup_after_failure() -> None:
     """Release the process group on the way out; a broken one may refuse, which changes nothing."""
     try:
-        dist.cleanup()
+        dist.cleanup(graceful=False)
     except Exception:  # noqa: BLE001 -- the original error is what the user must see
         pass
 
@@ -156,7 +130,7 @@ def _run(cfg: DictConfig, info: dist.DistInfo, output_dir: Path, started_at: flo
     try:
         _settle_ddp_buckets(run)
         faults.at("startup")
-        _stop_here(run, position, "startup")
+        stop_here(run, position, "startup")
         if cfg.train_params.get("eval_before_training") and position.global_step == 0:
             _initial_eval(run, position)
         _train_epochs(run, position)
@@ -220,15 +194,15 @@ def _settle_ddp_buckets(run: Run) -> None:
 
     saved = rng_state.capture()
     views = to_device(default_collate([run.train_loader.dataset[0]]), run.info.device)
-    _step(run, views, _amp(run), accum=1, sync=True)
+    _step(run, views, amp_dtype(run), accum=1, sync=True)
     run.optimizer.zero_grad(set_to_none=True)
     rng_state.restore(saved)
 
 
 def _initial_eval(run: Run, position: Position) -> None:
     """Held-out metrics of the initial model, the baseline a run is judged against."""
-    stats = evaluate(run.module, run.test_criterion, run.test_loader, run.info.device, _amp(run),
-                     between_batches=lambda i: _eval_stop_point(run, position, i, "initial_eval"))
+    stats = evaluate(run.module, run.test_criterion, run.test_loader, run.info.device, amp_dtype(run),
+                     between_batches=lambda i: eval_stop_point(run, position, i, "initial_eval"))
     if run.info.rank == 0:
         (run.output_dir / "initial_eval.json").write_text(json.dumps(stats, indent=1) + "\n")
         print("[mapanything_ext] before training: " + ", ".join(f"test_{k}={v:.4g}" for k, v in stats.items()))
@@ -282,16 +256,16 @@ def _train_epochs(run: Run, position: Position) -> None:
         record = {"epoch": position.epoch, **{f"train_{k}": v for k, v in stats.items()}, **_memory_record(run)}
         if (position.epoch + 1) % int(run.tp.eval_freq) == 0 or position.epoch + 1 == epochs:
             faults.at("eval")
-            test_stats = evaluate(run.module, run.test_criterion, run.test_loader, run.info.device, _amp(run),
-                                  between_batches=lambda i: _eval_stop_point(run, position, i, "eval"))
+            test_stats = evaluate(run.module, run.test_criterion, run.test_loader, run.info.device, amp_dtype(run),
+                                  between_batches=lambda i: eval_stop_point(run, position, i, "eval"))
             record.update({f"test_{k}": v for k, v in test_stats.items()})
         # Wall time of this process's part of the epoch (a resumed epoch counts from the resume).
         record.update({"time": time.time(), "epoch_seconds": time.time() - epoch_started,
                        "global_step": position.global_step})
         _end_epoch(run, position, record)
-        _stop_here(run, position, "end of epoch")
+        stop_here(run, position, "end of epoch")
         position.next_epoch()
-    _ensure_final(run, epochs)
+    ensure_final(run, epochs)
     if run.info.rank == 0:
         print(f"[mapanything_ext] training done: {run.output_dir / 'checkpoint-final.pth'}")
 
@@ -321,22 +295,7 @@ def _end_epoch(run: Run, position: Position, record: dict) -> None:
         ("checkpoint-final.pth", last_epoch),
     ) if due]
     if names:
-        _save(run, names, position)
-
-
-def _ensure_final(run: Run, epochs: int) -> None:
-    """A run resumed after its last epoch's saves but before its final link gets it now."""
-    final, last = run.output_dir / "checkpoint-final.pth", run.output_dir / "checkpoint-last.pth"
-    if run.info.rank == 0 and not final.exists() and last.exists():
-        link_on_master(last, final)
-    dist.barrier()
-
-
-def _amp(run: Run):
-    """Autocast dtype, or None: bf16 on GPU when train_params.amp, full precision on CPU."""
-    if not run.tp.amp or run.info.device.type != "cuda":
-        return None
-    return torch.bfloat16
+        save(run, names, position)
 
 
 def _memory_record(run: Run) -> dict:
@@ -350,26 +309,6 @@ def _memory_record(run: Run) -> dict:
     return record
 
 
-def _stop_here(run: Run, position: Position, where: str) -> None:
-    """A stop point: when any rank got a signal, save what is new, then leave for requeue."""
-    if not run.watcher.stop_requested():
-        return
-    if run.bar is not None:
-        run.bar.close()
-    if position.global_step != run.saved_step:
-        _save(run, ["checkpoint-last.pth"], position)
-        saved = f"checkpoint-last.pth written ({where}, epoch {position.epoch}, {position.consumed} batches done)"
-    else:
-        saved = f"nothing new to save ({where}; the newest checkpoint holds this position)"
-    run.watcher.requeue_and_exit(saved)
-
-
-def _eval_stop_point(run: Run, position: Position, batch_index: int, phase: str) -> None:
-    if batch_index == 0:
-        faults.at(phase)
-    _stop_here(run, position, f"during {'the initial ' if phase == 'initial_eval' else ''}evaluation")
-
-
 def _train_one_epoch(run: Run, position: Position) -> dict:
     model, tp, info = run.model, run.tp, run.info
     model.train()
@@ -379,7 +318,7 @@ def _train_one_epoch(run: Run, position: Position) -> dict:
     epoch_batches, world = sampler.epoch_batches(), info.world_size
     steps_left = len(sampler)
     accum = int(tp.accum_iter)
-    amp_dtype = _amp(run)
+    autocast = amp_dtype(run)
     done = position.consumed // world
     bar = run.bar = tqdm(total=done + steps_left, initial=done, desc=f"epoch {position.epoch}",
                          disable=info.rank != 0, mininterval=2.0, dynamic_ncols=True)
@@ -387,7 +326,7 @@ def _train_one_epoch(run: Run, position: Position) -> dict:
     faults.at("loader_start")
     for i, views in enumerate(run.train_loader):
         if i == 0:
-            _stop_here(run, position, "data-loader start-up")
+            stop_here(run, position, "data-loader start-up")
         it = position.consumed // world  # this rank's step index within the epoch
         if i == 1 or i + 1 == steps_left:
             faults.at("last_step" if i + 1 == steps_left else "train_step")
@@ -395,7 +334,7 @@ def _train_one_epoch(run: Run, position: Position) -> dict:
                                     tp.warmup_epochs, tp.epochs))
         views = to_device(views, info.device)
         boundary = (it + 1) % accum == 0 or i + 1 == steps_left
-        loss_value, details = train_step(run, views, amp_dtype, accum, boundary)
+        loss_value, details = train_step(run, views, autocast, accum, boundary)
         position.global_step += 1
         position.consumed += world
         _accumulate(position, {"loss": loss_value, "lr": run.optimizer.param_groups[0]["lr"], **details})
@@ -413,7 +352,7 @@ def _train_one_epoch(run: Run, position: Position) -> dict:
                             position.global_step)
         # Preemption is honoured only where no gradient is pending, so the saved state is exact.
         if boundary:
-            _stop_here(run, position, "after the epoch's last step" if i + 1 == steps_left else "training step")
+            stop_here(run, position, "after the epoch's last step" if i + 1 == steps_left else "training step")
     bar.close()
     run.bar = None
     stats = {k: v / max(position.count, 1) for k, v in position.sums.items()}
@@ -423,12 +362,12 @@ def _train_one_epoch(run: Run, position: Position) -> dict:
     return stats
 
 
-def train_step(run: Run, views, amp_dtype, accum: int = 1, boundary: bool = True) -> tuple[float, dict]:
+def train_step(run: Run, views, autocast_dtype, accum: int = 1, boundary: bool = True) -> tuple[float, dict]:
     """One micro-batch: forward, loss, backward; at an accumulation boundary also clip and step.
     The loss is read back (a host synchronisation) only once the optimizer step is queued, so the
     GPU finishes the backward while the host prepares that step. A non-finite loss still stops the
     run before anything is saved: the state it stepped into is never written."""
-    loss, details = _step(run, views, amp_dtype, accum, sync=boundary)
+    loss, details = _step(run, views, autocast_dtype, accum, sync=boundary)
     if boundary:
         with _phase("optimizer"):
             if run.tp.get("gradient_clip"):
@@ -444,12 +383,12 @@ def _phase(name: str):
     return torch.profiler.record_function(f"mapanything_ext.{name}")
 
 
-def _step(run: Run, views, amp_dtype, accum: int, sync: bool) -> tuple[torch.Tensor, dict]:
+def _step(run: Run, views, autocast_dtype, accum: int, sync: bool) -> tuple[torch.Tensor, dict]:
     """Forward, loss, backward of one micro-batch; returns the (detached) loss and its details."""
     no_sync = run.model.no_sync if (isinstance(run.model, DistributedDataParallel) and not sync) else None
     mark_step_begin()
     with (no_sync() if no_sync else _null()):
-        with _phase("forward"), torch.autocast(run.info.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        with _phase("forward"), torch.autocast(run.info.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             preds = run.model(views)
         with _phase("loss"), torch.autocast(run.info.device.type, enabled=False):
             loss, details = run.train_criterion(views, preds)
@@ -485,65 +424,3 @@ def _accumulate(position: Position, values: dict) -> None:
     position.count += 1
 
 
-@torch.no_grad()
-def evaluate(model, criterion, loader, device, amp_dtype, between_batches=None) -> dict:
-    """Mean test loss, its terms and depth AbsRel over every test batch, each seen once by one rank
-    (ranks may hold one batch more or less). `model` is the plain module (no DDP collective in its
-    forward); `between_batches(i)` runs before step i on every rank alike (the engine's stop point)."""
-    model.eval()
-    sums, counts = {}, {}
-    batches = iter(loader)
-    steps = int(dist.all_reduce_max(torch.tensor([len(loader)])).item())
-    for i in range(steps):
-        if between_batches is not None:
-            between_batches(i)
-        views = next(batches, None)
-        if views is None:  # this rank's share is done; the others still meet at between_batches
-            continue
-        views = to_device(views, device)
-        mark_step_begin()
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            preds = model(views)
-        with torch.autocast(device.type, enabled=False):
-            loss, details = criterion(views, preds)
-        values = {"loss": float(loss), **details, "depth_abs_rel": mean_depth_abs_rel(views, preds)}
-        for key, value in values.items():
-            if math.isfinite(float(value)):  # a batch without any valid depth has no AbsRel
-                sums[key] = sums.get(key, 0.0) + float(value)
-                counts[key] = counts.get(key, 0) + 1
-    model.train()
-    # Every rank reduces the same keys in the same order, even one whose batches had none of a key.
-    keys = sorted(set().union(*dist.all_gather_object(sorted(sums))))
-    totals = dist.all_reduce_sum(torch.tensor([sums.get(k, 0.0) for k in keys] + [counts.get(k, 0) for k in keys],
-                                              dtype=torch.float64))
-    return {k: float(totals[i] / totals[len(keys) + i]) if totals[len(keys) + i] > 0 else math.nan
-            for i, k in enumerate(keys)}
-
-
-def _save(run: Run, names: list[str], position: Position) -> None:
-    """Write the state at `position` once under names[0] and link the other names to it."""
-    faults.at("save")
-    rng = dist.all_gather_object(rng_state.capture())
-    sampler_state = run.train_loader.batch_sampler.state_dict(consumed=position.consumed)
-    sampler_state["epoch"] = position.epoch
-    ckpt = {
-        "model": run.module.state_dict(),
-        "optimizer": run.optimizer.state_dict(),
-        "scaler": None,  # bf16 autocast needs no loss scaling (fp16 is refused at start)
-        "epoch": position.epoch,
-        "best_so_far": float(position.best_so_far),
-        "args": to_plain(run.cfg),
-        "resume": position.to_state(sampler_state, rng),
-    }
-    started = time.perf_counter()
-    first = run.output_dir / names[0]
-    save_on_master(ckpt, first)
-    for name in names[1:]:
-        link_on_master(first, run.output_dir / name)
-    dist.barrier()
-    run.saved_step = position.global_step
-    if run.info.rank == 0:
-        size = first.stat().st_size / 1e9
-        links = f" (linked as {', '.join(names[1:])})" if len(names) > 1 else ""
-        print(f"[mapanything_ext] saved {names[0]}{links} (epoch {position.epoch}, {position.consumed} batches done, "
-              f"{size:.2f} GB) in {time.perf_counter() - started:.2f}s")
