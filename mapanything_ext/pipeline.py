@@ -157,19 +157,17 @@ def run_local(steps, nproc_per_node: int | None = None, export: bool = False) ->
 
 def wait_for_jobs(job_ids: list[str], poll_s: float = 5.0) -> None:
     """Until every job has ended; PipelineError naming those that did not complete."""
-    from mapanything_ext.status import slurm_job
+    from mapanything_ext.slurm_jobs import job_state
 
     ended: dict[str, str] = {}
     while len(ended) < len(job_ids):
         for job in job_ids:
             if job in ended:
                 continue
-            found = slurm_job(job)
-            state = found[0] if found else "GONE"
-            if state not in ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "SUSPENDED",
-                             "REQUEUE_HOLD", "REQUEUE_FED", "RESIZING", "PREEMPTED"):
-                ended[job] = state
-                print(f"[pipeline] Slurm job {job}: {state}", flush=True)
+            found = job_state(job)
+            if found is not None and not found.active:
+                ended[job] = found.state or "GONE (forgotten by Slurm)"
+                print(f"[pipeline] Slurm job {job}: {ended[job]}", flush=True)
         if len(ended) < len(job_ids):
             time.sleep(poll_s)
     failed = {job: state for job, state in ended.items() if state != "COMPLETED"}

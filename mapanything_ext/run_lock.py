@@ -10,7 +10,7 @@ holds it: host, pid, Slurm job id, start time.
 When the file exists, its holder is judged:
 
   same Slurm job id as ours      a requeued job: it takes its own lock back
-  another Slurm job              alive while Slurm still runs it (squeue); else dead
+  another Slurm job              alive until Slurm says it ended (slurm_jobs.py); else dead
   no Slurm job, this host        alive while its pid exists; else dead
   no Slurm job, another host     cannot be checked: treated as alive
 
@@ -23,10 +23,11 @@ from __future__ import annotations
 import json
 import os
 import socket
-import subprocess
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+
+from mapanything_ext.slurm_jobs import job_state
 
 LOCK_NAME = ".run.lock"
 
@@ -90,11 +91,10 @@ def judge(holder: dict) -> str:
     if job and ours and job == ours:
         return "our own job, requeued"
     if job:
-        state = _slurm_state(job)
-        if state is None:  # Slurm unreachable from here: fall back to what this host can see
+        found = job_state(job)
+        if found is None:  # Slurm unreachable from here: fall back to what this host can see
             return _by_pid(holder)
-        return "alive" if state in ("RUNNING", "COMPLETING", "CONFIGURING", "SUSPENDED") else \
-            f"dead: Slurm job {job} is {state or 'gone'}"
+        return "alive" if found.active else f"dead: Slurm job {job} is {found.state or 'gone'}"
     return _by_pid(holder)
 
 
@@ -108,17 +108,6 @@ def _by_pid(holder: dict) -> str:
     except (PermissionError, ValueError, TypeError):
         return "alive"
     return "alive"
-
-
-def _slurm_state(job: str) -> str | None:
-    """The job's state as squeue shows it ('' when Slurm no longer lists it), None without Slurm."""
-    try:
-        out = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    if out.returncode != 0:
-        return "" if "Invalid job id" in out.stderr else None
-    return out.stdout.strip().split("\n")[0]
 
 
 def _read(path: Path) -> dict:

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -26,7 +24,9 @@ from pathlib import Path
 
 from mapanything_ext.checkpoint import verify_checkpoint
 from mapanything_ext.checkpoint.load import load_checkpoint
+from mapanything_ext.checkpoint.quarantine import resume_order
 from mapanything_ext.run_log import read_epoch_records
+from mapanything_ext.slurm_jobs import job_state
 
 STAGES = ("stage1", "stage2", "stage3")
 _SLURM_STATES = {"PENDING": "queued", "CONFIGURING": "running", "RUNNING": "running", "COMPLETING": "running",
@@ -55,32 +55,6 @@ class StageStatus:
         return self.state.startswith("failed")
 
 
-def slurm_job(job_id: str) -> tuple[str, int] | None:
-    """(Slurm state, restart count) of a job, or None when Slurm does not know it (any more)."""
-    if shutil.which("sacct"):
-        out = _run(["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "State"])
-        if out:
-            state = out.split()[0].split("+")[0]
-            restarts = _run(["scontrol", "show", "job", job_id])
-            return state, _restarts(restarts)
-    text = _run(["scontrol", "show", "job", job_id])
-    if "JobState=" in text:
-        state = text.split("JobState=")[1].split()[0]
-        return state, _restarts(text)
-    return None
-
-
-def _restarts(text: str) -> int:
-    return int(text.split("Restarts=")[1].split()[0]) if "Restarts=" in text else 0
-
-
-def _run(cmd: list[str]) -> str:
-    try:
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=30).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return ""
-
-
 def newest_job(folder: Path) -> str:
     jobs = folder / ".submitit"
     ids = [p.name for p in jobs.iterdir() if p.is_dir() and p.name.split("_")[0].isdigit()] if jobs.is_dir() else []
@@ -92,12 +66,13 @@ def status_of(name: str, folder: Path, epochs: int | None, verify: bool = False)
     if not folder.is_dir():
         return status
     status.job = newest_job(folder)
-    slurm = slurm_job(status.job) if status.job else None
+    slurm = job_state(status.job) if status.job else None
+    slurm = slurm if slurm and slurm.state else None  # unknown to Slurm (any more): judge by the folder
     _progress(status, folder, epochs, verify)
     console = folder / "console.log"
     text = console.read_text(errors="replace") if console.is_file() else ""
     if slurm:
-        state, status.restarts = slurm
+        state, status.restarts = slurm.state, slurm.restarts
         status.state = _SLURM_STATES.get(state, state.lower())
         if status.restarts and status.state in ("running", "queued", "done"):
             status.state += f", requeued {status.restarts} time{'s' * (status.restarts != 1)}"
@@ -134,18 +109,17 @@ def _progress(status: StageStatus, folder: Path, epochs: int | None, verify: boo
 
 
 def _newest_checkpoint(folder: Path, verify: bool):
+    """(path, resume state) of the checkpoint a resume would take, by the same order a resume uses."""
     best = None
-    # Of several names of one state, show the one a resume would take first.
-    order = {"checkpoint-last.pth": 0, "checkpoint-final.pth": 1}
-    for path in sorted(folder.glob("checkpoint-*.pth"), key=lambda p: (order.get(p.name, 2), p.name)):
+    for path in folder.glob("checkpoint-*.pth"):
         try:
             if verify and not verify_checkpoint(path).valid:
                 continue
             resume = load_checkpoint(path, mmap=True).get("resume") or {}  # the pickle only; tensors stay on disk
         except Exception:  # noqa: BLE001 -- a torn or foreign file is simply not the newest good one
             continue
-        key = (resume.get("global_step", -1), bool(resume.get("epoch_complete")))
-        if best is None or key > best[0]:
+        key = resume_order(path.name, (resume.get("global_step", -1), bool(resume.get("epoch_complete"))))
+        if key and (best is None or key > best[0]):
             best = (key, path, resume)
     return best[1:] if best else None
 

@@ -76,9 +76,16 @@ def _kind(name: str) -> str:
     return "numbered" if match.group(1).isdigit() else match.group(1)
 
 
+def resume_order(name: str, position_key: tuple) -> tuple | None:
+    """Sort key of a checkpoint name by the position it holds (largest = where a resume starts); among
+    names of one position, last before final before numbered before best. None: not a resume point."""
+    if not _kind(name) or position_key[0] is None or position_key[0] < 0:
+        return None
+    return position_key, -_PREFERENCE.index(_kind(name)), name
+
+
 def choose_resume_point(output_dir: Path, valid: dict[str, CheckResult]) -> Path | None:
-    candidates = [(result.position_key(), -_PREFERENCE.index(_kind(name)), name)
-                  for name, result in valid.items() if _kind(name) and result.global_step is not None]
+    candidates = [key for name, result in valid.items() if (key := resume_order(name, result.position_key()))]
     if not candidates:
         return None
     (step, complete), _, name = max(candidates)

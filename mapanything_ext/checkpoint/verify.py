@@ -104,10 +104,10 @@ def _range_problem(ckpt: dict) -> str | None:
         return f"epoch out of range: {epoch} > train_params.epochs={max_epochs}"
     resume = ckpt.get("resume")
     if isinstance(resume, dict):
-        if not isinstance(resume.get("iteration", 0), int) or resume.get("iteration", 0) < 0:
-            return f"step out of range: iteration {resume.get('iteration')!r}"
-        if not isinstance(resume.get("global_step", 0), int) or resume.get("global_step", 0) < 0:
-            return f"step out of range: global_step {resume.get('global_step')!r}"
+        # consumed: global batches of the epoch done; iteration: the same per rank, in older files
+        for key in ("consumed", "iteration", "global_step"):
+            if not isinstance(resume.get(key, 0), int) or resume.get(key, 0) < 0:
+                return f"step out of range: {key} {resume.get(key)!r}"
     return None
 
 

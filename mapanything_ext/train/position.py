@@ -28,9 +28,7 @@ class Position:
     def to_state(self, sampler_state: dict, rng: list) -> dict:
         return {"epoch": self.epoch, "consumed": self.consumed, "epoch_complete": self.epoch_complete,
                 "global_step": self.global_step, "sampler": sampler_state, "rng": rng,
-                "sums": dict(self.sums), "count": self.count,
-                # Older readers: steps per rank at the world size of the writer.
-                "iteration": self.consumed // max(int(sampler_state.get("world_size", 1)), 1)}
+                "sums": dict(self.sums), "count": self.count}
 
     @classmethod
     def from_state(cls, state: dict, best_so_far: float) -> "Position":
