@@ -21,6 +21,14 @@ generator; 24 views repeat its 12), batch 1, bf16 autocast, random init (full v1
   engine_graphs_heads_loss  engine_compile_heads_loss with train_params.compile_mode=reduce-overhead
                   (each compiled part replayed as one CUDA graph)
   engine_graphs_post_loss   engine_compile_post_loss with compile_mode=reduce-overhead
+  batched         our engine's step with our view-batched criterion (loss.impl=batched,
+                  models/batched_loss.py) instead of MapAnything's; nothing compiled
+  batched_compile_post      ... the model parts of engine_compile_post_loss compiled, criterion eager
+  batched_compile_post_loss ... and the batched criterion compiled too (loss.compile=true)
+
+Before the batched variants run, each view count's batch goes through both criteria once
+(models/loss_selfcheck.compare, float32 on the GPU, the model's own predictions) and the table
+notes the worst relative difference (loss, details, gradients).
 
 Variants run in the order given on the same model object and compiling is cumulative, so list
 them from least to most compiled (the reference first). --profile writes, per (variant, views),
@@ -52,6 +60,7 @@ sys.path.insert(0, str(REPO))
 
 from mapanything_ext.config import compose_training  # noqa: E402
 from mapanything_ext.distributed import DistInfo  # noqa: E402
+from mapanything_ext.models.batched_loss import BatchedCriterion  # noqa: E402
 from mapanything_ext.models.registry import build_criteria, build_model  # noqa: E402
 from mapanything_ext.train import engine  # noqa: E402
 from mapanything_ext.train.compiling import compile_in_place  # noqa: E402
@@ -68,7 +77,9 @@ COMPILE = {"engine": (None, False, "default"), "engine_compile": (["encoder", "i
            "engine_compile_heads": (HEADS, False, "default"), "engine_compile_heads_loss": (HEADS, True, "default"),
            "engine_compile_post_loss": (POST, True, "default"), "engine_compile_all": (True, False, "default"),
            "engine_graphs_heads_loss": (HEADS, True, "reduce-overhead"),
-           "engine_graphs_post_loss": (POST, True, "reduce-overhead")}
+           "engine_graphs_post_loss": (POST, True, "reduce-overhead"),
+           "batched": (None, False, "default"), "batched_compile_post": (POST, False, "default"),
+           "batched_compile_post_loss": (POST, True, "default")}
 TINY = ["model.encoder.size=small", "model.encoder.keep_first_n_layers=2", "model.info_sharing.module_args.depth=3",
         "model.info_sharing.module_args.dim=192", "model.info_sharing.module_args.num_heads=3",
         "model.info_sharing.module_args.indices=[0,1]", "model.pred_head.feature_head.feature_dim=32"]
@@ -122,7 +133,9 @@ def engine_stepper(cfg, model, criterion, device, variant: str, loss_parts: tupl
     compile_what, compile_loss, mode = COMPILE[variant]
     if compile_what:
         compile_in_place(model, compile_what, mode)
-    if compile_loss:
+    if variant.startswith("batched"):
+        criterion = BatchedCriterion(criterion.batched.spec, compile=compile_loss)  # as the adapter builds it
+    elif compile_loss:
         from mapanything_ext.models.mapanything_adapter import LOSS_FUNCTIONS, LOSS_MODULES, compile_loss_parts
 
         compile_loss_parts([criterion], loss_parts or LOSS_FUNCTIONS + LOSS_MODULES)
@@ -134,6 +147,21 @@ def engine_stepper(cfg, model, criterion, device, variant: str, loss_parts: tupl
         engine.train_step(run, to_device(batch, device), torch.bfloat16)
 
     return step, optimizer
+
+
+def worst_differences(model, criterion, views) -> str:
+    """Loss, details and per-tensor gradients of the two criteria on the model's predictions."""
+    from mapanything_ext.models.loss_selfcheck import evaluate
+
+    with torch.autocast(views[0]["img"].device.type, dtype=torch.bfloat16):
+        preds = [{k: v.detach() if torch.is_tensor(v) else v for k, v in p.items()} for p in model(views)]
+    ref_loss, ref_details, ref_grads = evaluate(criterion.reference, views, preds)
+    loss, details, grads = evaluate(criterion.batched, views, preds)
+    rel = lambda a, b: abs(a - b) / max(abs(b), 1e-6)  # noqa: E731
+    detail = max(rel(details.get(k, float("nan")), v) for k, v in ref_details.items())
+    grad = max(float((grads[k] - g).norm() / g.norm().clamp_min(1e-30)) for k, g in ref_grads.items())
+    same_keys = "same keys" if details.keys() == ref_details.keys() else "KEYS DIFFER"
+    return f"loss {rel(loss, ref_loss):.1e}, details {detail:.1e} ({same_keys}), gradients {grad:.1e}"
 
 
 def synchronize(device) -> None:
@@ -261,10 +289,14 @@ def run_group(args, device, resolution, checkpointing: bool, view_counts: list[i
     print(f"# model built in {time.perf_counter() - started:.0f}s: "
           f"{sum(p.numel() for p in model.parameters()):,} parameters", flush=True)
     batches = {n: pinned(sample_views(cfg, n)) for n in view_counts}
+    if any(v.startswith("batched") for v in args.variants.split(",")):
+        for n in view_counts:
+            print(f"# {n} views: batched vs reference criterion, float32 on {device.type}, worst relative "
+                  f"difference: {worst_differences(model, criterion, to_device(batches[n], device))}", flush=True)
     reference = {}
     for variant in args.variants.split(","):
         if variant == "reference":
-            step, optimizer = reference_stepper(model, criterion, device)
+            step, optimizer = reference_stepper(model, criterion.reference, device)
         else:
             step, optimizer = engine_stepper(cfg, model, criterion, device, variant,
                                              tuple(args.loss_parts.split(",")) if args.loss_parts else None)

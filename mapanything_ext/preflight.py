@@ -7,7 +7,9 @@ warnings about what will run but not as expected (a warm-up as long as the run).
 for `model=mapanything`: MapAnything and uniception import; the DINOv2 hub code is in the torch
 hub cache; `encoder.torch_hub_pretrained` is off when a full checkpoint is given, and its weights
 are cached when it is on; torch hub is not asked to reload; and, for every model, that
-`model.pretrained` exists. Each problem says exactly what to copy where or what to set.
+`model.pretrained` exists. Each problem says exactly what to copy where or what to set. The command
+(not the job, which does it with the model's predictions) also runs `loss.impl`'s self-check on the
+first training sample: the batched criterion against MapAnything's (models/loss_selfcheck.py).
 """
 
 from __future__ import annotations
@@ -106,9 +108,39 @@ def warnings_of(cfg: DictConfig) -> list[str]:
     return [w for w in (warmup_warning(cfg.train_params),) if w]
 
 
+def loss_check(cfg: DictConfig) -> tuple[list[str], list[str]]:
+    """(lines, problems) of loss.impl's self-check on the first training sample, with the ground
+    truth disturbed standing in for the model's predictions (the job repeats it with the model's)."""
+    if cfg.loss.get("name") != "overall_loss" or str(cfg.loss.get("impl") or "auto") == "reference":
+        return [], []
+    if importlib.util.find_spec("mapanything") is None:
+        return [], []  # _mapanything_problems says so
+    from torch.utils.data import default_collate
+
+    from mapanything_ext.datasets.build import build_dataset
+    from mapanything_ext.models.loss_selfcheck import LossMismatch, predictions_for_check
+    from mapanything_ext.models.registry import build_criteria
+
+    try:
+        views = default_collate([build_dataset(cfg.dataset.train_dataset)[0]])
+    except Exception as err:  # noqa: BLE001 -- a data problem is reported, the check skipped
+        return [f"loss: not checked, the first training sample cannot be read: {err}"], []
+    lines, problems = [], []
+    try:
+        for criterion in build_criteria(cfg.loss):
+            lines.append("loss: " + criterion.self_check(views, predictions_for_check(views)))
+    except (LossMismatch, ValueError) as err:  # loss.impl=batched that cannot or does not agree
+        problems.append(str(err))
+    return lines, problems
+
+
 def main(argv=None) -> int:
     cfg = compose_training(list(sys.argv[1:] if argv is None else argv))
     found = problems_of(cfg)
+    lines, loss_problems = loss_check(cfg)
+    for line in lines:
+        print(f"[preflight] {line}")
+    found += loss_problems
     for warning in warnings_of(cfg):
         print(f"[preflight] WARNING: {warning}")
     for problem in found:

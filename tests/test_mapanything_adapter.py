@@ -221,6 +221,9 @@ def test_real_mapanything_trains_one_step_on_synthetic_views(synthetic_root, tmp
     assert ckpt["args"]["model"]["name"] == "mapanything"
     record = json.loads((out / "log.txt").read_text().splitlines()[0])
     assert torch.isfinite(torch.tensor(record["train_loss"])) and "test_NonAmbiguousMaskLoss_mask_avg" in record
+    console = (out / "console.log").read_text()  # loss.impl=auto: batched after agreeing on the first sample
+    assert "train criterion: batched (all views at once), loss.impl=auto; agreed with the reference" in console
+    assert "test criterion: batched (all views at once), loss.impl=auto; agreed with the reference" in console
 
 
 @pytest.mark.slow
@@ -237,7 +240,8 @@ def test_compiled_loss_parts_compute_what_the_eager_criterion_computes(synthetic
     for name in mapanything_adapter.LOSS_FUNCTIONS:  # compiling patches them process-wide; undo at the end
         monkeypatch.setattr(losses, name, getattr(losses, name))
     overrides = [o for o in tiny_overrides(synthetic_root, tmp_path / "out") if not o.startswith(("model", "loss"))]
-    cfg = compose_training([*overrides, *TINY_MAPANYTHING, "dataset=opv2v_coop_ft"])
+    # loss.compile compiles MapAnything's parts only where its criterion runs: loss.impl=reference.
+    cfg = compose_training([*overrides, *TINY_MAPANYTHING, "dataset=opv2v_coop_ft", "loss.impl=reference"])
     torch.manual_seed(0)
     model = build_model(cfg.model)
     views = default_collate([build_dataset(cfg.dataset.train_dataset)[0]])

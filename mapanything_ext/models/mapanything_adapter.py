@@ -72,9 +72,26 @@ def build_mapanything_criteria(loss_cfg: DictConfig):
     train_string = loss_cfg.train_criterion
     test_string = loss_cfg.get("test_criterion") or train_string
     criteria = _criterion(train_string, namespace), _criterion(test_string, namespace)
-    if loss_cfg.get("compile"):
+    impl = str(loss_cfg.get("impl") or "auto")
+    if loss_cfg.get("compile") and impl == "reference":
+        # Only here: with auto/batched the reference runs once, in float64, for the self-check.
         compile_loss_parts(criteria)
-    return criteria
+    return tuple(_chosen(role, impl, criterion, bool(loss_cfg.get("compile")))
+                 for role, criterion in zip(("train", "test"), criteria))
+
+
+def _chosen(role: str, impl: str, reference, compile_batched: bool):
+    """The reference criterion and, where it can compute the same, the batched one (loss.impl picks)."""
+    from mapanything_ext.models.batched_loss import BatchedCriterion
+    from mapanything_ext.models.loss_selfcheck import ChosenCriterion
+
+    if impl == "reference":
+        return ChosenCriterion(role, impl, reference, None, "not asked for")
+    try:
+        batched = BatchedCriterion(batched_spec_of(reference), compile=compile_batched)
+    except BatchedUnsupported as err:
+        return ChosenCriterion(role, impl, reference, None, f"not implemented for {err}")
+    return ChosenCriterion(role, impl, reference, batched)
 
 
 # MapAnything's criterion issues about 2,700 small operations per 4-view step, one kernel launch
@@ -111,3 +128,78 @@ def compile_loss_parts(criteria, names=LOSS_FUNCTIONS + LOSS_MODULES) -> None:
 
 def _criterion(expression: str, namespace: dict):
     return build_loss(expression, namespace)
+
+
+# ---- the view-batched criterion (models/batched_loss.py): what it implements, read off MapAnything's ----
+
+
+class BatchedUnsupported(ValueError):
+    """The criterion uses a class or option the batched criterion does not implement."""
+
+
+_AGGREGATORS = ("ConfAndExcludeTopNPercentPixelLoss", "ExcludeTopNPercentPixelLoss")
+_FACTORED = ("FactoredGeometryScaleRegr3DPlusNormalGMLoss", "FactoredGeometryScaleRegr3D")
+# Options of the factored loss the batched criterion implements only at these values.
+_FIXED = {"norm_mode": "avg_dis", "ambiguous_loss_value": 0, "flatten_across_image_only": True,
+          "compute_absolute_pose_loss": True, "compute_pairwise_relative_pose_loss": False,
+          "convert_predictions_to_view0_frame": False}
+
+
+def batched_spec_of(criterion):
+    """The LossSpec of the batched criterion that computes what `criterion` (built from MapAnything's
+    loss strings) computes; BatchedUnsupported names the part it does not implement."""
+    from mapanything_ext.models.batched_loss import LossSpec
+
+    aggregator, mask = criterion, criterion._loss2
+    if type(aggregator).__name__ not in _AGGREGATORS:
+        raise BatchedUnsupported(f"{type(aggregator).__name__} as the first term (implemented: {', '.join(_AGGREGATORS)})")
+    conf = type(aggregator).__name__ == _AGGREGATORS[0]
+    spec = dict(
+        factored=_factored_spec(aggregator.pixel_loss), weight=float(aggregator._alpha),
+        conf_sets=tuple(aggregator.conf_loss_set_indices) if conf else (),
+        exclude_sets=tuple(aggregator.exclude_loss_set_indices if conf else aggregator.loss_set_indices),
+        conf_alpha=float(aggregator.conf_alpha) if conf else 0.0, top_n_percent=aggregator.top_n_percent,
+        exclude_real_only=bool(aggregator.apply_to_real_data_only), mask_weight=_mask_weight(mask))
+    result = LossSpec(**spec)
+    try:
+        result.check()
+    except ValueError as err:
+        raise BatchedUnsupported(str(err)) from None
+    return result
+
+
+def _mask_weight(mask) -> float | None:
+    if mask is None:
+        return None
+    if type(mask).__name__ != "NonAmbiguousMaskLoss" or type(mask.criterion).__name__ != "BCELoss":
+        raise BatchedUnsupported(f"{mask!r} as the second term (implemented: NonAmbiguousMaskLoss(BCELoss()))")
+    if mask._loss2 is not None:
+        raise BatchedUnsupported(f"more than two terms ({mask._loss2!r})")
+    return float(mask._alpha)
+
+
+def _factored_spec(pixel):
+    from mapanything_ext.models.batched_loss import FactoredSpec
+
+    name = type(pixel).__name__
+    if name not in _FACTORED or pixel._loss2 is not None or pixel._alpha != 1:
+        raise BatchedUnsupported(f"pixel loss {pixel!r} (implemented: {' or '.join(_FACTORED)}, unweighted)")
+    robust = pixel.criterion
+    if type(robust).__name__ != "RobustRegressionLoss":
+        raise BatchedUnsupported(f"regression {robust!r} (implemented: RobustRegressionLoss)")
+    for option, value in _FIXED.items():
+        if getattr(pixel, option) != value:
+            raise BatchedUnsupported(f"{name}({option}={getattr(pixel, option)!r}) (implemented: {value!r})")
+    plus = name == _FACTORED[0]
+    weights = {"pts3d": pixel.world_frame_points_loss_weight, "cam_pts3d": pixel.cam_frame_points_loss_weight,
+               "depth": pixel.depth_loss_weight, "ray_directions": pixel.ray_directions_loss_weight,
+               "pose_quats": pixel.pose_quats_loss_weight, "pose_trans": pixel.pose_trans_loss_weight,
+               "scale": pixel.scale_loss_weight, "normal": pixel.normal_loss_weight if plus else 0.0,
+               "gradient_matching": pixel.gm_loss_weight if plus else 0.0}
+    return FactoredSpec(
+        name=name, robust_alpha=float(robust.alpha), robust_c=float(robust.scaling_c),
+        loss_in_log=bool(pixel.loss_in_log), depth_type=pixel.depth_type_for_loss,
+        norm_predictions=bool(pixel.norm_predictions), world_points=bool(pixel.compute_world_frame_points_loss),
+        normal_and_gm=plus,
+        normal_and_gm_synthetic_only=bool(getattr(pixel, "apply_normal_and_gm_loss_to_synthetic_data_only", False)),
+        weights={key: float(value) for key, value in weights.items()})

@@ -1,0 +1,457 @@
+"""MapAnything's factored-geometry training criterion, computed for all views of a batch at once.
+
+MapAnything's own criterion (`loss=overall_loss`, built from its loss strings) loops over views in
+Python, selects pixels with boolean indexing and reads values back to the host for its bookkeeping:
+hundreds of small kernels and host synchronisations per step that keep the GPU waiting. This
+module computes the same objective from its mathematics with the views stacked into one leading
+dimension (V, B, H, W, ...), masks applied as weights (`torch.where`), so the forward and backward
+hold no host synchronisation; the details are read back once, when the engine first reads them.
+
+What it computes (per view v, sample b, pixel p; `rho` is the robust regression
+`|a-2|/a * (((x/c)^2 / |a-2| + 1)^(a/2) - 1)` summed over the vector's components):
+- ground truth in view 0's camera frame; predictions divided by their metric scaling factor;
+  both divided by their own joint `avg_dis` factor (mean distance of the valid points of all views);
+- per-pixel terms: world points, camera points, depth (log-compressed `x/|x| * log1p|x|` when
+  `loss_in_log`) and ray directions; per-view pose terms: quaternion (sign-invariant) and
+  translation (samples with a valid pixel); one scale term on the factors of metric samples;
+- optional normal loss (angles of the four triangle normals of each pixel quad) and 4-scale
+  gradient matching of log depth-z, on synthetic samples only when so configured;
+- the aggregation MapAnything's wrappers apply: confidence weighting `loss*conf - alpha*log(conf)`
+  on chosen sets, the bottom (100 - top_n)% of each real sample's valid pixels on others (all
+  valid pixels of synthetic samples), masked means elsewhere; plus the weighted BCE of the
+  non-ambiguous-mask logits.
+
+`mapanything_adapter.batched_spec_of` reads a `LossSpec` off a criterion built from MapAnything's loss
+strings and refuses what this module does not implement; `models/loss_selfcheck.py` proves on real
+batches that both agree. The `details` names and values are MapAnything's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# The loss sets of MapAnything's factored criterion, in its order (world points only when computed).
+DENSE_SETS = ("pts3d", "cam_pts3d", "depth", "ray_directions", "pose_quats", "pose_trans")
+MASKED_SETS = ("pts3d", "cam_pts3d", "depth")
+
+
+@dataclass(frozen=True)
+class FactoredSpec:
+    """The per-pixel factored loss (MapAnything's FactoredGeometryScaleRegr3D[PlusNormalGMLoss])."""
+
+    name: str = "FactoredGeometryScaleRegr3DPlusNormalGMLoss"  # prefix of its details
+    robust_alpha: float = 0.5
+    robust_c: float = 0.05
+    loss_in_log: bool = True
+    depth_type: str = "depth_along_ray"  # or "depth_z"
+    norm_predictions: bool = True
+    world_points: bool = True
+    normal_and_gm: bool = True
+    normal_and_gm_synthetic_only: bool = True
+    weights: dict = field(default_factory=lambda: {
+        "pts3d": 1.0, "cam_pts3d": 1.0, "depth": 1.0, "ray_directions": 1.0, "pose_quats": 1.0,
+        "pose_trans": 1.0, "scale": 1.0, "normal": 3.0, "gradient_matching": 3.0})
+
+    def sets(self) -> tuple[str, ...]:
+        return DENSE_SETS if self.world_points else DENSE_SETS[1:]
+
+    def detail_name(self, term: str) -> str:
+        return self.depth_type if term == "depth" else term
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """The whole criterion: aggregation of the factored loss's sets, plus the mask loss."""
+
+    factored: FactoredSpec = field(default_factory=FactoredSpec)
+    conf_sets: tuple[int, ...] = (0,)
+    exclude_sets: tuple[int, ...] = (1, 2)
+    conf_alpha: float = 0.2
+    top_n_percent: float = 5
+    exclude_real_only: bool = True
+    weight: float = 1.0
+    mask_weight: float | None = 0.3  # NonAmbiguousMaskLoss(BCELoss()); None: no mask term
+
+    def check(self) -> None:
+        sets = self.factored.sets()
+        for index in (*self.conf_sets, *self.exclude_sets):
+            if not 0 <= index < len(sets) or sets[index] not in MASKED_SETS:
+                raise ValueError(f"loss set {index} ({sets[index] if 0 <= index < len(sets) else 'none'}) cannot be "
+                                 f"confidence-weighted or cut to its bottom percent here: only {MASKED_SETS}")
+
+
+class BatchedCriterion(nn.Module):
+    """criterion(views, preds) -> (loss, details): MapAnything's factored criterion, all views at once.
+
+    `compile=True` runs it through torch.compile: one static graph per view count and image size
+    (Stage 3 has at most 7 view counts, under Dynamo's recompile limit of 8), Inductor's split
+    reductions off (with them, Inductor's scheduler failed an assertion compiling it for 12 views of
+    518x392 on an H200, torch 2.11), and the backward compiled with the forward, so that a compile
+    failure shows in the forward call, where it is caught: that shape then runs eagerly, said once
+    on stdout (console.log)."""
+
+    def __init__(self, spec: LossSpec, compile: bool = False):
+        super().__init__()
+        spec.check()
+        self.spec = spec
+        self._compiled = torch.compile(self.compute, dynamic=False, options={"split_reductions": False}) if compile else None
+        self._eager_shapes: set[tuple] = set()
+
+    def forward(self, views: list[dict], preds: list[dict]):
+        shape = (len(views), tuple(views[0]["valid_mask"].shape))
+        if self._compiled is None or shape in self._eager_shapes:
+            return self.compute(views, preds)
+        try:
+            with _backward_compiled_with_forward():
+                return self._compiled(views, preds)
+        except torch._dynamo.exc.BackendCompilerFailed as err:
+            self._eager_shapes.add(shape)
+            first_line = str(err).strip().splitlines()[0][:300]
+            print(f"[mapanything_ext] WARNING: compiling the batched criterion for {shape[0]} views of "
+                  f"{tuple(shape[1])} failed ({type(err).__name__}: {first_line}); that shape runs eagerly", flush=True)
+            return self.compute(views, preds)
+
+    def compute(self, views: list[dict], preds: list[dict]):
+        """The criterion, eagerly."""
+        spec, fs = self.spec, self.spec.factored
+        terms = factored_terms(fs, views, preds)
+        details = DeviceDetails()
+        total = terms["cam_pts3d"].new_zeros(())
+        sets = fs.sets()
+        chosen = set(spec.conf_sets) | set(spec.exclude_sets)
+        for index in spec.conf_sets:
+            total = total + _conf_part(spec, sets[index], terms, preds, details)
+        for index in spec.exclude_sets:
+            total = total + _exclude_part(spec, sets[index], terms, views, details)
+        for index, name in enumerate(sets):
+            if index not in chosen:
+                total = total + _plain_part(name, terms)
+        total = total + terms["scale_sum"] / terms["scale_count"].clamp_min(1)
+        if fs.normal_and_gm:
+            total = total + terms["normal"].sum() + terms["gradient_matching"].sum()
+        _factored_details(fs, terms, details)
+        total = total * spec.weight
+        if spec.mask_weight is not None:
+            total = total + spec.mask_weight * _mask_part(views, preds, details)
+        return total, details
+
+
+def _backward_compiled_with_forward():
+    """AOTAutograd compiles a backward graph lazily, at the first backward call, where a failure
+    could no longer be caught by the forward; this compiles it at the forward call."""
+    import torch._functorch.config as functorch_config
+
+    if hasattr(functorch_config, "force_non_lazy_backward_lowering"):
+        return functorch_config.patch(force_non_lazy_backward_lowering=True)
+    return contextlib.nullcontext()
+
+
+# ---- the factored loss's terms ------------------------------------------------------------------
+
+
+def factored_terms(fs: FactoredSpec, views: list[dict], preds: list[dict]) -> dict[str, torch.Tensor]:
+    """Every per-pixel (V, B, P), per-view-sample (V, B) and per-view (V,) term, with its validity."""
+    gt, pr, valid = _normalized_geometry(fs, views, preds)
+    v, b = valid.shape[:2]
+    flat = valid.reshape(v, b, -1)
+    rho = _robust(fs)
+    w = fs.weights
+    log = _log_norm if fs.loss_in_log else (lambda x: x)
+    terms = {"valid": flat, "valid_trans": flat.any(-1)}
+    for name, key in (("pts3d", "pts3d"), ("cam_pts3d", "pts3d_cam"), ("depth", "depth")):
+        if name != "pts3d" or fs.world_points:
+            terms[name] = rho(log(pr[key]), log(gt[key])).reshape(v, b, -1) * w[name]
+    terms["ray_directions"] = rho(pr["rays"], gt["rays"]).reshape(v, b, -1) * w["ray_directions"]
+    terms["pose_quats"] = torch.minimum(rho(pr["quats"], gt["quats"]), rho(pr["quats"], -gt["quats"])) * w["pose_quats"]
+    terms["pose_trans"] = rho(pr["trans"], gt["trans"]) * w["pose_trans"]
+    _scale_term(fs, gt, pr, views, valid, terms)
+    if fs.normal_and_gm:
+        surface = valid & views_field(views, "is_synthetic")[:, :, None, None] if fs.normal_and_gm_synthetic_only else valid
+        terms["normal"] = normal_loss(pr["pts3d_cam"], gt["pts3d_cam"], surface) * w["normal"]
+        terms["gradient_matching"] = gradient_matching_loss(
+            _log_norm(pr["pts3d_cam"][..., 2:]), _log_norm(gt["pts3d_cam"][..., 2:]), surface) * w["gradient_matching"]
+    return terms
+
+
+def views_field(items: list[dict], key: str) -> torch.Tensor:
+    return torch.stack([item[key] for item in items])
+
+
+def _normalized_geometry(fs: FactoredSpec, views, preds):
+    """Ground truth and predictions as MapAnything's loss compares them: in view 0's camera frame,
+    predictions without their metric scale, each set divided by its own avg_dis factor."""
+    valid = views_field(views, "valid_mask")  # (V, B, H, W)
+    pose0 = views[0]["camera_pose"]
+    rot0, trans0 = pose0[:, :3, :3], pose0[:, :3, 3]
+    world = views_field(views, "pts3d")
+    gt = {"pts3d": torch.einsum("bji,vbhwj->vbhwi", rot0, world) - torch.einsum("bji,bj->bi", rot0, trans0)[None, :, None, None],
+          "pts3d_cam": views_field(views, "pts3d_cam"), "rays": views_field(views, "ray_directions_cam")}
+    gt["depth"] = views_field(views, "depth_along_ray") if fs.depth_type == "depth_along_ray" else gt["pts3d_cam"][..., 2:]
+    gt["quats"], gt["trans"] = _poses_in_view0(views)
+    pr = {"pts3d": views_field(preds, "pts3d"), "pts3d_cam": views_field(preds, "pts3d_cam"),
+          "rays": views_field(preds, "ray_directions"), "quats": views_field(preds, "cam_quats"),
+          "trans": views_field(preds, "cam_trans")}
+    pr["depth"] = views_field(preds, "depth_along_ray") if fs.depth_type == "depth_along_ray" else pr["pts3d_cam"][..., 2:]
+    if "metric_scaling_factor" in preds[0]:
+        scale = views_field(preds, "metric_scaling_factor")  # (V, B, 1)
+        dense = scale[..., None, None]
+        for key in ("pts3d", "pts3d_cam", "depth"):
+            pr[key] = pr[key] / dense
+        pr["trans"] = pr["trans"] / scale
+        pr["metric_pts3d"] = pr["pts3d"].detach() * dense  # the scale loss reaches the factor only
+    else:
+        pr["metric_pts3d"] = pr["pts3d"]
+    gt["factor"] = avg_dis_factor(gt["pts3d"], valid)
+    pr["factor"] = avg_dis_factor(pr["pts3d"], valid) if fs.norm_predictions else None
+    for side in (gt, pr):
+        if side["factor"] is not None:
+            dense = side["factor"][None, :, None, None, None]
+            for key in ("pts3d", "pts3d_cam", "depth"):
+                side[key] = side[key] / dense
+            side["trans"] = side["trans"] / side["factor"][None, :, None]
+    return gt, pr, valid
+
+
+def avg_dis_factor(pts: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """(B,): mean distance to the origin of the valid points of all views (MapAnything's avg_dis)."""
+    distance = torch.where(valid[..., None], pts, 0).norm(dim=-1)
+    count = valid.sum(dim=(0, 2, 3))
+    # Summed as MapAnything sums it, one row of all views per sample: the same order of float
+    # additions, so the factor every term is divided by is bitwise MapAnything's.
+    per_sample = distance.transpose(0, 1).reshape(distance.shape[1], -1).sum(dim=1)
+    return (per_sample / (count + 1e-8)).clamp_min(1e-8)
+
+
+def _poses_in_view0(views) -> tuple[torch.Tensor, torch.Tensor]:
+    """(V, B, 4), (V, B, 3): every camera's pose in view 0's frame; view 0 itself exactly identity."""
+    quats, trans = views_field(views, "camera_pose_quats"), views_field(views, "camera_pose_trans")
+    inverse0 = quats[0] * quats.new_tensor([-1.0, -1.0, -1.0, 1.0]) / (quats[0] * quats[0]).sum(-1, keepdim=True)
+    rot_inv0 = _quaternion_matrix(inverse0)
+    rel_quats = _quaternion_product(inverse0.expand_as(quats), quats)
+    rel_trans = torch.einsum("bij,vbj->vbi", rot_inv0, trans) - torch.einsum("bij,bj->bi", rot_inv0, trans[0])
+    first = torch.arange(len(views), device=quats.device)[:, None, None] == 0
+    identity = quats.new_tensor([0.0, 0.0, 0.0, 1.0])
+    return torch.where(first, identity, rel_quats), torch.where(first, 0.0, rel_trans)
+
+
+def _quaternion_matrix(q: torch.Tensor) -> torch.Tensor:
+    from mapanything_ext.rotations import quaternion_to_matrix
+
+    return quaternion_to_matrix(q / q.norm(dim=-1, keepdim=True))
+
+
+def _quaternion_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Hamilton product of x-y-z-w quaternions."""
+    ax, ay, az, aw = a.unbind(-1)
+    bx, by, bz, bw = b.unbind(-1)
+    return torch.stack([aw * bx + ax * bw + ay * bz - az * by, aw * by - ax * bz + ay * bw + az * bx,
+                        aw * bz + ax * by - ay * bx + az * bw, aw * bw - ax * bx - ay * by - az * bz], -1)
+
+
+def _log_norm(x: torch.Tensor) -> torch.Tensor:
+    """x / |x| * log1p(|x|): the vector's length compressed, its direction kept."""
+    length = x.norm(dim=-1, keepdim=True)
+    return x / length.clamp_min(1e-8) * torch.log1p(length)
+
+
+def _robust(fs: FactoredSpec):
+    alpha, c = fs.robust_alpha, fs.robust_c
+    shape = abs(alpha - 2)
+
+    def rho(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        squared = (((a - b) / c) ** 2).sum(-1)
+        return shape / alpha * (torch.pow(squared / shape + 1, alpha / 2) - 1)
+
+    return rho
+
+
+def _scale_term(fs: FactoredSpec, gt, pr, views, valid, terms) -> None:
+    """Robust loss between predicted and true metric factors, on metric samples whose ground truth
+    has a valid point; `scale_count` 0 means MapAnything has no scale term this batch."""
+    usable = views[0]["is_metric_scale"] & (gt["factor"] > 1e-8)
+    log = _log_norm if fs.loss_in_log else (lambda x: x)
+    predicted = avg_dis_factor(pr["metric_pts3d"], valid)
+    per_sample = _robust(fs)(log(predicted[:, None]), log(gt["factor"][:, None])) * fs.weights["scale"]
+    terms["scale_sum"] = torch.where(usable, per_sample, 0).sum()
+    terms["scale_count"] = usable.sum()
+
+
+def normal_loss(points: torch.Tensor, gt_points: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(V,): per view, the mean over valid pixel quads of the smoothed angle (1 to 90 degrees) between
+    predicted and true normals of the quad's four corner triangles."""
+    corners = lambda t: (t[..., :-1, :-1, :], t[..., :-1, 1:, :], t[..., 1:, :-1, :], t[..., 1:, 1:, :])  # noqa: E731
+    lu, ru, ld, rd = corners(points)
+    glu, gru, gld, grd = corners(gt_points)
+    mlu, mru, mld, mrd = corners(mask[..., None])
+    triangles = [
+        (torch.cross(ru - rd, ld - rd, dim=-1), torch.cross(gru - grd, gld - grd, dim=-1), mru & mld & mrd),
+        (torch.cross(lu - ru, rd - ru, dim=-1), torch.cross(glu - gru, grd - gru, dim=-1), mlu & mrd & mru),
+        (torch.cross(ld - lu, ru - lu, dim=-1), torch.cross(gld - glu, gru - glu, dim=-1), mld & mru & mlu),
+        (torch.cross(rd - ld, lu - ld, dim=-1), torch.cross(grd - gld, glu - gld, dim=-1), mrd & mlu & mld),
+    ]
+    low, high, beta = math.radians(1), math.radians(90), math.radians(3)
+    total, any_valid = 0, False
+    for normal, gt_normal, valid in triangles:
+        angle = torch.atan2(torch.cross(normal, gt_normal, dim=-1).norm(dim=-1) + 1e-12,
+                            (normal * gt_normal).sum(-1)).clamp(low, high)
+        smooth = torch.where(angle < beta, 0.5 * angle.square() / beta, angle - 0.5 * beta)
+        total = total + valid[..., 0] * smooth
+        any_valid = any_valid | valid[..., 0]
+    count = any_valid.sum(dim=(1, 2, 3))
+    summed = total.sum(dim=(1, 2, 3))
+    return torch.where(count > 0, summed / (count.clamp_min(1) * (4 * max(points.shape[-3:-1]))), 0 * summed)
+
+
+def gradient_matching_loss(prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, scales: int = 4):
+    """(V,): per view, the sum over 4 scales of the clamped absolute x/y gradients of the masked
+    difference, divided by the valid pixels at that scale."""
+    total = 0
+    for scale in range(scales):
+        step = 2**scale
+        pred, true, valid = prediction[..., ::step, ::step, :], target[..., ::step, ::step, :], mask[..., ::step, ::step, None]
+        diff = valid * (pred - true)
+        grad_x = ((diff[..., 1:, :] - diff[..., :-1, :]).abs() * (valid[..., 1:, :] * valid[..., :-1, :])).clamp(max=100)
+        grad_y = ((diff[..., 1:, :, :] - diff[..., :-1, :, :]).abs() * (valid[..., 1:, :, :] * valid[..., :-1, :, :])).clamp(max=100)
+        summed = grad_x.sum(dim=(1, 2, 3, 4)) + grad_y.sum(dim=(1, 2, 3, 4))
+        count = valid.sum(dim=(1, 2, 3, 4))
+        total = total + torch.where(count > 0, summed / count.clamp_min(1), 0 * summed)
+    return total
+
+
+# ---- aggregation (MapAnything's ConfAndExcludeTopNPercentPixelLoss / ExcludeTopNPercentPixelLoss) ---
+
+
+def _masked_mean_per_view(values: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    count = valid.sum(dim=(1, 2))
+    return torch.where(valid, values, 0).sum(dim=(1, 2)) / count.clamp_min(1), count
+
+
+def _conf_part(spec: LossSpec, name: str, terms, preds, details: "DeviceDetails") -> torch.Tensor:
+    conf = views_field(preds, "conf")
+    conf = conf.reshape(conf.shape[0], conf.shape[1], -1)
+    valid = terms["valid"]
+    weighted = terms[name] * conf - spec.conf_alpha * torch.log(torch.where(valid, conf, 1))
+    mean, count = _masked_mean_per_view(weighted, valid)
+    details.add_views(f"{spec.factored.name}_{spec.factored.detail_name(name)}_conf_loss", mean, count > 0)
+    return torch.where(count > 0, mean, 0).sum()
+
+
+def _exclude_part(spec: LossSpec, name: str, terms, views, details: "DeviceDetails") -> torch.Tensor:
+    values, valid = terms[name], terms["valid"]
+    bottom = 100 - spec.top_n_percent
+    real = ~views_field(views, "is_synthetic") if spec.exclude_real_only else torch.ones_like(valid[..., 0])
+    num_valid = valid.sum(-1)
+    keep = (num_valid * bottom / 100).long()
+    ordered = torch.sort(torch.where(valid, values, math.inf), dim=-1).values
+    kept = torch.arange(values.shape[-1], device=values.device) < keep[..., None]
+    real_sum = torch.where(kept, ordered, 0).sum(-1)
+    synthetic_sum = torch.where(valid, values, 0).sum(-1)
+    view_sum = torch.where(real, real_sum, synthetic_sum).sum(-1)
+    count = torch.where(real, keep, num_valid).sum(-1)
+    mean = view_sum / count.clamp_min(1)
+    details.add_views(f"{spec.factored.name}_{spec.factored.detail_name(name)}_bot{bottom}%_loss", mean, count > 0)
+    return torch.where(count > 0, mean, 0).sum()
+
+
+def _plain_part(name: str, terms) -> torch.Tensor:
+    values = terms[name]
+    if name in MASKED_SETS:
+        return _masked_mean_per_view(values, terms["valid"])[0].sum()
+    if name == "pose_trans":
+        valid = terms["valid_trans"]
+        count = valid.sum(-1)
+        return (torch.where(valid, values, 0).sum(-1) / count.clamp_min(1)).sum()
+    return values.reshape(values.shape[0], -1).mean(-1).sum()
+
+
+def _factored_details(fs: FactoredSpec, terms, details: "DeviceDetails") -> None:
+    """MapAnything's per-view details of each set: the masked mean where it has values and is > 0."""
+    for name in fs.sets():
+        values = terms[name]
+        if name in MASKED_SETS:
+            mean, count = _masked_mean_per_view(values, terms["valid"])
+            present = count > 0
+        elif name == "pose_trans":
+            count = terms["valid_trans"].sum(-1)
+            mean, present = torch.where(terms["valid_trans"], values, 0).sum(-1) / count.clamp_min(1), count > 0
+        else:
+            mean = values.reshape(values.shape[0], -1).mean(-1)
+            present = torch.ones_like(mean, dtype=torch.bool)
+        details.add_views(f"{fs.name}_{fs.detail_name(name)}", mean, present & (mean > 0))
+    scale = terms["scale_sum"] / terms["scale_count"].clamp_min(1)
+    details.add(f"{fs.name}_scale", scale, (terms["scale_count"] > 0) & (scale > 0))
+    if fs.normal_and_gm:
+        for name in ("normal", "gradient_matching"):
+            details.add_views(f"{fs.name}_{name}", terms[name], terms[name] > 0)
+
+
+def _mask_part(views, preds, details: "DeviceDetails") -> torch.Tensor:
+    logits = views_field(preds, "non_ambiguous_mask_logits")
+    target = views_field(views, "non_ambiguous_mask").float()  # as MapAnything's BCELoss casts it
+    per_view = F.binary_cross_entropy_with_logits(logits, target, reduction="none").flatten(1).mean(-1)
+    details.add_views("NonAmbiguousMaskLoss_mask", per_view, torch.ones_like(per_view, dtype=torch.bool),
+                      average_over_all=True)
+    return per_view.sum()
+
+
+class DeviceDetails(Mapping):
+    """MapAnything's `details` dict, kept on the device until first read, then read back in one
+    transfer: per-view entries `<prefix>_view<k>` where present, and `<prefix>_avg` over them."""
+
+    def __init__(self):
+        self._groups: list[tuple[str, int, bool]] = []  # (prefix, number of views or 0 for one value, average all)
+        self._values: list[torch.Tensor] = []
+        self._present: list[torch.Tensor] = []
+        self._read: dict | None = None
+
+    def add_views(self, prefix: str, values: torch.Tensor, present: torch.Tensor, average_over_all=False) -> None:
+        self._groups.append((prefix, values.shape[0], average_over_all))
+        self._values.append(values.detach().double())
+        self._present.append(present)
+
+    def add(self, name: str, value: torch.Tensor, present: torch.Tensor) -> None:
+        self._groups.append((name, 0, False))
+        self._values.append(value.detach().double().reshape(1))
+        self._present.append(present.reshape(1))
+
+    def _materialize(self) -> dict:
+        if self._read is None:
+            values = torch.cat(self._values)
+            packed = torch.stack([values, torch.cat(self._present).to(values.dtype)]).tolist()  # one transfer
+            self._read = _assemble(self._groups, *packed)
+        return self._read
+
+    def __getitem__(self, key):
+        return self._materialize()[key]
+
+    def __iter__(self):
+        return iter(self._materialize())
+
+    def __len__(self):
+        return len(self._materialize())
+
+
+def _assemble(groups, values: list[float], present: list[float]) -> dict:
+    details, at = {}, 0
+    for prefix, views, average_over_all in groups:
+        if views == 0:
+            if present[at]:
+                details[prefix] = values[at]
+            at += 1
+            continue
+        kept = []
+        for view in range(views):
+            if present[at + view]:
+                details[f"{prefix}_view{view + 1}"] = values[at + view]
+                kept.append(values[at + view])
+        if kept:
+            details[f"{prefix}_avg"] = sum(kept) / (views if average_over_all else len(kept))
+        at += views
+    return details
