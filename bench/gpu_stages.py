@@ -1,9 +1,10 @@
 """The real model where users run it: MapAnything v1.1, Stage 1 -> 2 -> 3 through our own commands on a GPU.
 
     python bench/gpu_stages.py --work DIR [--data DIR] [--steps 6] [--eval-steps 2] [--skip-preemption]
-        [--export] [--nproc-per-node 1] [--tiny]
+        [--export] [--nproc-per-node 1] [--tiny] [--compile-restart]
 
 --tiny uses a tiny MapAnything at 112x84 to check the script anywhere (a CPU too), figures meaningless.
+--compile-restart measures only what a requeue costs with torch.compile on (step 7 below), nothing else.
 
 Needs a CUDA GPU (about 60 GiB of memory for Stage 3's 12 images), MapAnything installed and the
 DINOv2 hub code in $TORCH_HOME/hub (docs/mapanything.md), and ~50 GB of free disk under --work.
@@ -22,6 +23,10 @@ What it does, printing a table at the end (and writing DIR/gpu_stages.json):
  5. the per-step losses of the resumed Stage 1 against the pipeline's uninterrupted Stage 1
  6. with --export: Stage 3's best exported (python -m mapanything_ext.export), reloaded with MapAnything's
     own from_pretrained, predictions compared with our checkpoint's on a fixed input
+ 7. with --compile-restart (instead of 3 to 6): Stage 1 with train_params.compile=[encoder,info_sharing,
+    dpt_feature_head], stopped by SIGUSR2 at its second step, then started again in the same run folder
+    (a requeue): time from start to the first training step of both starts, and what the second took
+    from the run's compile cache (train_params.compile_cache, <run>/compile_cache/)
 """
 
 from __future__ import annotations
@@ -204,6 +209,39 @@ def pipeline(data: Path, work: Path, pretrained: Path, args) -> dict:
     return rows
 
 
+COMPILED_PARTS = "[encoder,info_sharing,dpt_feature_head]"
+
+
+def compile_restart(data: Path, work: Path, pretrained: Path, args) -> dict:
+    """Stage 1 compiled, preempted at its second step, requeued: the start-up cost of both starts."""
+    if args.steps < 3:
+        raise SystemExit("--compile-restart needs --steps 3 or more (the requeued start must have a step left)")
+    run_dir = work / "compile_restart_stage1"
+    shutil.rmtree(run_dir, ignore_errors=True)  # a cold first start: its compile cache lies in the run folder
+    overrides = [*common_overrides(data, work / "unused", args), "stage=stage1", f"output_dir={run_dir}",
+                 f"model.pretrained={pretrained}", f"train_params.compile={COMPILED_PARTS}"]
+    console = work / "compile_restart_stage1.log"
+    log(f"Stage 1, train_params.compile={COMPILED_PARTS}: first start (cold compile cache), SIGUSR2 at its second step")
+    if torchrun(args.nproc_per_node, overrides, {"MAPANYTHING_EXT_FAULT": "SIGUSR2@train_step@0"}, console) == 0:
+        raise RuntimeError(f"the first start did not stop (see {console})")
+    log("the same run started again (a requeue)")
+    if torchrun(args.nproc_per_node, overrides, log_file=console) != 0:
+        raise RuntimeError(f"the requeued start failed (see {console})")
+    text = (run_dir / "console.log").read_text(errors="replace")
+    first = console_figures(run_dir)["first_step_s"]
+    cache = run_dir / "compile_cache"
+    figures = {"first_step_s": first,
+               "cache_at_start": re.findall(r"\[compile_cache\] torch\.compile cache: \S+ \((.*?), checked in", text),
+               "cache_at_first_step": re.findall(r"\[compile_cache\] first step: (.*)", text),
+               "cache_mb": sum(p.stat().st_size for p in cache.rglob("*") if p.is_file()) / 1e6}
+    for start, seconds, state, hits in zip(("first start", "requeued start"), first, figures["cache_at_start"],
+                                           figures["cache_at_first_step"]):
+        log(f"{start}: first training step {seconds:.1f}s after start; cache at start: {state}; {hits}")
+    for checkpoint in run_dir.glob("*.pth"):  # disk
+        checkpoint.unlink()
+    return figures
+
+
 def compare_losses(straight: Path, resumed: dict) -> dict:
     a, b = step_losses(straight), resumed
     common = sorted(set(a) & set(b))
@@ -269,11 +307,19 @@ def main(argv=None) -> int:
     parser.add_argument("--skip-preemption", action="store_true")
     parser.add_argument("--export", action="store_true")
     parser.add_argument("--tiny", action="store_true", help="a tiny MapAnything at 112x84: checks the script anywhere")
+    parser.add_argument("--compile-restart", action="store_true",
+                        help="only: Stage 1 compiled, preempted at its second step and started again; time to the "
+                             "first step of both starts (the compile cache of the run folder)")
     args = parser.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
     results: dict = {}
     data = make_data(args.work, args.data)
     pretrained, results["pretrained"] = make_pretrained(args.work, args)
+    if args.compile_restart:
+        results["compile_restart"] = compile_restart(data, args.work, pretrained, args)
+        (args.work / "gpu_stages.json").write_text(json.dumps(results, indent=1) + "\n")
+        print(json.dumps(results, indent=1))
+        return 0
     if not args.skip_preemption:
         results["preemption"] = preemption(data, args.work, pretrained, args)
     results["stages"] = pipeline(data, args.work, pretrained, args)

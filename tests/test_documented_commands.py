@@ -31,10 +31,11 @@ NOT_HERE = {
     "python bench/bench_mapanything_step.py": "needs MapAnything and a GPU; --help is checked below",
     "python bench/bench_mapanything_loss.py": "needs MapAnything and a GPU; --help is checked below",
     "python bench/gpu_stages.py": "needs MapAnything, a GPU and 50 GB of disk; --help is checked below",
+    "python bench/bench_scaling.py": "needs MapAnything and several GPUs; --help is checked below",
     "python -m mapanything_ext.export": "needs MapAnything and a trained MapAnything checkpoint; --help is checked below",
 }
 HELP_ONLY = ["python bench/bench_mapanything_step.py", "python bench/bench_mapanything_loss.py",
-             "python bench/gpu_stages.py", "python -m mapanything_ext.export"]
+             "python bench/gpu_stages.py", "python bench/bench_scaling.py", "python -m mapanything_ext.export"]
 
 
 def documented_commands() -> list[tuple[str, str]]:

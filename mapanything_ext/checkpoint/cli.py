@@ -4,8 +4,8 @@ usage: check_ckpt PATH [PATH ...] [--quarantine] [--json]
        (or python tools/check_ckpt.py ..., or python -m mapanything_ext.checkpoint.cli ...)
 
 PATH is a checkpoint file or an experiment directory (searched recursively for *.pth
-and *.tmp, skipping quarantine/ folders). Names of one file (hard links: last, best, final)
-are read once. One line per file: status, epoch, size,
+and *.tmp, skipping quarantine/ folders and caches such as compile_cache/). Names of one
+file (hard links: last, best, final) are read once. One line per file: status, epoch, size,
 reason; or one JSON document with --json. --quarantine moves every invalid file and
 *.tmp leftover into <its directory>/quarantine/<UTC timestamp>/ with a reason file,
 exactly as a resuming job does. Exit status: 0 all valid, 1 something invalid,
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -35,12 +36,20 @@ def collect(paths: list[str]) -> list[Path]:
         if path.is_file():
             files.append(path)
         elif path.is_dir():
-            found = [p for p in sorted(path.rglob("*")) if p.is_file() and p.suffix in (".pth", ".tmp")
-                     and "quarantine" not in p.relative_to(path).parts]
-            files.extend(found)
+            files.extend(_checkpoint_files(path))
         else:
             raise UsageError(f"no such file or directory: {path}")
     return files
+
+
+def _checkpoint_files(folder: Path) -> list[Path]:
+    """*.pth and *.tmp under folder, not in quarantine/ folders nor in caches (a folder holding a
+    CACHEDIR.TAG, such as train_params.compile_cache, whose own temporary files are no checkpoints)."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = [d for d in dirnames if d != "quarantine" and not (Path(dirpath, d) / "CACHEDIR.TAG").is_file()]
+        found += [Path(dirpath, name) for name in filenames if name.endswith((".pth", ".tmp"))]
+    return sorted(p for p in found if p.is_file())
 
 
 def check_all(files: list[Path]) -> dict[Path, CheckResult]:

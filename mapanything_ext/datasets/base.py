@@ -20,6 +20,7 @@ View-count policy
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,7 +28,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from mapanything_ext.geometry import depth_to_points, pixel_rays, resize_crop_intrinsics
+from mapanything_ext.geometry import pixel_rays, resize_crop_intrinsics
 from mapanything_ext.rotations import matrix_to_quaternion
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
@@ -108,27 +109,35 @@ class BaseMultiViewDataset(Dataset):
         return count >= self.min_num_views_allowed
 
     def _finalize(self, raw: RawView, index: int, view_index: int) -> dict:
+        # The numbers of the plain float64 formulas (geometry.depth_to_points, pixel_rays, a norm;
+        # tests/test_dataset_fast_path.py compares with a copy of them), computed faster: rays
+        # cached per intrinsics, the image normalised through a 256-entry table, the rigid
+        # transform written out per axis instead of a (H*W, 3) @ (3, 3) matmul.
         image, depth, intrinsics = self._resize_crop(raw)
         height, width = depth.shape
         valid = np.isfinite(depth) & (depth > 0) & (depth <= self.max_depth_m)
-        depth = np.where(valid, depth, 0.0).astype(np.float32)
-        pts_cam = depth_to_points(depth, intrinsics)
+        invalid = ~valid
+        depth[invalid] = 0.0  # a fresh array from _resize_crop
+        rays_z1, rays_unit = _pixel_rays_cached(intrinsics, height, width)
+        pts_cam = rays_z1 * depth[..., None]  # float64, as geometry.depth_to_points
         pose = raw.cam2world
-        pts_world = pts_cam @ pose[:3, :3].T + pose[:3, 3]
-        rays = pixel_rays(intrinsics, height, width)
-        rays /= np.linalg.norm(rays, axis=-1, keepdims=True)
-        img = (np.asarray(image, dtype=np.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
+        pts_world = _rigid_transform_f32(pts_cam, pose)
+        pts_world[invalid] = 0.0
+        squares = pts_cam * pts_cam  # |pts_cam| summed in np.linalg.norm's order: (x^2 + y^2) + z^2
+        depth_along_ray = squares[..., 0] + squares[..., 1]
+        depth_along_ray += squares[..., 2]
+        np.sqrt(depth_along_ray, out=depth_along_ray)
         return {
-            "img": torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))),
+            "img": torch.from_numpy(_normalise_image(np.asarray(image))),
             "data_norm_type": "dinov2",
             "true_shape": np.array([height, width], dtype=np.int32),
             "camera_intrinsics": intrinsics.astype(np.float32),
             "camera_pose": pose.astype(np.float32),
             "depthmap": depth[..., None],
-            "pts3d": np.where(valid[..., None], pts_world, 0.0).astype(np.float32),
+            "pts3d": pts_world,
             "pts3d_cam": pts_cam.astype(np.float32),
-            "ray_directions_cam": rays.astype(np.float32),
-            "depth_along_ray": np.linalg.norm(pts_cam, axis=-1, keepdims=True).astype(np.float32),
+            "ray_directions_cam": rays_unit.copy(),
+            "depth_along_ray": depth_along_ray[..., None].astype(np.float32),
             "valid_mask": valid,
             "non_ambiguous_mask": valid.copy(),  # invalid depth here is sky / beyond range
             "camera_pose_quats": matrix_to_quaternion(torch.from_numpy(pose[:3, :3])).numpy().astype(np.float32),
@@ -142,7 +151,11 @@ class BaseMultiViewDataset(Dataset):
         }
 
     def _resize_crop(self, raw: RawView):
-        """Scale so the target is covered, then centre-crop; depth uses nearest neighbour."""
+        """Scale so the target is covered, then centre-crop; depth uses nearest neighbour.
+
+        Image: Pillow's LANCZOS resize, then the crop. Depth: the pixels Pillow's NEAREST resize
+        + crop would pick (their indices come from Pillow itself, cached per geometry), gathered
+        in one pass: float32 values copied, never interpolated. Returns a fresh float32 depth."""
         width, height = self.resolution
         w0, h0 = raw.image.size
         scale = max(width / w0, height / h0)
@@ -150,7 +163,67 @@ class BaseMultiViewDataset(Dataset):
         crop_x, crop_y = (new_w - width) // 2, (new_h - height) // 2
         box = (crop_x, crop_y, crop_x + width, crop_y + height)
         image = raw.image.resize((new_w, new_h), Image.Resampling.LANCZOS).crop(box)
-        depth = np.asarray(Image.fromarray(raw.depth.astype(np.float32), mode="F")
-                           .resize((new_w, new_h), Image.Resampling.NEAREST).crop(box))
+        depth_h, depth_w = raw.depth.shape
+        depth = np.take(np.ascontiguousarray(raw.depth, dtype=np.float32),
+                        _nearest_source_index(depth_w, depth_h, new_w, new_h, box))
         intrinsics = resize_crop_intrinsics(raw.intrinsics, new_w / w0, new_h / h0, crop_x, crop_y)
         return image, depth, intrinsics
+
+
+def _rigid_transform_f32(points: np.ndarray, pose: np.ndarray) -> np.ndarray:
+    """float32(points @ R.T + t) for float64 points (..., 3), summed per axis in float64
+    (R[i,0] x + R[i,1] y + R[i,2] z + t[i]); a BLAS matmul may round the last float64 bit
+    differently, which float32 almost never sees (at most 1 float32 ulp)."""
+    out = np.empty(points.shape, dtype=np.float32)
+    x, y, z = points[..., 0], points[..., 1], points[..., 2]
+    for i in range(3):
+        acc = x * pose[i, 0]
+        acc += y * pose[i, 1]
+        acc += z * pose[i, 2]
+        acc += pose[i, 3]
+        out[..., i] = acc
+    return out
+
+
+@functools.lru_cache(maxsize=16)
+def _nearest_source_index(src_w: int, src_h: int, new_w: int, new_h: int, box: tuple[int, int, int, int]) -> np.ndarray:
+    """(box height, box width) flat source index of each pixel of Pillow's NEAREST resize to
+    (new_w, new_h) cropped to box: Pillow resizes an image of pixel indices (int32, mode 'I')."""
+    flat = np.arange(src_h * src_w, dtype=np.int32).reshape(src_h, src_w)
+    index = np.asarray(Image.fromarray(flat).resize((new_w, new_h), Image.Resampling.NEAREST).crop(box))
+    index = index.astype(np.intp)
+    index.setflags(write=False)
+    return index
+
+
+_RAYS_CACHE: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
+
+
+def _pixel_rays_cached(intrinsics: np.ndarray, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """(rays with z = 1 as float64, unit rays as float32), both (H, W, 3), computed once per
+    intrinsics and size (OPV2V's cameras share one intrinsic matrix). Read-only: copy to modify."""
+    key = (np.asarray(intrinsics, dtype=np.float64).tobytes(), height, width)
+    cached = _RAYS_CACHE.get(key)
+    if cached is None:
+        rays = pixel_rays(intrinsics, height, width)
+        unit = (rays / np.linalg.norm(rays, axis=-1, keepdims=True)).astype(np.float32)
+        for array in (rays, unit):
+            array.setflags(write=False)
+        if len(_RAYS_CACHE) >= 16:
+            _RAYS_CACHE.clear()
+        cached = _RAYS_CACHE[key] = (rays, unit)
+    return cached
+
+
+# (pixel / 255 - mean) / std in float32 for every 8-bit value of each channel: the same float32
+# operations as on the whole image, done once.
+_NORMALISE_LUT = np.stack([(np.arange(256, dtype=np.float32) / 255.0 - IMAGENET_MEAN[c]) / IMAGENET_STD[c]
+                           for c in range(3)])
+
+
+def _normalise_image(rgb: np.ndarray) -> np.ndarray:
+    """uint8 (H, W, 3) -> float32 (3, H, W) normalised for the encoder (ImageNet mean and std)."""
+    out = np.empty((3,) + rgb.shape[:2], dtype=np.float32)
+    for c in range(3):
+        np.take(_NORMALISE_LUT[c], rgb[..., c], out=out[c])
+    return out

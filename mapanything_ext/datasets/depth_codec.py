@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from mapanything_ext.datasets.png_io import read_png8
+
 CARLA_FAR_M = 1000.0
 _CARLA_SCALE = 256**3 - 1
 
@@ -26,28 +28,39 @@ class DepthFormatError(ValueError):
 
 
 def decode_depth(path, expected_size: tuple[int, int] | None = None) -> np.ndarray:
-    """Depth PNG -> float32 (H, W) z-depth in metres; expected_size is (width, height)."""
+    """Depth PNG -> float32 (H, W) z-depth in metres; expected_size is (width, height).
+
+    Files are decoded by png_io.read_png8 (OpenCV for 8-bit PNGs, else Pillow: same bytes)."""
     path = Path(path)
     try:
-        with Image.open(path) as img:
-            img.load()
-            mode, size = img.mode, img.size
-            data = np.asarray(img)
+        mode, data = read_png8(path)
     except FileNotFoundError:
         raise FileNotFoundError(f"depth file missing: {path}") from None
     except OSError as err:
         raise DepthFormatError(f"depth file unreadable: {path}: {err}") from None
+    size = (data.shape[1], data.shape[0]) if data.ndim >= 2 else data.shape
     if expected_size is not None and tuple(size) != tuple(expected_size):
         raise DepthFormatError(f"depth file {path} is {size[0]}x{size[1]}, expected {expected_size[0]}x{expected_size[1]}")
     if mode == "L":
         return data.astype(np.float32)
     if mode == "RGB":
-        rgb = data.astype(np.int64)
-        code = rgb[..., 0] + 256 * rgb[..., 1] + 65536 * rgb[..., 2]
-        return (CARLA_FAR_M * code / _CARLA_SCALE).astype(np.float32)
+        return carla_code_to_metres(data)
     raise DepthFormatError(
         f"depth file {path} has PNG mode {mode!r}; expected 'L' (8-bit metres, HEAL) or 'RGB' (CARLA 24-bit)"
     )
+
+
+def carla_code_to_metres(rgb: np.ndarray) -> np.ndarray:
+    """uint8 (..., 3) RGB in CARLA's 24-bit encoding -> float32 metres.
+
+    The same numbers as float32(1000.0 * (R + 256 G + 65536 B) / (256^3 - 1)) in float64, with
+    the 24-bit code built by shifts in int32 (exact) rather than int64 arithmetic."""
+    code = rgb[..., 2].astype(np.int32)
+    code <<= 8
+    code |= rgb[..., 1]
+    code <<= 8
+    code |= rgb[..., 0]
+    return (CARLA_FAR_M * code / _CARLA_SCALE).astype(np.float32)
 
 
 def encode_depth_carla(depth_m: np.ndarray) -> Image.Image:

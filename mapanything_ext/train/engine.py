@@ -27,10 +27,12 @@ from mapanything_ext import distributed as dist
 from mapanything_ext import faults, preflight, run_lock
 from mapanything_ext.checkpoint import load_checkpoint, prepare_resume
 from mapanything_ext.datasets.build import build_dataset
+from mapanything_ext.models.loss_selfcheck import ChosenCriterion
 from mapanything_ext.models.registry import build_criteria, build_model
 from mapanything_ext.preemption import PreemptionWatcher, restarts_so_far
 from mapanything_ext.run_log import Scalars, append_epoch_record, report_failure, report_previous_job, tee_console
 from mapanything_ext.train import rng_state
+from mapanything_ext.train import compile_cache
 from mapanything_ext.train.compiling import check_compile_settings, compile_in_place, mark_step_begin
 from mapanything_ext.train.data import build_loader, to_device
 from mapanything_ext.train.evaluation_loop import evaluate
@@ -72,6 +74,7 @@ def train(cfg: DictConfig) -> Path:
         _cleanup_after_failure()
         raise
     finally:
+        compile_cache.release()
         if untee is not None:
             untee()
         if lock is not None:
@@ -123,11 +126,14 @@ def _run(cfg: DictConfig, info: dist.DistInfo, output_dir: Path, started_at: flo
     # from its own checkpoint no longer needs model.pretrained (the earlier stage may be gone).
     resuming = bool(cfg.train_params.resume) and any(output_dir.glob("checkpoint-*.pth"))
     preflight.check(cfg, resuming=resuming)
+    # Before anything compiles: torch.compile's caches in the run folder, warm after a requeue.
+    compile_cache.use_for_run(cfg, info, output_dir)
     run = _build_run(cfg, info, output_dir, watcher)
     run.started_at = started_at
     position = _restore_or_start(run)
     run.scalars = Scalars(output_dir, info.rank == 0, resume_step=position.global_step)
     try:
+        _choose_loss_impl(run)
         _settle_ddp_buckets(run)
         faults.at("startup")
         stop_here(run, position, "startup")
@@ -177,6 +183,33 @@ def _build_run(cfg: DictConfig, info: dist.DistInfo, output_dir: Path, watcher: 
               f"{' (DDP)' if info.distributed else ''}")
     return Run(cfg, info, output_dir, model, module, build_optimizer(module, tp), train_criterion, test_criterion,
                train_loader, test_loader, None, watcher)
+
+
+def _choose_loss_impl(run: Run) -> None:
+    """loss.impl: the batched criterion runs only after it agreed with MapAnything's own on the
+    model's predictions for the first training sample (every rank must agree; models/loss_selfcheck.py).
+    The forward runs with gradients on, as in training, so compiled parts need no second graph;
+    its RNG draws are undone."""
+    criteria = [c for c in (run.train_criterion, run.test_criterion) if isinstance(c, ChosenCriterion)]
+    if not criteria:
+        return
+    from torch.utils.data import default_collate
+
+    saved = rng_state.capture()
+    views = to_device(default_collate([run.train_loader.dataset[0]]), run.info.device)
+    autocast_dtype = amp_dtype(run)
+    mark_step_begin()
+    with torch.autocast(run.info.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        preds = [{k: v.detach() if torch.is_tensor(v) else v for k, v in pred.items()} for pred in run.module(views)]
+    rng_state.restore(saved)
+
+    def everyone_agrees(ok: bool) -> bool:
+        return float(dist.all_reduce_max(torch.tensor(0.0 if ok else 1.0)).item()) == 0.0
+
+    for criterion in criteria:
+        line = criterion.self_check(views, preds, everyone_agrees)
+        if run.info.rank == 0:
+            print(f"[mapanything_ext] loss: {line}", flush=True)
 
 
 def _settle_ddp_buckets(run: Run) -> None:
@@ -346,6 +379,8 @@ def _train_one_epoch(run: Run, position: Position) -> dict:
         if not run.first_step_reported and info.rank == 0:
             # Start-up cost of a (re)started job: what a requeue costs beyond the lost iteration.
             print(f"[mapanything_ext] first training step done {time.monotonic() - run.started_at:.1f}s after start")
+            if cache_line := compile_cache.first_step_line():
+                print(cache_line)
         run.first_step_reported = True
         if it % int(tp.print_freq) == 0:
             run.scalars.add("train", {"loss": loss_value, "lr": run.optimizer.param_groups[0]["lr"], **details},

@@ -1,0 +1,216 @@
+"""train_params.compile_cache: torch.compile's caches kept in the run folder, so a requeued job takes
+its compiled graphs from there; files a killed job left broken are removed, not loaded; a folder that
+cannot be used is not used; nothing else that walks a run folder trips over it."""
+
+import errno
+import fcntl
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from mapanything_ext import distributed as dist
+from mapanything_ext.checkpoint.cli import collect
+from mapanything_ext.train import compile_cache
+from tests.training_runs import start_ranks, tiny_overrides, wait_all
+
+CPU = dist.DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), distributed=False, timeout_s=60)
+
+
+def cfg_of(compile_cache_value="compile_cache", compile=True):
+    return OmegaConf.create({"train_params": {"compile": compile, "compile_cache": compile_cache_value},
+                             "loss": {"compile": False}})
+
+
+def a_shared_library() -> Path:
+    """A real ELF shared library (torch's extension module)."""
+    return Path(torch._C.__file__)
+
+
+def test_broken_files_are_removed_whole_ones_kept_and_graphs_counted(tmp_path):
+    folder = tmp_path / "rank0"
+    library = a_shared_library().read_bytes()
+    files = {
+        "ab/cab.py": b"def call(args):\n    return args\n",
+        "cd/ccd.py": b"def call(args):\n    return (args,\n",  # cut short
+        "ef/cef.py": b"",
+        "gh/cgh.so": library,
+        "ij/cij.main.so": library[: len(library) // 2],  # a build killed while it wrote
+        "kl/ckl.so": b"",
+        "triton/x/kernel.cubin": library[:40],
+        "triton/x/kernel.json": b'{"name": "kernel"',
+        "triton/x/__grp__kernel.json": b'{"child_paths": {}}',
+        "fxgraph/ab/fkey/entry": b"pickled graph",  # pickled entries: Inductor checks them itself
+        "aotautograd/akey/entry": b"pickled",
+        "locks/cab.lock": b"",
+    }
+    for name, content in files.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(content)
+    old, fresh = folder / "ab" / ".123.456.tmp", folder / "ab" / ".123.457.tmp"
+    old.write_bytes(b"x")
+    fresh.write_bytes(b"x")
+    os.utime(old, (time.time() - 7200, time.time() - 7200))
+    count, size, graphs, removed = compile_cache.check_folder(folder)
+    removed_names = sorted(r.split(" ")[0] for r in removed)
+    assert removed_names == sorted(["cd/ccd.py", "ef/cef.py", "ij/cij.main.so", "kl/ckl.so", "triton/x/kernel.cubin",
+                                    "triton/x/kernel.json"]), removed
+    assert any("truncated" in r for r in removed if r.startswith("ij/")), removed
+    kept = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+    assert kept == sorted(["ab/cab.py", "gh/cgh.so", "triton/x/__grp__kernel.json", "fxgraph/ab/fkey/entry",
+                           "aotautograd/akey/entry", "locks/cab.lock", "ab/.123.457.tmp", "locks/cij.lock",
+                           "locks/ckl.lock"])
+    assert (count, graphs) == (5, 1) and size == sum(len(files[n]) for n in (
+        "ab/cab.py", "gh/cgh.so", "triton/x/__grp__kernel.json", "fxgraph/ab/fkey/entry", "aotautograd/akey/entry"))
+
+
+def test_a_library_another_process_is_building_is_left_alone(tmp_path):
+    folder = tmp_path / "rank0"
+    (folder / "locks").mkdir(parents=True)
+    half = folder / "ab" / "cab.so"
+    half.parent.mkdir()
+    half.write_bytes(a_shared_library().read_bytes()[:100])
+    with open(folder / "locks" / "cab.lock", "a") as held:  # what Inductor holds while it builds cab
+        fcntl.flock(held, fcntl.LOCK_EX)
+        assert compile_cache.check_folder(folder)[3] == [] and half.exists()
+    assert compile_cache.check_folder(folder)[3] and not half.exists()
+
+
+def test_the_folder_lies_in_the_run_per_torch_build_and_rank_and_the_environment_is_restored(tmp_path, capsys,
+                                                                                            monkeypatch):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/somewhere/else")
+    monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
+    assert compile_cache.use_for_run(cfg_of(compile=False), CPU, tmp_path) is None  # nothing compiles
+    assert compile_cache.use_for_run(cfg_of(None), CPU, tmp_path) is None
+    assert compile_cache.use_for_run(cfg_of(False), CPU, tmp_path) is None
+    assert not (tmp_path / "compile_cache").exists()
+    cache = compile_cache.use_for_run(cfg_of(), CPU, tmp_path)
+    try:
+        expected = tmp_path / "compile_cache" / compile_cache.device_tag(CPU.device) / "rank0"
+        assert cache.folder == expected and expected.is_dir()
+        assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(expected)
+        assert os.environ["TRITON_CACHE_DIR"] == str(expected / "triton")
+        assert compile_cache.is_cache_dir(tmp_path / "compile_cache")
+        assert torch.__version__ in expected.parent.name
+        assert "(cold: no compiled graph yet" in capsys.readouterr().out
+    finally:
+        compile_cache.release()
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == "/somewhere/else" and "TRITON_CACHE_DIR" not in os.environ
+    shared = tmp_path / "shared"
+    try:  # an absolute path: used as it is (a shared folder a machine profile names)
+        assert compile_cache.use_for_run(cfg_of(str(shared)), CPU, tmp_path / "run").root == shared
+    finally:
+        compile_cache.release()
+
+
+def test_every_rank_has_its_own_folder_and_rank_0_reports_them_all(tmp_path, capsys):
+    rank1 = dist.DistInfo(rank=1, world_size=2, local_rank=1, device=torch.device("cpu"), distributed=False,
+                          timeout_s=60)
+    try:
+        cache = compile_cache.use_for_run(cfg_of(), rank1, tmp_path)
+        assert cache.folder.name == "rank1" and capsys.readouterr().out == ""  # only rank 0 prints
+    finally:
+        compile_cache.release()
+    root = tmp_path / "compile_cache"
+    folder = root / compile_cache.device_tag(CPU.device) / "rank0"
+    (root / "torch2.12.0+cu126-NVIDIA_H100_80GB_HBM3").mkdir()
+    reports = [{"rank": 0, "problem": None, "files": 50, "bytes": 2_000_000, "graphs": 8, "removed": [],
+                "seconds": 0.1},
+               {"rank": 1, "problem": None, "files": 3, "bytes": 10, "graphs": 0, "removed": ["ab/c.so (empty)"],
+                "seconds": 0.1}]
+    compile_cache._print_start(root, folder, reports)
+    out = capsys.readouterr().out
+    assert "(warm: 8 compiled graphs, 50 files, 2.0 MB" in out and "ranks with a warm cache: 1 of 2" in out
+    assert "rank 1: removed 1 broken file(s) a killed job left behind: ab/c.so (empty)" in out
+    assert "torch2.12.0+cu126-NVIDIA_H100_80GB_HBM3 (delete them to free their space)" in out
+
+
+def test_a_folder_without_file_locks_is_not_used(tmp_path, capsys, monkeypatch):
+    def no_flock(*_args):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(compile_cache.fcntl, "flock", no_flock)
+    before = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    assert compile_cache.use_for_run(cfg_of(), CPU, tmp_path) is None
+    assert os.environ.get("TORCHINDUCTOR_CACHE_DIR") == before
+    out = capsys.readouterr().out
+    assert "WARNING: not using" in out and "refuses file locks" in out and "default cache folder" in out
+
+
+def test_check_ckpt_does_not_search_the_cache(tmp_path):
+    (tmp_path / "checkpoint-last.pth").write_bytes(b"")
+    cache = tmp_path / "compile_cache" / "torch-x" / "rank0" / "ab"
+    cache.mkdir(parents=True)
+    (cache / ".123.456.tmp").write_bytes(b"half an entry of a killed write")
+    (tmp_path / "compile_cache" / compile_cache.TAG_NAME).write_text("Signature: 8a477f597d28d172789f06886806bc55\n")
+    (tmp_path / "quarantine").mkdir()
+    (tmp_path / "quarantine" / "checkpoint-1.pth").write_bytes(b"")
+    assert collect([str(tmp_path)]) == [tmp_path / "checkpoint-last.pth"]
+
+
+# --- real runs: a job preempted at its second step and requeued, then a job on a damaged cache ----------
+
+COMPILED = ("train_params.compile=[head_norm]", "train_params.epochs=1", "train_params.max_steps_per_epoch=5",
+            "train_params.max_eval_steps=1", "train_params.max_num_of_imgs_per_gpu=4")
+FIRST_STEP = re.compile(r"\[compile_cache\] first step: (.*) \(FX graph cache (\d+) hits, (\d+) misses")
+
+
+def first_step_lines(out: Path) -> list[tuple[str, int, int]]:
+    text = (out / "console.log").read_text()
+    return [(m.group(1), int(m.group(2)), int(m.group(3))) for m in FIRST_STEP.finditer(text)]
+
+
+@pytest.fixture(scope="module")
+def requeued_run(synthetic_root, tmp_path_factory):
+    """A job stopped by SIGUSR2 at its second step (a preemption), started again (the requeue), which
+    is stopped the same way after its own first step (no evaluation: nothing new to compile)."""
+    logs = tmp_path_factory.mktemp("compile_cache_logs")
+    out = tmp_path_factory.mktemp("compile_cache") / "run"
+    overrides = tiny_overrides(synthetic_root, out, *COMPILED)
+    for _ in range(2):
+        codes = wait_all(start_ranks(overrides, 1, logs, env={"MAPANYTHING_EXT_FAULT": "SIGUSR2@train_step"}))
+        assert codes == [3], (logs / "rank0.log").read_text()[-3000:]
+    return out
+
+
+@pytest.mark.slow
+def test_a_requeued_job_takes_its_compiled_graphs_from_the_cache(requeued_run):
+    console = (requeued_run / "console.log").read_text()
+    tag = compile_cache.device_tag(torch.device("cpu"))
+    starts = re.findall(r"\[compile_cache\] torch\.compile cache: (\S+) \((cold|warm)", console)
+    folder = str(requeued_run / "compile_cache" / tag / "rank0")
+    assert starts == [(folder, "cold"), (folder, "warm")], console[-3000:]
+    (cold, cold_hits, cold_misses), (warm, warm_hits, warm_misses) = first_step_lines(requeued_run)
+    assert cold_hits == 0 and cold_misses > 0, cold
+    # The restart compiles nothing: every graph Inductor would build comes from the cache.
+    assert warm_hits > 0 and warm_misses == 0, warm
+    assert "resumed from" in console and console.count("leaving for requeue") == 2
+    assert collect([str(requeued_run)]) == sorted(requeued_run.glob("checkpoint-*.pth"))
+
+
+@pytest.mark.slow
+def test_a_damaged_cache_is_repaired_not_loaded(requeued_run, synthetic_root, tmp_path):
+    shared = tmp_path / "shared_cache"
+    shutil.copytree(requeued_run / "compile_cache", shared)
+    rank0 = shared / compile_cache.device_tag(torch.device("cpu")) / "rank0"
+    broken = [sorted(rank0.glob("*/*.so"))[0], sorted(rank0.glob("*/*.py"))[0],
+              sorted(p for p in (rank0 / "fxgraph").rglob("*") if p.is_file())[0]]
+    for path in broken:  # cut short, as by a job killed while it wrote (or a crashed node)
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    out = tmp_path / "run"
+    overrides = tiny_overrides(synthetic_root, out, *COMPILED, f"train_params.compile_cache={shared}")
+    # Stopped after its second step like the runs above: what the cache holds is all it compiles.
+    codes = wait_all(start_ranks(overrides, 1, tmp_path, env={"MAPANYTHING_EXT_FAULT": "SIGUSR2@train_step"}))
+    console = (out / "console.log").read_text()
+    assert codes == [3], console[-3000:]
+    assert f"torch.compile cache: {rank0} (warm" in console
+    removed = re.search(r"rank 0: removed (\d) broken file\(s\)", console)
+    assert removed and int(removed.group(1)) == 2, console[-3000:]  # the pickled entry: Inductor skips it itself
+    assert not (out / "compile_cache").exists()
+    (_, hits, misses), = first_step_lines(out)
+    assert hits + misses > 0 and "checkpoint-last.pth written (training step" in console
