@@ -76,7 +76,10 @@ def build_mapanything_criteria(loss_cfg: DictConfig):
     if loss_cfg.get("compile") and impl == "reference":
         # Only here: with auto/batched the reference runs once, in float64, for the self-check.
         compile_loss_parts(criteria)
-    return tuple(_chosen(role, impl, criterion, bool(loss_cfg.get("compile")))
+    # Only the train criterion is compiled: evaluation runs without gradients (another graph to
+    # compile) and rarely, so compiling the test criterion would cost more time than it saves.
+    compile_train = bool(loss_cfg.get("compile"))
+    return tuple(_chosen(role, impl, criterion, compile_train and role == "train")
                  for role, criterion in zip(("train", "test"), criteria))
 
 
