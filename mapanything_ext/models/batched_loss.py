@@ -90,8 +90,9 @@ class LossSpec:
 class BatchedCriterion(nn.Module):
     """criterion(views, preds) -> (loss, details): MapAnything's factored criterion, all views at once.
 
-    `compile=True` runs it through torch.compile: one static graph per view count and image size
-    (Stage 3 has at most 7 view counts, under Dynamo's recompile limit of 8), Inductor's split
+    `compile=True` runs it through torch.compile: one static graph per shape (views, batch, image
+    size; Stage 3's variable view counts with its image budget make about ten, and past Dynamo's
+    recompile limit, 8 by default, further shapes run eagerly, Dynamo's own fallback), Inductor's split
     reductions off (with them, Inductor's scheduler failed an assertion compiling it for 12 views of
     518x392 on an H200, torch 2.11), and the backward compiled with the forward, so that a compile
     failure shows in the forward call, where it is caught: that shape then runs eagerly, said once
