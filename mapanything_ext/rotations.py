@@ -38,3 +38,11 @@ def matrix_to_quaternion(r: torch.Tensor) -> torch.Tensor:
     q = q / q.norm(dim=-1, keepdim=True)
     q = torch.where(q[:, 3:4] < 0, -q, q)
     return q.reshape(r.shape[:-2] + (4,))
+
+
+def quaternion_multiply(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Hamilton product a * b of x-y-z-w quaternions (..., 4): the rotation b, then a."""
+    ax, ay, az, aw = a.unbind(-1)
+    bx, by, bz, bw = b.unbind(-1)
+    return torch.stack([aw * bx + ax * bw + ay * bz - az * by, aw * by - ax * bz + ay * bw + az * bx,
+                        aw * bz + ax * by - ay * bx + az * bw, aw * bw - ax * bx - ay * by - az * bz], -1)

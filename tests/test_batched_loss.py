@@ -262,3 +262,13 @@ def test_the_preflight_runs_the_self_check_on_the_first_sample(synthetic_root, t
     cfg = compose_training([*overrides, "model=mapanything", "loss=overall_loss", "dataset=opv2v_coop_ft"])
     lines, problems = preflight.loss_check(cfg)
     assert problems == [] and len(lines) == 2 and all("batched" in line and "agreed" in line for line in lines)
+
+
+def test_the_quaternion_product_composes_rotations_as_their_matrices_do():
+    from mapanything_ext.rotations import quaternion_multiply, quaternion_to_matrix
+
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randn(2, 5, 4, generator=g)
+    a, b = a / a.norm(dim=-1, keepdim=True), b / b.norm(dim=-1, keepdim=True)
+    torch.testing.assert_close(quaternion_to_matrix(quaternion_multiply(a, b)),
+                               quaternion_to_matrix(a) @ quaternion_to_matrix(b), atol=1e-6, rtol=0)

@@ -37,6 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mapanything_ext.rotations import quaternion_multiply, quaternion_to_matrix
+
 # The loss sets of MapAnything's factored criterion, in its order (world points only when computed).
 DENSE_SETS = ("pts3d", "cam_pts3d", "depth", "ray_directions", "pose_quats", "pose_trans")
 MASKED_SETS = ("pts3d", "cam_pts3d", "depth")
@@ -131,13 +133,14 @@ class BatchedCriterion(nn.Module):
             total = total + _conf_part(spec, sets[index], terms, preds, details)
         for index in spec.exclude_sets:
             total = total + _exclude_part(spec, sets[index], terms, views, details)
+        means = set_means(fs, terms)
         for index, name in enumerate(sets):
-            if index not in chosen:
-                total = total + _plain_part(name, terms)
+            if index not in chosen:  # an empty view's mean is 0, as MapAnything adds for it
+                total = total + means[name][0].sum()
         total = total + terms["scale_sum"] / terms["scale_count"].clamp_min(1)
         if fs.normal_and_gm:
             total = total + terms["normal"].sum() + terms["gradient_matching"].sum()
-        _factored_details(fs, terms, details)
+        _factored_details(fs, terms, means, details)
         total = total * spec.weight
         if spec.mask_weight is not None:
             total = total + spec.mask_weight * _mask_part(views, preds, details)
@@ -235,7 +238,7 @@ def _poses_in_view0(views) -> tuple[torch.Tensor, torch.Tensor]:
     quats, trans = views_field(views, "camera_pose_quats"), views_field(views, "camera_pose_trans")
     inverse0 = quats[0] * quats.new_tensor([-1.0, -1.0, -1.0, 1.0]) / (quats[0] * quats[0]).sum(-1, keepdim=True)
     rot_inv0 = _quaternion_matrix(inverse0)
-    rel_quats = _quaternion_product(inverse0.expand_as(quats), quats)
+    rel_quats = quaternion_multiply(inverse0.expand_as(quats), quats)
     rel_trans = torch.einsum("bij,vbj->vbi", rot_inv0, trans) - torch.einsum("bij,bj->bi", rot_inv0, trans[0])
     first = torch.arange(len(views), device=quats.device)[:, None, None] == 0
     identity = quats.new_tensor([0.0, 0.0, 0.0, 1.0])
@@ -243,17 +246,7 @@ def _poses_in_view0(views) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _quaternion_matrix(q: torch.Tensor) -> torch.Tensor:
-    from mapanything_ext.rotations import quaternion_to_matrix
-
     return quaternion_to_matrix(q / q.norm(dim=-1, keepdim=True))
-
-
-def _quaternion_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Hamilton product of x-y-z-w quaternions."""
-    ax, ay, az, aw = a.unbind(-1)
-    bx, by, bz, bw = b.unbind(-1)
-    return torch.stack([aw * bx + ax * bw + ay * bz - az * by, aw * by - ax * bz + ay * bw + az * bx,
-                        aw * bz + ax * by - ay * bx + az * bw, aw * bw - ax * bx - ay * by - az * bz], -1)
 
 
 def _log_norm(x: torch.Tensor) -> torch.Tensor:
@@ -361,30 +354,27 @@ def _exclude_part(spec: LossSpec, name: str, terms, views, details: "DeviceDetai
     return torch.where(count > 0, mean, 0).sum()
 
 
-def _plain_part(name: str, terms) -> torch.Tensor:
-    values = terms[name]
-    if name in MASKED_SETS:
-        return _masked_mean_per_view(values, terms["valid"])[0].sum()
-    if name == "pose_trans":
-        valid = terms["valid_trans"]
-        count = valid.sum(-1)
-        return (torch.where(valid, values, 0).sum(-1) / count.clamp_min(1)).sum()
-    return values.reshape(values.shape[0], -1).mean(-1).sum()
-
-
-def _factored_details(fs: FactoredSpec, terms, details: "DeviceDetails") -> None:
-    """MapAnything's per-view details of each set: the masked mean where it has values and is > 0."""
+def set_means(fs: FactoredSpec, terms) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per set: (V,) MapAnything's plain per-view mean (masked where the set is) and whether the
+    view has values; the total uses them for the sets not aggregated otherwise, the details for all."""
+    means = {}
     for name in fs.sets():
         values = terms[name]
         if name in MASKED_SETS:
             mean, count = _masked_mean_per_view(values, terms["valid"])
-            present = count > 0
+            means[name] = mean, count > 0
         elif name == "pose_trans":
             count = terms["valid_trans"].sum(-1)
-            mean, present = torch.where(terms["valid_trans"], values, 0).sum(-1) / count.clamp_min(1), count > 0
+            means[name] = torch.where(terms["valid_trans"], values, 0).sum(-1) / count.clamp_min(1), count > 0
         else:
             mean = values.reshape(values.shape[0], -1).mean(-1)
-            present = torch.ones_like(mean, dtype=torch.bool)
+            means[name] = mean, torch.ones_like(mean, dtype=torch.bool)
+    return means
+
+
+def _factored_details(fs: FactoredSpec, terms, means, details: "DeviceDetails") -> None:
+    """MapAnything's per-view details of each set: the mean where it has values and is > 0."""
+    for name, (mean, present) in means.items():
         details.add_views(f"{fs.name}_{fs.detail_name(name)}", mean, present & (mean > 0))
     scale = terms["scale_sum"] / terms["scale_count"].clamp_min(1)
     details.add(f"{fs.name}_scale", scale, (terms["scale_count"] > 0) & (scale > 0))

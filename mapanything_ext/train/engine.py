@@ -11,6 +11,7 @@ several names (last, best, final, numbered) is written once and linked.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -133,8 +134,9 @@ def _run(cfg: DictConfig, info: dist.DistInfo, output_dir: Path, started_at: flo
     position = _restore_or_start(run)
     run.scalars = Scalars(output_dir, info.rank == 0, resume_step=position.global_step)
     try:
-        _choose_loss_impl(run)
-        _settle_ddp_buckets(run)
+        first_views = functools.cache(lambda: _first_sample_views(run))  # read once, if at all
+        _choose_loss_impl(run, first_views)
+        _settle_ddp_buckets(run, first_views)
         faults.at("startup")
         stop_here(run, position, "startup")
         if cfg.train_params.get("eval_before_training") and position.global_step == 0:
@@ -185,7 +187,14 @@ def _build_run(cfg: DictConfig, info: dist.DistInfo, output_dir: Path, watcher: 
                train_loader, test_loader, None, watcher)
 
 
-def _choose_loss_impl(run: Run) -> None:
+def _first_sample_views(run: Run) -> list[dict]:
+    """The first training sample as a batch of one on the device (start-up checks use it)."""
+    from torch.utils.data import default_collate
+
+    return to_device(default_collate([run.train_loader.dataset[0]]), run.info.device)
+
+
+def _choose_loss_impl(run: Run, first_views) -> None:
     """loss.impl: the batched criterion runs only after it agreed with MapAnything's own on the
     model's predictions for the first training sample (every rank must agree; models/loss_selfcheck.py).
     The forward runs with gradients on, as in training, so compiled parts need no second graph;
@@ -193,10 +202,8 @@ def _choose_loss_impl(run: Run) -> None:
     criteria = [c for c in (run.train_criterion, run.test_criterion) if isinstance(c, ChosenCriterion)]
     if not criteria:
         return
-    from torch.utils.data import default_collate
-
     saved = rng_state.capture()
-    views = to_device(default_collate([run.train_loader.dataset[0]]), run.info.device)
+    views = [dict(view) for view in first_views()]  # the cached batch, unaltered by a forward
     autocast_dtype = amp_dtype(run)
     mark_step_begin()
     with torch.autocast(run.info.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
@@ -212,7 +219,7 @@ def _choose_loss_impl(run: Run) -> None:
             print(f"[mapanything_ext] loss: {line}", flush=True)
 
 
-def _settle_ddp_buckets(run: Run) -> None:
+def _settle_ddp_buckets(run: Run, first_views) -> None:
     """One synced forward/backward on the first training sample, its gradients and RNG draws undone.
 
     DDP reduces gradients in buckets whose layout it rebuilds after the first backward of each
@@ -223,10 +230,8 @@ def _settle_ddp_buckets(run: Run) -> None:
     resume at any world size), for the cost of one step at start."""
     if not isinstance(run.model, DistributedDataParallel):
         return
-    from torch.utils.data import default_collate
-
     saved = rng_state.capture()
-    views = to_device(default_collate([run.train_loader.dataset[0]]), run.info.device)
+    views = [dict(view) for view in first_views()]  # the cached batch, unaltered by a forward
     _step(run, views, amp_dtype(run), accum=1, sync=True)
     run.optimizer.zero_grad(set_to_none=True)
     rng_state.restore(saved)
