@@ -33,7 +33,7 @@ sys.path.insert(0, str(REPO / "bench"))
 from bench_mapanything_step import config, sample_views, synchronize  # noqa: E402
 
 from mapanything_ext.models import mapanything_adapter  # noqa: E402
-from mapanything_ext.models.registry import build_criteria, build_model  # noqa: E402
+from mapanything_ext.models.registry import build_criteria, build_model_on  # noqa: E402
 from mapanything_ext.train.data import to_device  # noqa: E402
 
 def detached_predictions(model, views):
@@ -72,7 +72,7 @@ def main() -> None:
     resolution = tuple(int(x) for x in args.resolution.split(","))
     cfg = config(args.data, True, False, resolution)
     torch.manual_seed(0)
-    model = build_model(cfg.model).to(device)
+    model = build_model_on(cfg.model, device)
     criterion = build_criteria(cfg.loss)[0]
     inputs = {}
     for n in (int(v) for v in args.views.split(",")):

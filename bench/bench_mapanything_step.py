@@ -11,6 +11,7 @@ generator; 24 views repeat its 12), batch 1, bf16 autocast, random init (full v1
                   autocast, criterion), float(loss), its NativeScalerWithGradNormCount
                   (GradScaler, clip 1.0), torch.optim.AdamW with default kernels
   engine          our engine's train_step: views already pinned and copied non-blocking,
+                  each step's loss read back once the next step is queued (as the train loop does),
                   fused AdamW, clip 1.0 with foreach kernels, no GradScaler (bf16 needs none)
   engine_compile  the same with train_params.compile=[encoder,info_sharing] (compiled in place)
   engine_compile_heads  ... compile=[encoder,info_sharing,dpt_feature_head]
@@ -25,6 +26,10 @@ generator; 24 views repeat its 12), batch 1, bf16 autocast, random init (full v1
                   models/batched_loss.py) instead of MapAnything's; nothing compiled
   batched_compile_post      ... the model parts of engine_compile_post_loss compiled, criterion eager
   batched_compile_post_loss ... and the batched criterion compiled too (loss.compile=true)
+  batched_compile_regional_loss  batched_compile_post_loss with the encoder and info sharing compiled
+                  block by block (encoder.model.blocks.*, info_sharing.self_attention_blocks.*):
+                  Dynamo traces one block per class, not the whole part (run it instead of, not after,
+                  the other compiled variants)
 
 Before the batched variants run, each view count's batch goes through both criteria once
 (models/loss_selfcheck.compare, float32 on the GPU, the model's own predictions) and the table
@@ -61,7 +66,7 @@ sys.path.insert(0, str(REPO))
 from mapanything_ext.config import compose_training  # noqa: E402
 from mapanything_ext.distributed import DistInfo  # noqa: E402
 from mapanything_ext.models.batched_loss import BatchedCriterion  # noqa: E402
-from mapanything_ext.models.registry import build_criteria, build_model  # noqa: E402
+from mapanything_ext.models.registry import build_criteria, build_model_on  # noqa: E402
 from mapanything_ext.train import engine  # noqa: E402
 from mapanything_ext.train.compiling import compile_in_place  # noqa: E402
 from mapanything_ext.datasets.build import build_dataset  # noqa: E402
@@ -73,13 +78,15 @@ from mapanything_ext.train.run import Run  # noqa: E402
 # parts too (loss.compile), and how (train_params.compile_mode).
 HEADS = ["encoder", "info_sharing", "dpt_feature_head"]
 POST = HEADS + ["_encode_and_fuse_optional_geometric_inputs", "downstream_head"]
+REGIONAL = ["encoder.model.blocks.*", "info_sharing.self_attention_blocks.*", *POST[2:]]
 COMPILE = {"engine": (None, False, "default"), "engine_compile": (["encoder", "info_sharing"], False, "default"),
            "engine_compile_heads": (HEADS, False, "default"), "engine_compile_heads_loss": (HEADS, True, "default"),
            "engine_compile_post_loss": (POST, True, "default"), "engine_compile_all": (True, False, "default"),
            "engine_graphs_heads_loss": (HEADS, True, "reduce-overhead"),
            "engine_graphs_post_loss": (POST, True, "reduce-overhead"),
            "batched": (None, False, "default"), "batched_compile_post": (POST, False, "default"),
-           "batched_compile_post_loss": (POST, True, "default")}
+           "batched_compile_post_loss": (POST, True, "default"),
+           "batched_compile_regional_loss": (REGIONAL, True, "default")}
 TINY = ["model.encoder.size=small", "model.encoder.keep_first_n_layers=2", "model.info_sharing.module_args.depth=3",
         "model.info_sharing.module_args.dim=192", "model.info_sharing.module_args.num_heads=3",
         "model.info_sharing.module_args.indices=[0,1]", "model.pred_head.feature_head.feature_dim=32"]
@@ -143,8 +150,13 @@ def engine_stepper(cfg, model, criterion, device, variant: str, loss_parts: tupl
     optimizer = build_optimizer(model, cfg.train_params)
     run = Run(cfg, info, Path("/tmp"), model, model, optimizer, criterion, criterion, None, None, None, None)
 
+    queued = []
+
     def step(batch):
-        engine.train_step(run, to_device(batch, device), torch.bfloat16)
+        # As the train loop does: the step before is read (its loss checked) once this one is queued.
+        queued.append(engine.train_step(run, to_device(batch, device), torch.bfloat16))
+        if len(queued) == 2:
+            engine.read_step(run, queued.pop(0))
 
     return step, optimizer
 
@@ -283,7 +295,7 @@ def run_group(args, device, resolution, checkpointing: bool, view_counts: list[i
     cfg = config(args.data, args.tiny, checkpointing, resolution)
     torch.manual_seed(0)
     started = time.perf_counter()
-    model = build_model(cfg.model).to(device)
+    model = build_model_on(cfg.model, device)
     criterion, _ = build_criteria(cfg.loss)
     criterion.to(device)
     print(f"# model built in {time.perf_counter() - started:.0f}s: "

@@ -74,7 +74,7 @@ def rank_main(args) -> None:
 
     info = dist.init_distributed_mode()
     cfg = compose_training(overrides(args, args.setting, args.out))
-    run = engine._build_run(cfg, info, args.out, None)
+    run = engine._build_run(cfg, info, args.out, None, engine.StartupClock(time.monotonic(), info.rank == 0))
     engine._choose_loss_impl(run, lambda: engine._first_sample_views(run))
     run.model.train()
     timed = {"step": [], "data": [], "images": []}

@@ -1,7 +1,7 @@
 """The real model where users run it: MapAnything v1.1, Stage 1 -> 2 -> 3 through our own commands on a GPU.
 
     python bench/gpu_stages.py --work DIR [--data DIR] [--steps 6] [--eval-steps 2] [--skip-preemption]
-        [--export] [--nproc-per-node 1] [--tiny] [--compile-restart]
+        [--export] [--nproc-per-node 1] [--tiny] [--compile-restart [--regional]]
 
 --tiny uses a tiny MapAnything at 112x84 to check the script anywhere (a CPU too), figures meaningless.
 --compile-restart measures only what a requeue costs with torch.compile on (step 7 below), nothing else.
@@ -14,8 +14,9 @@ What it does, printing a table at the end (and writing DIR/gpu_stages.json):
     `python -m mapanything_ext.datasets.synthetic DIR --scenarios 1 --frames 4 --agents 3 --width 800 --height 600`)
  2. a randomly initialised full v1.1 MapAnything written by its own `save_pretrained` (the Hugging Face
     layout users download): Stage 1's model.pretrained; its load report must say every entry matched
- 3. unless --skip-preemption: Stage 1 under `torchrun --nproc_per_node=1`, stopped by a real SIGUSR2 at its
-    second step (MAPANYTHING_EXT_FAULT), the checkpoint verified, then resumed to the end of the epoch
+ 3. unless --skip-preemption: Stage 1 under `torchrun --nproc_per_node=1`, sent a real SIGUSR2 at its
+    second step (MAPANYTHING_EXT_FAULT; it stops after the third), the checkpoint verified, then resumed
+    to the end of the epoch
  4. `python -m mapanything_ext.pipeline --launcher local --nproc-per-node N` with model=mapanything
     loss=overall_loss, each stage's own image budget and views, Stage 3 with gradient checkpointing,
     `train_params.max_steps_per_epoch=--steps`, one epoch per stage, bf16; Stage 2 and 3 start from the
@@ -23,8 +24,10 @@ What it does, printing a table at the end (and writing DIR/gpu_stages.json):
  5. the per-step losses of the resumed Stage 1 against the pipeline's uninterrupted Stage 1
  6. with --export: Stage 3's best exported (python -m mapanything_ext.export), reloaded with MapAnything's
     own from_pretrained, predictions compared with our checkpoint's on a fixed input
- 7. with --compile-restart (instead of 3 to 6): Stage 1 with train_params.compile=[encoder,info_sharing,
-    dpt_feature_head], stopped by SIGUSR2 at its second step, then started again in the same run folder
+ 7. with --compile-restart (instead of 3 to 6): Stage 1 compiled as fast as it trains (train_params.compile=
+    [encoder,info_sharing,dpt_feature_head,_encode_and_fuse_optional_geometric_inputs,downstream_head] and
+    loss.compile=true; --regional: the encoder and info sharing block by block), stopped by SIGUSR2 at its
+    second step (the job stops after its third), then started again in the same run folder
     (a requeue): time from start to the first training step of both starts, and what the second took
     from the run's compile cache (train_params.compile_cache, <run>/compile_cache/)
 """
@@ -75,7 +78,7 @@ def make_pretrained(work: Path, args) -> tuple[Path, dict]:
 
     from mapanything_ext.config import compose_training
     from mapanything_ext.models.mapanything_adapter import save_hf_folder
-    from mapanything_ext.models.registry import build_model
+    from mapanything_ext.models.registry import build_model_on
 
     folder = work / "map-anything-v1.1-random"
     if (folder / "model.safetensors").is_file():
@@ -83,7 +86,7 @@ def make_pretrained(work: Path, args) -> tuple[Path, dict]:
     cfg = compose_training(["model=mapanything", "loss=overall_loss", *(TINY if args.tiny else [])])
     started = time.perf_counter()
     torch.manual_seed(0)
-    model = build_model(cfg.model)
+    model = build_model_on(cfg.model, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     built = time.perf_counter() - started
     save_hf_folder(model, cfg.model, folder)
     size = sum(p.stat().st_size for p in folder.iterdir())
@@ -144,7 +147,7 @@ def console_figures(run_dir: Path) -> dict:
 
 
 def preemption(data: Path, work: Path, pretrained: Path, args) -> dict:
-    """Stage 1 stopped by SIGUSR2 at its second step, verified, resumed; figures for the table."""
+    """Stage 1 sent SIGUSR2 at its second step (stops after the third), verified, resumed; figures."""
     run_dir = work / "preempted_stage1"
     shutil.rmtree(run_dir, ignore_errors=True)
     overrides = [*common_overrides(data, work / "unused", args), "stage=stage1", f"output_dir={run_dir}",
@@ -209,19 +212,24 @@ def pipeline(data: Path, work: Path, pretrained: Path, args) -> dict:
     return rows
 
 
-COMPILED_PARTS = "[encoder,info_sharing,dpt_feature_head]"
+COMPILED_PARTS = ("[encoder,info_sharing,dpt_feature_head,_encode_and_fuse_optional_geometric_inputs,"
+                  "downstream_head]")
+REGIONAL_PARTS = ("[encoder.model.blocks.*,info_sharing.self_attention_blocks.*,dpt_feature_head,"
+                  "_encode_and_fuse_optional_geometric_inputs,downstream_head]")
 
 
 def compile_restart(data: Path, work: Path, pretrained: Path, args) -> dict:
     """Stage 1 compiled, preempted at its second step, requeued: the start-up cost of both starts."""
-    if args.steps < 3:
-        raise SystemExit("--compile-restart needs --steps 3 or more (the requeued start must have a step left)")
+    if args.steps < 4:  # the signal at step 2 stops the job after step 3 (the stop poll answers a step late)
+        raise SystemExit("--compile-restart needs --steps 4 or more (the requeued start must have a step left)")
     run_dir = work / "compile_restart_stage1"
     shutil.rmtree(run_dir, ignore_errors=True)  # a cold first start: its compile cache lies in the run folder
+    parts = REGIONAL_PARTS if args.regional else COMPILED_PARTS
     overrides = [*common_overrides(data, work / "unused", args), "stage=stage1", f"output_dir={run_dir}",
-                 f"model.pretrained={pretrained}", f"train_params.compile={COMPILED_PARTS}"]
+                 f"model.pretrained={pretrained}", f"train_params.compile={parts}", "loss.compile=true"]
     console = work / "compile_restart_stage1.log"
-    log(f"Stage 1, train_params.compile={COMPILED_PARTS}: first start (cold compile cache), SIGUSR2 at its second step")
+    log(f"Stage 1, train_params.compile={parts}, loss.compile=true: first start (cold compile cache), "
+        "SIGUSR2 at its second step")
     if torchrun(args.nproc_per_node, overrides, {"MAPANYTHING_EXT_FAULT": "SIGUSR2@train_step@0"}, console) == 0:
         raise RuntimeError(f"the first start did not stop (see {console})")
     log("the same run started again (a requeue)")
@@ -310,6 +318,8 @@ def main(argv=None) -> int:
     parser.add_argument("--compile-restart", action="store_true",
                         help="only: Stage 1 compiled, preempted at its second step and started again; time to the "
                              "first step of both starts (the compile cache of the run folder)")
+    parser.add_argument("--regional", action="store_true",
+                        help="with --compile-restart: the encoder and info sharing compiled block by block")
     args = parser.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
     results: dict = {}

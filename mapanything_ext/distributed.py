@@ -32,6 +32,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as tdist
 
+from mapanything_ext.readback import HostCopy
+
 DEFAULT_TIMEOUT_S = 7200
 
 
@@ -219,6 +221,18 @@ def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
 
 def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
     return _all_reduce(tensor, tdist.ReduceOp.MAX)
+
+
+def queue_all_reduce_max(values: torch.Tensor) -> HostCopy:
+    """MAX over ranks of a small CPU tensor, queued without waiting for the GPU: under NCCL the
+    values go up through pinned memory and come back as a HostCopy, so neither direction drains
+    the stream (a plain `.to()` of a CPU tensor does). Same order of collectives on every rank, as
+    with any collective."""
+    device = collective_device()
+    work = values.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else values.clone()
+    if is_distributed():
+        tdist.all_reduce(work, op=tdist.ReduceOp.MAX)
+    return HostCopy(work)
 
 
 def all_gather_object(obj) -> list:

@@ -8,10 +8,12 @@
             (no budget of ours; Slurm counts every restart in SLURM_RESTART_COUNT).
 
 Handlers only record the signal (they may interrupt anything, a checkpoint write too). The
-engine asks `stop_requested()` at its stop points: before every training step, after an epoch's
-last step, between evaluation batches, after the saves of an epoch and before training starts.
-That call is a collective: every rank learns the strongest signal any rank received, so a signal
-that reached one rank only (one node's tasks, say) stops the whole job at the same point. The
+engine asks `stop_requested()` at its stop points: after an epoch's last step, between evaluation
+batches, after the saves of an epoch and before training starts; after every other training step
+it asks `stop_seen_at_last_poll()`, the same question answered one step late so that asking never
+makes the host wait for the GPU. Both are collectives: every rank learns the strongest signal
+any rank received, so a signal that reached one rank only (one node's tasks, say) stops the whole
+job at the same point. The
 engine then writes what the position needs (checkpoint-last, or nothing when nothing new exists)
 and calls `requeue_and_exit()`:
 
@@ -52,6 +54,7 @@ class PreemptionWatcher:
         self.agreed: int | None = None
         self.agreed_at: float | None = None  # the earliest signal of any rank
         self._previous: dict[int, object] = {}
+        self._queued_poll = None  # stop_seen_at_last_poll's reduction in flight
 
     def install(self) -> None:
         for signum in _SIGNALS:
@@ -67,17 +70,30 @@ class PreemptionWatcher:
 
     def stop_requested(self) -> bool:
         """Collective: True on every rank when any rank received a signal; remembers which."""
-        # One MAX all-reduce: a flag per signal, and minus the arrival time (so the earliest wins).
+        seen = dist.all_reduce_max(self._flags()).tolist()
+        strongest = [s for s, flag in zip(_SIGNALS, seen) if flag > 0]
+        self.agreed = strongest[-1] if strongest else None
+        self.agreed_at = -seen[-1] if strongest else None
+        return self.agreed is not None
+
+    def stop_seen_at_last_poll(self) -> bool:
+        """Collective, without waiting for the GPU: queues this rank's flags into a MAX all-reduce
+        and answers from the reduction the previous call queued (False at the first call). Every
+        rank answers from the same reduction, so all stop at the same step: one step after the one
+        whose poll first carried the signal. The train loop polls this way at every step, where
+        stop_requested() would drain the GPU's queue each time; the stop itself then goes through
+        stop_requested(), which agrees (a received signal stays recorded)."""
+        previous, self._queued_poll = self._queued_poll, dist.queue_all_reduce_max(self._flags())
+        return previous is not None and any(flag > 0 for flag in previous.get()[:-1].tolist())
+
+    def _flags(self) -> torch.Tensor:
+        # For one MAX all-reduce: a flag per signal, and minus the arrival time (so the earliest wins).
         seen = torch.zeros(len(_SIGNALS) + 1, dtype=torch.float64)
         seen[-1] = -1e18
         if self.received is not None:
             seen[_SIGNALS.index(self.received)] = 1.0
             seen[-1] = -self.received_at
-        seen = dist.all_reduce_max(seen).tolist()
-        strongest = [s for s, flag in zip(_SIGNALS, seen) if flag > 0]
-        self.agreed = strongest[-1] if strongest else None
-        self.agreed_at = -seen[-1] if strongest else None
-        return self.agreed is not None
+        return seen
 
     def requeue_and_exit(self, what_was_saved: str) -> None:
         """After what the position needs is on disk: let Slurm/submitit requeue, then leave. When

@@ -3,11 +3,15 @@ whose helpers put tensors on the backend's device. NCCL serves CUDA tensors only
 of CPU tensors called anywhere else would stop every multi-GPU job at its first step."""
 
 import re
+import signal
+import time
 from pathlib import Path
 
 import torch
 
 from mapanything_ext import distributed as dist
+from mapanything_ext.preemption import PreemptionWatcher
+from mapanything_ext.readback import HostCopy
 
 REPO = Path(__file__).resolve().parents[1]
 # Importing torch.distributed, or calling a collective other than through our helpers (`dist.`).
@@ -33,3 +37,20 @@ def test_helpers_work_without_a_process_group_and_keep_the_callers_device():
     assert dist.all_reduce_max(value).device == value.device
     assert dist.collective_device() == torch.device("cpu")
     assert dist.all_gather_object({"a": 1}) == [{"a": 1}]
+
+
+def test_a_host_copy_holds_the_values_at_the_time_it_was_made():
+    value = torch.tensor([1.0, 2.0])
+    copy = HostCopy(value)
+    value += 1  # the copy is taken when made, not when read
+    assert copy.get().tolist() == [1.0, 2.0] and copy.get().device.type == "cpu"
+    assert dist.queue_all_reduce_max(torch.tensor([3.0, -1.0])).get().tolist() == [3.0, -1.0]
+
+
+def test_the_train_loops_stop_poll_answers_from_the_poll_before():
+    watcher = PreemptionWatcher()
+    assert not watcher.stop_seen_at_last_poll()  # the first poll has nothing to answer from
+    watcher.received, watcher.received_at = signal.SIGUSR2, time.time()
+    assert not watcher.stop_seen_at_last_poll()  # answers from the poll before the signal
+    assert watcher.stop_seen_at_last_poll()  # the poll that carried it
+    assert watcher.stop_requested() and watcher.agreed == signal.SIGUSR2  # the stop itself agrees

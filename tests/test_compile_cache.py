@@ -153,9 +153,11 @@ def test_check_ckpt_does_not_search_the_cache(tmp_path):
     assert collect([str(tmp_path)]) == [tmp_path / "checkpoint-last.pth"]
 
 
-# --- real runs: a job preempted at its second step and requeued, then a job on a damaged cache ----------
+# --- real runs: a job preempted after its third step and requeued, then a job on a damaged cache ----------
 
-COMPILED = ("train_params.compile=[head_norm]", "train_params.epochs=1", "train_params.max_steps_per_epoch=5",
+# Six steps: the signal at the second step stops the job after the third (the stop poll answers a
+# step late), and the requeued start gets its own second step, where the signal comes again.
+COMPILED = ("train_params.compile=[head_norm]", "train_params.epochs=1", "train_params.max_steps_per_epoch=6",
             "train_params.max_eval_steps=1", "train_params.max_num_of_imgs_per_gpu=4")
 FIRST_STEP = re.compile(r"\[compile_cache\] first step: (.*) \(FX graph cache (\d+) hits, (\d+) misses")
 
@@ -168,7 +170,7 @@ def first_step_lines(out: Path) -> list[tuple[str, int, int]]:
 @pytest.fixture(scope="module")
 def requeued_run(synthetic_root, tmp_path_factory):
     """A job stopped by SIGUSR2 at its second step (a preemption), started again (the requeue), which
-    is stopped the same way after its own first step (no evaluation: nothing new to compile)."""
+    is stopped the same way (no evaluation: nothing new to compile)."""
     logs = tmp_path_factory.mktemp("compile_cache_logs")
     out = tmp_path_factory.mktemp("compile_cache") / "run"
     overrides = tiny_overrides(synthetic_root, out, *COMPILED)
@@ -189,6 +191,8 @@ def test_a_requeued_job_takes_its_compiled_graphs_from_the_cache(requeued_run):
     assert cold_hits == 0 and cold_misses > 0, cold
     # The restart compiles nothing: every graph Inductor would build comes from the cache.
     assert warm_hits > 0 and warm_misses == 0, warm
+    # torch's account of where the start's compile time went, with the cache line
+    assert len(re.findall(r"first step: .*; compile time \(s\): in all [\d.]+, Dynamo tracing [\d.]+", console)) == 2
     assert "resumed from" in console and console.count("leaving for requeue") == 2
     assert collect([str(requeued_run)]) == sorted(requeued_run.glob("checkpoint-*.pth"))
 

@@ -49,6 +49,78 @@ def test_compile_in_place_names_a_missing_part_compiles_methods_and_keeps_layout
     assert out[0]["a"].is_contiguous() and torch.equal(out[0]["a"], strided) and out[0]["b"] == 3
 
 
+def test_regional_compilation_compiles_each_block_and_traces_one_for_all():
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    model = CompactMapAnything(dim=16, depth=2, num_heads=2)
+    eager = copy.deepcopy(model)
+    with pytest.raises(ValueError, match=r"'head_norm.\*', but head_norm is a LayerNorm, not a list of blocks"):
+        compile_in_place(model, ["head_norm.*"])
+    with pytest.raises(ValueError, match=r"names 'stages.\*', which the model does not have"):
+        compile_in_place(model, ["stages.*"])
+    compile_in_place(model, ["blocks.*"])
+    assert all(block._compiled_call_impl is not None for block in model.blocks)
+    assert model._compiled_call_impl is None and model.head_norm._compiled_call_impl is None
+    assert list(model.state_dict()) == list(eager.state_dict())
+    tokens = torch.randn(2, 5, 16)
+    torch._dynamo.reset()
+    counters.clear()
+    with torch.no_grad():
+        torch.testing.assert_close(model.blocks[0](tokens), eager.blocks[0](tokens))
+        traced = counters["stats"]["unique_graphs"]
+        for block, plain in zip(model.blocks[1:], eager.blocks[1:]):
+            torch.testing.assert_close(block(tokens), plain(tokens))
+    # Four blocks of one class, one shape: the first was traced, the other three reuse its code.
+    assert len(model.blocks) == 4 and traced > 0 and counters["stats"]["unique_graphs"] == traced
+
+
+def _checkpointed_per_block(module):
+    """Gradient checkpointing the way uniception applies it: a new subclass for every block."""
+    class Checkpointed(module.__class__):
+        def forward(self, *args, **kwargs):
+            return torch.utils.checkpoint.checkpoint(super().forward, *args, use_reentrant=False, **kwargs)
+
+    module.__class__ = Checkpointed
+    return module
+
+
+def test_regional_compilation_of_blocks_checkpointed_each_with_its_own_class_traces_one():
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    model = CompactMapAnything(dim=16, depth=2, num_heads=2)
+    for i, block in enumerate(model.blocks):
+        model.blocks[i] = _checkpointed_per_block(block)
+    plain = copy.deepcopy(model)
+    assert len({type(block) for block in model.blocks}) == 4
+    compile_in_place(model, ["blocks.*"])
+    assert len({type(block) for block in model.blocks}) == 1  # same code, so one class now
+
+    torch._dynamo.reset()
+    counters.clear()
+    grads = []
+    for net in (model, plain):
+        tokens = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        out = tokens
+        for block in net.blocks:
+            out = block(out)
+            if net is model and block is net.blocks[0]:
+                traced = counters["stats"]["unique_graphs"]
+        out.square().sum().backward()
+        grads.append(tokens.grad)
+    torch.testing.assert_close(grads[0], grads[1])
+    assert traced > 0 and counters["stats"]["unique_graphs"] == traced
+
+    class Other(torch.nn.Linear):  # other code: never given another block's class
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    blocks = torch.nn.ModuleList([torch.nn.Linear(2, 2), Other(2, 2)])
+    compile_in_place(torch.nn.Sequential(blocks), ["0.*"])
+    assert type(blocks[1]) is Other
+
+
 def test_compiling_again_replaces_the_earlier_compilation():
     model = CompactMapAnything(dim=32, depth=1, num_heads=2)
     compile_in_place(model, ["_dense", "head_norm"])

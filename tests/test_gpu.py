@@ -34,9 +34,17 @@ assert dist.all_reduce_max(torch.tensor([3.0])).item() == 3.0
 assert dist.all_reduce_mean(torch.tensor([4.0], device=info.device)).device.type == "cuda"
 assert dist.all_gather_object({"rng": torch.get_rng_state()})[0]["rng"].numel() > 0
 assert dist.broadcast_object("x") == "x"
+from mapanything_ext.readback import HostCopy
+torch.cuda._sleep(2_000_000_000)  # the GPU busy for about a second
+seven = HostCopy(torch.full((3,), 7.0, device=info.device))
+flags = dist.queue_all_reduce_max(torch.tensor([5.0, -2.0], dtype=torch.float64))
+assert not seven._ready.query(), "HostCopy waited for the GPU"  # queued behind the sleep, not waited for
+assert seven.get().tolist() == [7.0] * 3 and flags.get().tolist() == [5.0, -2.0]
 watcher = PreemptionWatcher()
 assert not watcher.stop_requested()
+assert not watcher.stop_seen_at_last_poll()
 watcher.received, watcher.received_at = 12, 0.0
+assert not watcher.stop_seen_at_last_poll() and watcher.stop_seen_at_last_poll()
 assert watcher.stop_requested() and watcher.agreed == 12
 dist.barrier()
 dist.cleanup()

@@ -24,7 +24,7 @@ CHAIN = [
     ("startup", 1, "nothing new to save (startup"),
     ("initial_eval", 0, "nothing new to save (during the initial evaluation"),
     ("loader_start", 1, "nothing new to save (data-loader start-up"),
-    ("train_step", 1, "checkpoint-last.pth written (training step, epoch 0, 4 batches done)"),
+    ("train_step", 1, "checkpoint-last.pth written (training step, epoch 0, 6 batches done)"),
     ("last_step", 0, "checkpoint-last.pth written (after the epoch's last step, epoch 0, 8 batches done)"),
     ("eval", 1, "nothing new to save (during evaluation"),
     ("save", 1, "nothing new to save (end of epoch"),
@@ -70,7 +70,7 @@ def test_sigterm_on_one_rank_mid_epoch_stops_the_job_at_the_same_step(synthetic_
     assert run(synthetic_root, out, tmp_path, 2, "SIGTERM@train_step@1") == [3, 3]
     assert "SIGTERM (received by another rank): checkpoint-last.pth written" in preemption_lines(out)[-1]
     state = torch.load(out / "checkpoint-last.pth", weights_only=True)["resume"]
-    assert (state["epoch"], state["consumed"], state["epoch_complete"]) == (0, 4, False)
+    assert (state["epoch"], state["consumed"], state["epoch_complete"]) == (0, 6, False)
 
 
 def test_a_resume_with_another_world_size_continues_the_epoch(synthetic_root, tmp_path):
@@ -78,7 +78,7 @@ def test_a_resume_with_another_world_size_continues_the_epoch(synthetic_root, tm
     assert run(synthetic_root, out, tmp_path, 2, "SIGUSR2@train_step@0") == [3, 3]
     assert run(synthetic_root, out, tmp_path, 1) == [0]
     console = (out / "console.log").read_text()
-    assert "resume: world size changed from 2 to 1: epoch 0 continues at global batch 4 of 9" in console
+    assert "resume: world size changed from 2 to 1: epoch 0 continues at global batch 6 of 9" in console
     assert "RNG states of 2 rank(s) saved, 1 now" in console  # the run says it is exact, not bitwise
     assert [r["epoch"] for r in records(out)] == [0, 1]
 

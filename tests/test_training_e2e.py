@@ -34,11 +34,13 @@ def test_stage1_learns_and_writes_everything(synthetic_root, tmp_path):
         assert isinstance(ckpt["args"], dict) and ckpt["args"]["train_params"]["max_num_of_imgs_per_gpu"] == 4
     console = (out / "console.log").read_text()
     assert "train_params:" in console and "max_num_of_imgs_per_gpu: 4" in console
+    assert "[startup] model built on cpu: " in console  # where a (re)start spends its time, phase by phase
     assert list((out / "tensorboard").iterdir())
     assert not [p.name for p in out.rglob("*") if p.is_file() and p.stat().st_size == 0]  # no empty files
     # a rerun of the finished command resumes from its newest checkpoint and trains nothing more
     again = run_training(overrides)
     assert again.returncode == 0 and "resumed from" in again.stdout and "saved" not in again.stdout
+    assert "[startup] checkpoint chosen, verified and loaded: " in again.stdout
     assert len(records(out)) == 8
     # resuming with a different model is refused with a message, not a tensor-shape traceback
     other = run_training(overrides + ["model.dim=32"])

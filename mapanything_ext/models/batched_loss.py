@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mapanything_ext.readback import HostCopy
 from mapanything_ext.rotations import quaternion_multiply, quaternion_to_matrix
 
 # The loss sets of MapAnything's factored criterion, in its order (world points only when computed).
@@ -401,6 +402,7 @@ class DeviceDetails(Mapping):
         self._values: list[torch.Tensor] = []
         self._present: list[torch.Tensor] = []
         self._read: dict | None = None
+        self._copy: HostCopy | None = None
 
     def add_views(self, prefix: str, values: torch.Tensor, present: torch.Tensor, average_over_all=False) -> None:
         self._groups.append((prefix, values.shape[0], average_over_all))
@@ -412,11 +414,18 @@ class DeviceDetails(Mapping):
         self._values.append(value.detach().double().reshape(1))
         self._present.append(present.reshape(1))
 
+    def queue_read(self) -> None:
+        """Queue the one transfer now, behind the work that produces the values; the first read
+        then waits for that transfer only (readback.HostCopy)."""
+        if self._copy is None and self._read is None:
+            values = torch.cat(self._values)
+            self._copy = HostCopy(torch.stack([values, torch.cat(self._present).to(values.dtype)]))
+
     def _materialize(self) -> dict:
         if self._read is None:
-            values = torch.cat(self._values)
-            packed = torch.stack([values, torch.cat(self._present).to(values.dtype)]).tolist()  # one transfer
-            self._read = _assemble(self._groups, *packed)
+            self.queue_read()
+            self._read = _assemble(self._groups, *self._copy.get().tolist())
+            self._values = self._present = self._copy = None  # device memory no longer held
         return self._read
 
     def __getitem__(self, key):

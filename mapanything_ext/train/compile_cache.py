@@ -169,7 +169,28 @@ def first_step_line() -> str | None:
         verdict = f"{hits} of {hits + misses} compiled graphs from the cache, {misses} compiled now"
     return (f"[compile_cache] first step: {verdict} (FX graph cache {hits} hits, {misses} misses, "
             f"{d['fxgraph_cache_bypass']} bypasses; AOTAutograd cache {d['autograd_cache_hit']} hits, "
-            f"{d['autograd_cache_miss']} misses; rank 0)")
+            f"{d['autograd_cache_miss']} misses; rank 0){_compile_seconds()}")
+
+
+# torch's own accounting of where compile time went (torch._dynamo.utils.compile_times), by the
+# names of the phases it times; a name a torch version does not time is left out.
+_PHASES = (("_compile.compile_inner", "in all"), ("bytecode_tracing", "Dynamo tracing"),
+           ("create_aot_dispatcher_function", "AOTAutograd"), ("compile_fx_inner", "Inductor forward"),
+           ("compile_fx.<locals>.bw_compiler", "Inductor backward"),
+           ("PyCodeCache.load_by_key_path", "loading compiled code"))
+
+
+def _compile_seconds() -> str:
+    """'; compile time (s): in all 61.2, Dynamo tracing 20.1, ...' or '' where torch keeps no account."""
+    try:
+        from torch._dynamo.utils import compile_times
+
+        names, seconds = compile_times(repr="csv", aggregate=True)
+    except Exception:  # noqa: BLE001 -- a private API: its absence must not stop a job
+        return ""
+    totals = dict(zip(names, (float(value) for value in seconds)))
+    parts = [f"{label} {totals[name]:.1f}" for name, label in _PHASES if name in totals]
+    return f"; compile time (s): {', '.join(parts)}" if parts else ""
 
 
 def check_folder(folder: Path) -> tuple[int, int, int, list[str]]:

@@ -34,12 +34,22 @@ def check_compile_settings(tp) -> str:
 
 def compile_in_place(module: torch.nn.Module, what, mode: str = "default") -> None:
     """torch.compile the whole model (true) or the named parts (a list), in place. A name is a
-    submodule (`encoder`, `info_sharing`) or a method of the model or of a submodule
-    (`downstream_head`), which is then replaced on that instance only. Compiling a part again
-    (another mode) replaces the earlier compilation."""
+    submodule (`encoder`, `info_sharing`), a method of the model or of a submodule
+    (`downstream_head`), which is then replaced on that instance only, or `<list>.*`: every block
+    of a ModuleList compiled on its own (regional compilation, `encoder.model.blocks.*`). Blocks
+    of one class share their compiled code, so Dynamo traces one block where a whole part makes it
+    trace all of them: much shorter compiles, and shorter restarts from the compile cache, which
+    caches kernels but not Dynamo's tracing. Compiling a part again (another mode) replaces the
+    earlier compilation."""
     options = {} if _checked_mode(mode) == "default" else {"mode": mode}
     names = [""] if what is True else list(what)
     for name in names:
+        if name.endswith(".*"):
+            blocks = _blocks(module, name[:-2])
+            _share_one_class(blocks)
+            for block in blocks:
+                _compile_module(block, options)
+            continue
         owner_name, _, attr = name.rpartition(".")
         try:
             owner = module.get_submodule(owner_name)
@@ -53,6 +63,36 @@ def compile_in_place(module: torch.nn.Module, what, mode: str = "default") -> No
             setattr(owner, attr, _with_contiguous_output(torch.compile(original, **options), original))
         else:
             raise ValueError(f"train_params.compile names {name!r}, which is neither a submodule nor a method")
+
+
+def _blocks(module: torch.nn.Module, name: str) -> torch.nn.ModuleList:
+    try:
+        blocks = module.get_submodule(name)
+    except AttributeError as err:
+        raise ValueError(f"train_params.compile names {name + '.*'!r}, which the model does not have: {err}") from err
+    if not isinstance(blocks, (torch.nn.ModuleList, torch.nn.Sequential)):
+        raise ValueError(f"train_params.compile names {name + '.*'!r}, but {name} is a {type(blocks).__name__}, "
+                         f"not a list of blocks (ModuleList or Sequential); name it without '.*'")
+    return blocks
+
+
+def _share_one_class(blocks) -> None:
+    """Give blocks that differ only in their class object one class. Gradient checkpointing as
+    MapAnything's uniception applies it gives every block its own subclass (made per block, same
+    code), and Dynamo guards on the class: it would trace every block again and, past its recompile
+    limit of 8, leave the rest uncompiled. Blocks whose classes share their base and the code of
+    every method behave identically, so the first block's class serves them all."""
+    first = type(blocks[0])
+    for block in blocks:
+        if type(block) is not first and _same_code(type(block), first):
+            block.__class__ = first
+
+
+def _same_code(a: type, b: type) -> bool:
+    def code(cls):
+        return {k: getattr(v, "__code__", v) for k, v in vars(cls).items() if k not in ("__module__", "__doc__")}
+
+    return a.__bases__ == b.__bases__ and code(a) == code(b)
 
 
 def mark_step_begin() -> None:

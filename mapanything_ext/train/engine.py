@@ -17,6 +17,8 @@ import math
 import os
 import re
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -28,9 +30,11 @@ from mapanything_ext import distributed as dist
 from mapanything_ext import faults, preflight, run_lock
 from mapanything_ext.checkpoint import load_checkpoint, prepare_resume
 from mapanything_ext.datasets.build import build_dataset
+from mapanything_ext.models.batched_loss import DeviceDetails
 from mapanything_ext.models.loss_selfcheck import ChosenCriterion
-from mapanything_ext.models.registry import build_criteria, build_model
+from mapanything_ext.models.registry import build_criteria, build_model_on
 from mapanything_ext.preemption import PreemptionWatcher, restarts_so_far
+from mapanything_ext.readback import HostCopy
 from mapanything_ext.run_log import Scalars, append_epoch_record, report_failure, report_previous_job, tee_console
 from mapanything_ext.train import rng_state
 from mapanything_ext.train import compile_cache
@@ -129,14 +133,18 @@ def _run(cfg: DictConfig, info: dist.DistInfo, output_dir: Path, started_at: flo
     preflight.check(cfg, resuming=resuming)
     # Before anything compiles: torch.compile's caches in the run folder, warm after a requeue.
     compile_cache.use_for_run(cfg, info, output_dir)
-    run = _build_run(cfg, info, output_dir, watcher)
+    clock = StartupClock(started_at, info.rank == 0)
+    run = _build_run(cfg, info, output_dir, watcher, clock)
     run.started_at = started_at
     position = _restore_or_start(run)
+    if resuming or cfg.model.get("pretrained"):
+        clock.done("checkpoint chosen, verified and loaded" if resuming else "model.pretrained verified and loaded")
     run.scalars = Scalars(output_dir, info.rank == 0, resume_step=position.global_step)
     try:
         first_views = functools.cache(lambda: _first_sample_views(run))  # read once, if at all
-        _choose_loss_impl(run, first_views)
-        _settle_ddp_buckets(run, first_views)
+        _choose_loss_impl(run, first_views, clock)
+        if _settle_ddp_buckets(run, first_views):
+            clock.done("DDP gradient buckets settled (one step on the first sample)")
         faults.at("startup")
         stop_here(run, position, "startup")
         if cfg.train_params.get("eval_before_training") and position.global_step == 0:
@@ -147,6 +155,21 @@ def _run(cfg: DictConfig, info: dist.DistInfo, output_dir: Path, started_at: flo
     dist.barrier()
 
 
+class StartupClock:
+    """What a (re)started job spends before its first step, phase by phase, in console.log: a
+    requeue pays all of it again, so it is worth seeing where it goes."""
+
+    def __init__(self, started_at: float, prints: bool):
+        self.started_at = self.last = started_at
+        self.prints = prints
+
+    def done(self, what: str) -> None:
+        now = time.monotonic()
+        if self.prints:
+            print(f"[startup] {what}: {now - self.last:.1f}s ({now - self.started_at:.1f}s since start)", flush=True)
+        self.last = now
+
+
 def _check_precision(tp) -> None:
     if tp.get("amp") and str(tp.get("amp_dtype")) != "bf16":
         raise ValueError(
@@ -155,7 +178,8 @@ def _check_precision(tp) -> None:
         )
 
 
-def _build_run(cfg: DictConfig, info: dist.DistInfo, output_dir: Path, watcher: PreemptionWatcher) -> Run:
+def _build_run(cfg: DictConfig, info: dist.DistInfo, output_dir: Path, watcher: PreemptionWatcher,
+               clock: StartupClock) -> Run:
     tp = cfg.train_params
     compile_mode = check_compile_settings(tp)
     rng_state.seed_everything(int(tp.seed) + info.rank)
@@ -166,7 +190,9 @@ def _build_run(cfg: DictConfig, info: dist.DistInfo, output_dir: Path, watcher: 
                                 info.world_size, workers, max_steps=tp.get("max_steps_per_epoch"))
     test_loader = build_loader(test_ds, tp.max_num_of_imgs_per_gpu, False, int(tp.seed), info.rank,
                                info.world_size, workers, max_steps=tp.get("max_eval_steps"), lockstep=False)
-    module = build_model(cfg.model).to(info.device)
+    clock.done("start-up checks and datasets")
+    module = build_model_on(cfg.model, info.device)
+    clock.done(f"model built on {info.device}")
     model = module
     if tp.get("compile"):
         compile_in_place(module, tp.compile, compile_mode)
@@ -194,7 +220,7 @@ def _first_sample_views(run: Run) -> list[dict]:
     return to_device(default_collate([run.train_loader.dataset[0]]), run.info.device)
 
 
-def _choose_loss_impl(run: Run, first_views) -> None:
+def _choose_loss_impl(run: Run, first_views, clock: StartupClock | None = None) -> None:
     """loss.impl: the batched criterion runs only after it agreed with MapAnything's own on the
     model's predictions for the first training sample (every rank must agree; models/loss_selfcheck.py).
     The forward runs with gradients on, as in training, so compiled parts need no second graph;
@@ -209,6 +235,8 @@ def _choose_loss_impl(run: Run, first_views) -> None:
     with torch.autocast(run.info.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
         preds = [{k: v.detach() if torch.is_tensor(v) else v for k, v in pred.items()} for pred in run.module(views)]
     rng_state.restore(saved)
+    if clock is not None:
+        clock.done("loss self-check: the first sample through the model (compiled parts traced or loaded)")
 
     def everyone_agrees(ok: bool) -> bool:
         return float(dist.all_reduce_max(torch.tensor(0.0 if ok else 1.0)).item()) == 0.0
@@ -217,9 +245,11 @@ def _choose_loss_impl(run: Run, first_views) -> None:
         line = criterion.self_check(views, preds, everyone_agrees)
         if run.info.rank == 0:
             print(f"[mapanything_ext] loss: {line}", flush=True)
+    if clock is not None:
+        clock.done("loss self-check: both criteria compared in float64")
 
 
-def _settle_ddp_buckets(run: Run, first_views) -> None:
+def _settle_ddp_buckets(run: Run, first_views) -> bool:
     """One synced forward/backward on the first training sample, its gradients and RNG draws undone.
 
     DDP reduces gradients in buckets whose layout it rebuilds after the first backward of each
@@ -229,12 +259,13 @@ def _settle_ddp_buckets(run: Run, first_views) -> None:
     layout before the first real step makes every step of every run use the same one (bitwise
     resume at any world size), for the cost of one step at start."""
     if not isinstance(run.model, DistributedDataParallel):
-        return
+        return False
     saved = rng_state.capture()
     views = [dict(view) for view in first_views()]  # the cached batch, unaltered by a forward
     _step(run, views, amp_dtype(run), accum=1, sync=True)
     run.optimizer.zero_grad(set_to_none=True)
     rng_state.restore(saved)
+    return True
 
 
 def _initial_eval(run: Run, position: Position) -> None:
@@ -360,53 +391,101 @@ def _train_one_epoch(run: Run, position: Position) -> dict:
     done = position.consumed // world
     bar = run.bar = tqdm(total=done + steps_left, initial=done, desc=f"epoch {position.epoch}",
                          disable=info.rank != 0, mininterval=2.0, dynamic_ncols=True)
-    started, images = time.perf_counter(), 0
+    meter = _EpochMeter(run, position, bar)
+    queued = None  # the step before, whose loss and details are read once this one is queued
     faults.at("loader_start")
     for i, views in enumerate(run.train_loader):
         if i == 0:
             stop_here(run, position, "data-loader start-up")
         it = position.consumed // world  # this rank's step index within the epoch
-        if i == 1 or i + 1 == steps_left:
-            faults.at("last_step" if i + 1 == steps_left else "train_step")
+        last = i + 1 == steps_left
+        if i == 1 or last:
+            faults.at("last_step" if last else "train_step")
         set_lr(run.optimizer, lr_at(position.epoch + position.consumed / epoch_batches, tp.lr, tp.min_lr,
                                     tp.warmup_epochs, tp.epochs))
         views = to_device(views, info.device)
-        boundary = (it + 1) % accum == 0 or i + 1 == steps_left
-        loss_value, details = train_step(run, views, autocast, accum, boundary)
+        boundary = (it + 1) % accum == 0 or last
+        step = train_step(run, views, autocast, accum, boundary)
         position.global_step += 1
         position.consumed += world
-        _accumulate(position, {"loss": loss_value, "lr": run.optimizer.param_groups[0]["lr"], **details})
-        images += len(views) * views[0]["img"].shape[0] * world
-        rate = images / max(time.perf_counter() - started, 1e-9)
-        bar.set_postfix(loss=f"{loss_value:.4f}", img_s=f"{rate:.1f}", lr=f"{run.optimizer.param_groups[0]['lr']:.2e}",
-                        refresh=False)
-        bar.update(1)
-        if not run.first_step_reported and info.rank == 0:
+        if queued is not None:
+            meter.record(queued)
+        queued = _QueuedStep(step, run.optimizer.param_groups[0]["lr"], it, position.global_step,
+                             len(views) * views[0]["img"].shape[0] * world)
+        # Preemption is honoured only where no gradient is pending, so the saved state is exact.
+        # After the last step the question is asked at once (the epoch's evaluation and saves come
+        # next); after the others it is answered one step late, so asking never drains the GPU.
+        if boundary and (last or run.watcher.stop_seen_at_last_poll()):
+            meter.record(queued)
+            queued = None
+            stop_here(run, position, "after the epoch's last step" if last else "training step")
+    if queued is not None:
+        meter.record(queued)
+    bar.close()
+    run.bar = None
+    return meter.stats(steps_left)
+
+
+@dataclass
+class _QueuedStep:
+    """A training step whose work is queued on the device; its values are read one step later."""
+
+    result: StepResult
+    lr: float
+    it: int  # this rank's step index within the epoch
+    global_step: int
+    images: int  # over all ranks
+
+
+class _EpochMeter:
+    """The bookkeeping of an epoch's steps, done as each step's values arrive: the loss check,
+    the epoch's sums, the progress bar, the first-step line and the scalars."""
+
+    def __init__(self, run: Run, position: Position, bar):
+        self.run, self.position, self.bar = run, position, bar
+        self.started, self.images = time.perf_counter(), 0
+
+    def record(self, step: _QueuedStep) -> None:
+        run = self.run
+        loss_value, details = read_step(run, step.result)
+        _accumulate(self.position, {"loss": loss_value, "lr": step.lr, **details})
+        self.images += step.images
+        rate = self.images / max(time.perf_counter() - self.started, 1e-9)
+        self.bar.set_postfix(loss=f"{loss_value:.4f}", img_s=f"{rate:.1f}", lr=f"{step.lr:.2e}", refresh=False)
+        self.bar.update(1)
+        if not run.first_step_reported and run.info.rank == 0:
             # Start-up cost of a (re)started job: what a requeue costs beyond the lost iteration.
             print(f"[mapanything_ext] first training step done {time.monotonic() - run.started_at:.1f}s after start")
             if cache_line := compile_cache.first_step_line():
                 print(cache_line)
         run.first_step_reported = True
-        if it % int(tp.print_freq) == 0:
-            run.scalars.add("train", {"loss": loss_value, "lr": run.optimizer.param_groups[0]["lr"], **details},
-                            position.global_step)
-        # Preemption is honoured only where no gradient is pending, so the saved state is exact.
-        if boundary:
-            stop_here(run, position, "after the epoch's last step" if i + 1 == steps_left else "training step")
-    bar.close()
-    run.bar = None
-    stats = {k: v / max(position.count, 1) for k, v in position.sums.items()}
-    if images:
-        stats["images_per_s"] = images / max(time.perf_counter() - started, 1e-9)
-    stats["steps_run"] = steps_left  # by this process (a resumed epoch: the steps after the resume)
-    return stats
+        if step.it % int(run.tp.print_freq) == 0:
+            run.scalars.add("train", {"loss": loss_value, "lr": step.lr, **details}, step.global_step)
+
+    def stats(self, steps_left: int) -> dict:
+        position = self.position
+        stats = {k: v / max(position.count, 1) for k, v in position.sums.items()}
+        if self.images:
+            stats["images_per_s"] = self.images / max(time.perf_counter() - self.started, 1e-9)
+        stats["steps_run"] = steps_left  # by this process (a resumed epoch: the steps after the resume)
+        return stats
 
 
-def train_step(run: Run, views, autocast_dtype, accum: int = 1, boundary: bool = True) -> tuple[float, dict]:
+@dataclass
+class StepResult:
+    """What train_step leaves behind: the loss averaged over ranks and the criterion's details,
+    both on their way to the host (read_step reads them)."""
+
+    loss: HostCopy
+    details: Mapping
+
+
+def train_step(run: Run, views, autocast_dtype, accum: int = 1, boundary: bool = True) -> StepResult:
     """One micro-batch: forward, loss, backward; at an accumulation boundary also clip and step.
-    The loss is read back (a host synchronisation) only once the optimizer step is queued, so the
-    GPU finishes the backward while the host prepares that step. A non-finite loss still stops the
-    run before anything is saved: the state it stepped into is never written."""
+    Nothing here waits for the device: the loss and details are copied to the host behind the
+    step's work and read by read_step, which the train loop calls once the next step is queued,
+    so the device never idles while the host prepares a step. A non-finite loss still stops the
+    run before anything is saved: every save point reads the steps before it first."""
     loss, details = _step(run, views, autocast_dtype, accum, sync=boundary)
     if boundary:
         with _phase("optimizer"):
@@ -414,7 +493,23 @@ def train_step(run: Run, views, autocast_dtype, accum: int = 1, boundary: bool =
                 torch.nn.utils.clip_grad_norm_(run.module.parameters(), float(run.tp.gradient_clip), foreach=True)
             run.optimizer.step()
             run.optimizer.zero_grad(set_to_none=True)
-    return _checked_loss_value(run, loss), details
+    if isinstance(details, DeviceDetails):
+        details.queue_read()
+    return StepResult(HostCopy(dist.all_reduce_mean(loss.float())), details)
+
+
+def read_step(run: Run, result: StepResult) -> tuple[float, dict]:
+    """The step's loss and details as Python numbers (waits for that step's work only); raises
+    LossInstability when the loss is non-finite or too large."""
+    loss_value = float(result.loss.get().item())
+    threshold = float(run.tp.loss_instability_threshold)
+    if not math.isfinite(loss_value) or loss_value > threshold:
+        raise LossInstability(
+            f"train loss is {loss_value} (threshold train_params.loss_instability_threshold={threshold}); "
+            f"stopping without saving this state. The last good checkpoint in {run.output_dir} is untouched; "
+            f"lower train_params.lr or check the data."
+        )
+    return loss_value, dict(result.details)
 
 
 def _phase(name: str):
@@ -435,19 +530,6 @@ def _step(run: Run, views, autocast_dtype, accum: int, sync: bool) -> tuple[torc
         with _phase("backward"):
             (loss / accum).backward()
     return loss.detach(), details
-
-
-def _checked_loss_value(run: Run, loss: torch.Tensor) -> float:
-    """The loss averaged over ranks; raises LossInstability when it is non-finite or too large."""
-    loss_value = float(dist.all_reduce_mean(loss.float()).item())
-    threshold = float(run.tp.loss_instability_threshold)
-    if not math.isfinite(loss_value) or loss_value > threshold:
-        raise LossInstability(
-            f"train loss is {loss_value} (threshold train_params.loss_instability_threshold={threshold}); "
-            f"stopping without saving this state. The last good checkpoint in {run.output_dir} is untouched; "
-            f"lower train_params.lr or check the data."
-        )
-    return loss_value
 
 
 class _null:
