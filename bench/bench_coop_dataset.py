@@ -1,7 +1,8 @@
 """Cooperative-dataset throughput per data-loader worker, and how many workers one GPU needs.
 
 python bench/bench_coop_dataset.py [--data DIR] [--samples 40] [--views 10] [--workers 0,1,2]
-                                   [--gpu-images-per-s 30] [--opv2v-root R --depth-root D [--split S]]
+                                   [--geometry device,workers] [--gpu-images-per-s 30]
+                                   [--opv2v-root R --depth-root D [--split S]]
 
 Without --opv2v-root it renders (once, cached in --data) a synthetic OPV2V set at the real
 800x600 size, 2 scenarios x 4 frames x 3 vehicles, and times OPV2VCoopDataset at 518x392 on
@@ -12,9 +13,12 @@ and default_collate the sample (batch_size=1, as a training batch of one sample)
 --split). Files are read from the page cache after the first pass (disk speed is not measured).
 
 Each row is one DataLoader with `workers` worker processes (0: the loading runs in this
-process). Every worker runs with one torch thread (DataLoader's default); this process is set
-to one thread too (--threads), so the 0-worker row is one worker's speed without the
-inter-process transfer. The first batch (worker start-up) is not timed. Columns:
+process), with the per-pixel geometry derived on the training device (`device`: lean views, the
+training default, train_params.geometry_on_device; that derivation is not timed here, it runs on
+the GPU) or in the workers (`workers`: full views, as dataset[i] returns them). Every worker runs
+with one torch thread (DataLoader's default); this process is set to one thread too (--threads),
+so the 0-worker row is one worker's speed without the inter-process transfer. The first batch
+(worker start-up) is not timed. Columns:
   samples/s, views/s      batches and views delivered per second
   views/s/worker          views/s divided by max(workers, 1)
   views/CPU-s             views per CPU second the workers (0 workers: this process) used:
@@ -62,6 +66,9 @@ def main() -> None:
     parser.add_argument("--gpu-images-per-s", type=float, default=30.0,
                         help="images/s one GPU's training step consumes (default 30: 1.8x MapAnything's ~17 on an H200)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of this process (workers always use 1)")
+    parser.add_argument("--geometry", default="device,workers",
+                        help="where the per-pixel geometry is derived, one block of rows each: device (lean views, "
+                             "train_params.geometry_on_device=true, the training default) and/or workers")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.opv2v_root is None:
@@ -75,7 +82,10 @@ def main() -> None:
     ds = OPV2VCoopDataset(root, depth_root, args.split, (518, 392), seed=0, num_views=args.views, min_num_views=4)
     order = [i % len(ds) for i in range(args.samples + 1)]
     rows = []
-    for workers in (int(w) for w in args.workers.split(",")):
+    for geometry, workers in [(g, int(w)) for g in args.geometry.split(",") for w in args.workers.split(",")]:
+        if geometry not in ("device", "workers"):
+            parser.error(f"--geometry {geometry!r}: device or workers")
+        ds.geometry_on_device = geometry == "device"
         loader = DataLoader(ds, batch_size=1, shuffle=False, num_workers=workers, collate_fn=default_collate,
                             sampler=order)
         it = iter(loader)
@@ -88,16 +98,17 @@ def main() -> None:
         cpu = _cpu_seconds(pids) - cpu_started
         del it, loader
         per_worker = views / elapsed / max(workers, 1)
-        rows.append((workers, args.samples / elapsed, views / elapsed, per_worker, views / cpu if cpu > 0 else math.nan,
+        per_cpu = views / cpu if cpu > 0 else math.nan
+        rows.append((geometry, workers, args.samples / elapsed, views / elapsed, per_worker, per_cpu,
                      args.gpu_images_per_s / per_worker))
     mean_views = sum(ds.num_views_of(i) for i in order[1:]) / args.samples
     print(f"\nOPV2VCoopDataset {root}, 518x392, {mean_views:.1f} views/sample, PNG decoder: {PNG_DECODER}, "
           f"torch threads: {torch.get_num_threads()} here, 1 per worker")
-    print(f"{'workers':>8} {'samples/s':>10} {'views/s':>9} {'views/s/worker':>15} {'views/CPU-s':>12} "
+    print(f"{'geometry':>9} {'workers':>8} {'samples/s':>10} {'views/s':>9} {'views/s/worker':>15} {'views/CPU-s':>12} "
           f"{f'workers/GPU ({args.gpu_images_per_s:g} img/s)':>28} {'num_workers':>12}")
-    for workers, rate, views, per_worker, per_cpu, needed in rows:
-        print(f"{workers:>8} {rate:>10.2f} {views:>9.1f} {per_worker:>15.1f} {per_cpu:>12.1f} {needed:>28.2f} "
-              f"{math.ceil(needed) + 1:>12}")
+    for geometry, workers, rate, views, per_worker, per_cpu, needed in rows:
+        print(f"{geometry:>9} {workers:>8} {rate:>10.2f} {views:>9.1f} {per_worker:>15.1f} {per_cpu:>12.1f} "
+              f"{needed:>28.2f} {math.ceil(needed) + 1:>12}")
 
 
 def _cpu_seconds(pids: list[int]) -> float:

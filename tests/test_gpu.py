@@ -147,3 +147,19 @@ def test_a_sigkilled_gpu_rank_ends_the_other_within_a_minute_and_torchrun_names_
     print(f"\n[gpu] rank 1 SIGKILLed -> torchrun and rank 0 gone {seconds:.1f}s later")
     assert proc.returncode != 0 and seconds < 60
     assert re.search(r"rank\s*:\s*1 \(local_rank: 1\)\s+exitcode\s*:\s*-9", output), output[-3000:]
+
+
+def test_lean_views_complete_on_the_gpu_to_the_same_bits_as_on_the_cpu():
+    from torch.utils.data import default_collate
+
+    from mapanything_ext.train.data import to_device
+    from tests.test_dataset_fast_path import OneView, awkward_view
+
+    ds = OneView(awkward_view(seed=518), (518, 392))
+    ds.geometry_on_device = True
+    lean = default_collate([ds[0], ds[0]])
+    on_cpu = to_device(lean, torch.device("cpu"))[0]
+    on_gpu = to_device(lean, torch.device("cuda"))[0]
+    for key, value in on_cpu.items():
+        if torch.is_tensor(value):
+            assert torch.equal(value, on_gpu[key].cpu()), key

@@ -28,6 +28,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from mapanything_ext.datasets.device_geometry import GEOMETRY_KEY, pack_cameras
 from mapanything_ext.geometry import pixel_rays, resize_crop_intrinsics
 from mapanything_ext.rotations import matrix_to_quaternion
 
@@ -53,6 +54,9 @@ class RawView:
 
 class BaseMultiViewDataset(Dataset):
     dataset_name = "multiview"
+    # True: views leave the loader lean and device_geometry.complete_view derives their per-pixel
+    # geometry where the batch trains (train_params.geometry_on_device; the engine sets it).
+    geometry_on_device = False
 
     def __init__(self, num_views: int, resolution=(518, 392), seed: int | None = None,
                  allow_variable_view_count: bool = False, min_num_views_allowed: int | None = None,
@@ -114,30 +118,42 @@ class BaseMultiViewDataset(Dataset):
         # cached per intrinsics, the image normalised through a 256-entry table, the rigid
         # transform written out per axis instead of a (H*W, 3) @ (3, 3) matmul.
         image, depth, intrinsics = self._resize_crop(raw)
-        height, width = depth.shape
         valid = np.isfinite(depth) & (depth > 0) & (depth <= self.max_depth_m)
         invalid = ~valid
         depth[invalid] = 0.0  # a fresh array from _resize_crop
+        pose = raw.cam2world
+        view = self._view_without_geometry(raw, index, view_index, depth, valid, intrinsics)
+        if self.geometry_on_device:  # device_geometry.complete_view derives the rest after the transfer
+            view["img"] = torch.from_numpy(np.ascontiguousarray(np.asarray(image).transpose(2, 0, 1)))
+            view[GEOMETRY_KEY] = pack_cameras(intrinsics, pose)
+            return view
+        height, width = depth.shape
         rays_z1, rays_unit = _pixel_rays_cached(intrinsics, height, width)
         pts_cam = rays_z1 * depth[..., None]  # float64, as geometry.depth_to_points
-        pose = raw.cam2world
         pts_world = _rigid_transform_f32(pts_cam, pose)
         pts_world[invalid] = 0.0
         squares = pts_cam * pts_cam  # |pts_cam| summed in np.linalg.norm's order: (x^2 + y^2) + z^2
         depth_along_ray = squares[..., 0] + squares[..., 1]
         depth_along_ray += squares[..., 2]
         np.sqrt(depth_along_ray, out=depth_along_ray)
+        view["img"] = torch.from_numpy(_normalise_image(np.asarray(image)))
+        view["pts3d"] = pts_world
+        view["pts3d_cam"] = pts_cam.astype(np.float32)
+        view["ray_directions_cam"] = rays_unit.copy()
+        view["depth_along_ray"] = depth_along_ray[..., None].astype(np.float32)
+        return view
+
+    def _view_without_geometry(self, raw: RawView, index: int, view_index: int, depth: np.ndarray,
+                               valid: np.ndarray, intrinsics: np.ndarray) -> dict:
+        """The view's entries other than the image and the arrays derived from depth and camera."""
+        pose = raw.cam2world
         return {
-            "img": torch.from_numpy(_normalise_image(np.asarray(image))),
+            "img": None,  # set by the caller: first, as in every view dict
             "data_norm_type": "dinov2",
-            "true_shape": np.array([height, width], dtype=np.int32),
+            "true_shape": np.array(depth.shape, dtype=np.int32),
             "camera_intrinsics": intrinsics.astype(np.float32),
             "camera_pose": pose.astype(np.float32),
             "depthmap": depth[..., None],
-            "pts3d": pts_world,
-            "pts3d_cam": pts_cam.astype(np.float32),
-            "ray_directions_cam": rays_unit.copy(),
-            "depth_along_ray": depth_along_ray[..., None].astype(np.float32),
             "valid_mask": valid,
             "non_ambiguous_mask": valid.copy(),  # invalid depth here is sky / beyond range
             "camera_pose_quats": matrix_to_quaternion(torch.from_numpy(pose[:3, :3])).numpy().astype(np.float32),

@@ -9,6 +9,7 @@ import torch
 from torch.utils.data import DataLoader, default_collate
 
 from mapanything_ext.datasets.batch_sampler import DynamicBatchSampler
+from mapanything_ext.datasets.device_geometry import GEOMETRY_KEY, complete_view
 
 
 def views_counter(dataset):
@@ -48,10 +49,13 @@ def _seed_worker(worker_id: int) -> None:
 
 
 def to_device(batch, device):
+    """The batch on the device; a lean view (train_params.geometry_on_device) gets its per-pixel
+    geometry derived there (datasets/device_geometry.py)."""
     if isinstance(batch, torch.Tensor):
         return batch.to(device, non_blocking=True)
     if isinstance(batch, dict):
-        return {k: to_device(v, device) for k, v in batch.items()}
+        moved = {k: to_device(v, device) for k, v in batch.items()}
+        return complete_view(moved) if GEOMETRY_KEY in moved else moved
     if isinstance(batch, (list, tuple)):
         return type(batch)(to_device(v, device) for v in batch)
     return batch

@@ -29,6 +29,7 @@ from tqdm import tqdm
 from mapanything_ext import distributed as dist
 from mapanything_ext import faults, preflight, run_lock
 from mapanything_ext.checkpoint import load_checkpoint, prepare_resume
+from mapanything_ext.datasets.base import BaseMultiViewDataset
 from mapanything_ext.datasets.build import build_dataset
 from mapanything_ext.models.batched_loss import DeviceDetails
 from mapanything_ext.models.loss_selfcheck import ChosenCriterion
@@ -185,6 +186,9 @@ def _build_run(cfg: DictConfig, info: dist.DistInfo, output_dir: Path, watcher: 
     rng_state.seed_everything(int(tp.seed) + info.rank)
     train_ds = build_dataset(cfg.dataset.train_dataset)
     test_ds = build_dataset(cfg.dataset.test_dataset)
+    for dataset in (train_ds, test_ds):  # every batch reaches the model through to_device
+        if isinstance(dataset, BaseMultiViewDataset):
+            dataset.geometry_on_device = bool(tp.get("geometry_on_device", True))
     workers = int(cfg.machine.get("num_workers", 0))
     train_loader = build_loader(train_ds, tp.max_num_of_imgs_per_gpu, True, int(tp.seed), info.rank,
                                 info.world_size, workers, max_steps=tp.get("max_steps_per_epoch"))
