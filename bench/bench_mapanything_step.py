@@ -204,9 +204,10 @@ def measure(step, batch, steps: int, warmup: int, device) -> tuple[float, float,
     return seconds, torch.cuda.max_memory_allocated(device) / 2**30, torch.cuda.max_memory_reserved(device) / 2**30
 
 
-def profile_step(step, batch, out: Path) -> None:
+def profile_step(step, batch, out: Path) -> float:
     """Where one step's time goes: a table of operators by GPU time, the step's phases (wall time
-    against the GPU time of the kernels launched in each), and the gzipped Chrome trace."""
+    against the GPU time of the kernels launched in each), and the gzipped Chrome trace. Returns
+    the step's GPU busy time (ms, kernels and copies)."""
     from torch.profiler import ProfilerActivity, profile
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -223,6 +224,7 @@ def profile_step(step, batch, out: Path) -> None:
     phases = phase_table(events)
     out.write_text(phases + "\n\n" + table)
     print(phases, flush=True)
+    return sum(e["dur"] for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")) / 1e3
 
 
 def phase_table(events: list[dict]) -> str:
@@ -325,7 +327,11 @@ def run_group(args, device, resolution, checkpointing: bool, view_counts: list[i
                 continue
             rate = n / seconds
             if args.profile and variant in (args.profile_variants or variant).split(","):
-                profile_step(step, batches[n], args.profile / f"profile_{variant}_{n}{'gc' if checkpointing else ''}.txt")
+                busy = profile_step(step, batches[n],
+                                    args.profile / f"profile_{variant}_{n}{'gc' if checkpointing else ''}.txt")
+                if busy > 0:  # a GPU ran it
+                    print(f"# {n} views, {variant}: wall {seconds * 1e3:.1f} ms per step (unprofiled) against "
+                          f"{busy:.1f} ms of GPU work (profiled step): {seconds * 1e3 / busy:.2f}x", flush=True)
             if variant == "reference":
                 reference[n] = rate
             ratio = f"{rate / reference[n]:.2f}x" if n in reference else "-"

@@ -85,6 +85,16 @@ def _checkpointed_per_block(module):
     return module
 
 
+def _wrapped_per_module(module, factor=1.0):
+    """A submodule re-classed per instance, as uniception's SDPA wrapper does to DINOv2's attention."""
+    class Wrapped(module.__class__):
+        def forward(self, x):
+            return super().forward(x) * factor
+
+    module.__class__ = Wrapped
+    return module
+
+
 def test_regional_compilation_of_blocks_checkpointed_each_with_its_own_class_traces_one():
     from torch._dynamo.utils import counters
 
@@ -92,10 +102,12 @@ def test_regional_compilation_of_blocks_checkpointed_each_with_its_own_class_tra
     model = CompactMapAnything(dim=16, depth=2, num_heads=2)
     for i, block in enumerate(model.blocks):
         model.blocks[i] = _checkpointed_per_block(block)
+        _wrapped_per_module(block.norm2)
     plain = copy.deepcopy(model)
-    assert len({type(block) for block in model.blocks}) == 4
+    assert len({type(block) for block in model.blocks}) == len({type(b.norm2) for b in model.blocks}) == 4
     compile_in_place(model, ["blocks.*"])
-    assert len({type(block) for block in model.blocks}) == 1  # same code, so one class now
+    # same code, closing over the same objects: one class each now, blocks and submodules
+    assert len({type(block) for block in model.blocks}) == len({type(b.norm2) for b in model.blocks}) == 1
 
     torch._dynamo.reset()
     counters.clear()
@@ -119,6 +131,10 @@ def test_regional_compilation_of_blocks_checkpointed_each_with_its_own_class_tra
     blocks = torch.nn.ModuleList([torch.nn.Linear(2, 2), Other(2, 2)])
     compile_in_place(torch.nn.Sequential(blocks), ["0.*"])
     assert type(blocks[1]) is Other
+    # the same code closing over other objects behaves differently: classes kept
+    scaled = torch.nn.ModuleList([_wrapped_per_module(torch.nn.Linear(2, 2), f) for f in (1.0, 2.0)])
+    compile_in_place(torch.nn.Sequential(scaled), ["0.*"])
+    assert type(scaled[0]) is not type(scaled[1])
 
 
 def test_compiling_again_replaces_the_earlier_compilation():

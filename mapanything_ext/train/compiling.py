@@ -10,6 +10,7 @@ docs/mapanything.md, Speed).
 from __future__ import annotations
 
 import functools
+import types
 
 import torch
 
@@ -77,22 +78,36 @@ def _blocks(module: torch.nn.Module, name: str) -> torch.nn.ModuleList:
 
 
 def _share_one_class(blocks) -> None:
-    """Give blocks that differ only in their class object one class. Gradient checkpointing as
-    MapAnything's uniception applies it gives every block its own subclass (made per block, same
-    code), and Dynamo guards on the class: it would trace every block again and, past its recompile
-    limit of 8, leave the rest uncompiled. Blocks whose classes share their base and the code of
-    every method behave identically, so the first block's class serves them all."""
-    first = type(blocks[0])
-    for block in blocks:
-        if type(block) is not first and _same_code(type(block), first):
-            block.__class__ = first
+    """Give blocks, and their submodules, that differ only in their class object one class.
+    MapAnything's uniception makes a class per module it wraps: per block for gradient
+    checkpointing, per attention for SDPA in DINOv2's blocks. Dynamo guards on the class, so it
+    would trace every block again and, past its recompile limit of 8, leave the rest uncompiled.
+    Classes with the same bases and the same attributes (methods of the same code, closing over the
+    same objects) behave identically, so the first block's classes serve all blocks."""
+    first = dict(blocks[0].named_modules())
+    for block in blocks[1:]:
+        for name, module in block.named_modules():
+            model = first.get(name)
+            if model is not None and type(module) is not type(model) and _same_behaviour(type(module), type(model)):
+                module.__class__ = type(model)
 
 
-def _same_code(a: type, b: type) -> bool:
-    def code(cls):
-        return {k: getattr(v, "__code__", v) for k, v in vars(cls).items() if k not in ("__module__", "__doc__")}
+def _same_behaviour(a: type, b: type) -> bool:
+    if a.__bases__ != b.__bases__ or vars(a).keys() != vars(b).keys():
+        return False
+    return all(key in ("__module__", "__doc__") or _same_attribute(vars(a)[key], vars(b)[key], a, b)
+               for key in vars(a))
 
-    return a.__bases__ == b.__bases__ and code(a) == code(b)
+
+def _same_attribute(x, y, a: type, b: type) -> bool:
+    if not (isinstance(x, types.FunctionType) and isinstance(y, types.FunctionType)):
+        return x is y or (type(x) is type(y) and not callable(x) and x == y)
+    if x.__code__ is not y.__code__ or x.__defaults__ != y.__defaults__:
+        return False
+    # A method using super() closes over its own class: a's and b's count as the same.
+    cells = zip(x.__closure__ or (), y.__closure__ or (), strict=True)
+    return all(cx.cell_contents is cy.cell_contents or (cx.cell_contents is a and cy.cell_contents is b)
+               for cx, cy in cells)
 
 
 def mark_step_begin() -> None:
