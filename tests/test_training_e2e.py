@@ -40,7 +40,7 @@ def test_stage1_learns_and_writes_everything(synthetic_root, tmp_path):
     # a rerun of the finished command resumes from its newest checkpoint and trains nothing more
     again = run_training(overrides)
     assert again.returncode == 0 and "resumed from" in again.stdout and "saved" not in again.stdout
-    assert "[startup] checkpoint chosen, verified and loaded: " in again.stdout
+    assert "[startup] checkpoint chosen, verified and loaded (the rest of it): " in again.stdout
     assert len(records(out)) == 8
     # resuming with a different model is refused with a message, not a tensor-shape traceback
     other = run_training(overrides + ["model.dim=32"])

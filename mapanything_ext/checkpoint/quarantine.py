@@ -17,6 +17,7 @@ import json
 import re
 import shutil
 import sys
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -97,16 +98,36 @@ def choose_resume_point(output_dir: Path, valid: dict[str, CheckResult]) -> Path
     return output_dir / name
 
 
-def prepare_resume(output_dir) -> Path | None:
-    """Rank 0 sweeps and chooses; the other ranks wait, then all get the same answer."""
+def prepare_resume(output_dir, chosen: Future | None = None) -> Path | None:
+    """Rank 0 sweeps and chooses (or takes what choose_in_background started); the other ranks
+    wait, then all get the same answer."""
     output_dir = Path(output_dir)
     choice = None
-    if dist.get_rank() == 0 and output_dir.is_dir():
-        choice = choose_resume_point(output_dir, sweep(output_dir))
-        if choice is None:
-            print(f"[checkpoint] *** no valid checkpoint in {output_dir}: starting from scratch ***", flush=True)
-    elif dist.get_rank() == 0:
-        print(f"[checkpoint] *** {output_dir} does not exist yet: starting from scratch ***", flush=True)
+    if dist.get_rank() == 0:
+        choice = chosen.result() if chosen is not None else _sweep_and_choose(output_dir)
     dist.barrier()
     choice = dist.broadcast_object(str(choice) if choice else None)
     return Path(choice) if choice else None
+
+
+def choose_in_background(output_dir) -> Future | None:
+    """On rank 0, start the sweep and the choice now in a thread: verifying means reading every
+    checkpoint in full (about 10 s for MapAnything's 15 GB), which then overlaps the job's model
+    build and first compiled steps; prepare_resume(output_dir, <this>) collects the answer. It does
+    files only, no collectives, so it may run beside the main thread's. None on other ranks."""
+    if dist.get_rank() != 0:
+        return None
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-choice")
+    future = executor.submit(_sweep_and_choose, Path(output_dir))
+    executor.shutdown(wait=False)
+    return future
+
+
+def _sweep_and_choose(output_dir: Path) -> Path | None:
+    if not output_dir.is_dir():
+        print(f"[checkpoint] *** {output_dir} does not exist yet: starting from scratch ***", flush=True)
+        return None
+    choice = choose_resume_point(output_dir, sweep(output_dir))
+    if choice is None:
+        print(f"[checkpoint] *** no valid checkpoint in {output_dir}: starting from scratch ***", flush=True)
+    return choice

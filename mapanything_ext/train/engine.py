@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from mapanything_ext import distributed as dist
 from mapanything_ext import faults, preflight, run_lock
-from mapanything_ext.checkpoint import load_checkpoint, prepare_resume
+from mapanything_ext.checkpoint import choose_in_background, load_checkpoint, prepare_resume
 from mapanything_ext.datasets.base import BaseMultiViewDataset
 from mapanything_ext.datasets.build import build_dataset
 from mapanything_ext.models.batched_loss import DeviceDetails
@@ -134,18 +134,22 @@ def _run(cfg: DictConfig, info: dist.DistInfo, output_dir: Path, started_at: flo
     preflight.check(cfg, resuming=resuming)
     # Before anything compiles: torch.compile's caches in the run folder, warm after a requeue.
     compile_cache.use_for_run(cfg, info, output_dir)
+    # Verifying the checkpoints reads them in full: rank 0 does it beside the model's build and
+    # first (compiling) steps, which do not need the checkpoint's weights.
+    chosen = choose_in_background(output_dir) if resuming else None
     clock = StartupClock(started_at, info.rank == 0)
     run = _build_run(cfg, info, output_dir, watcher, clock)
     run.started_at = started_at
-    position = _restore_or_start(run)
+    first_views = functools.cache(lambda: _first_sample_views(run))  # read once, if at all
+    _choose_loss_impl(run, first_views, clock)
+    if _settle_ddp_buckets(run, first_views):
+        clock.done("DDP gradient buckets settled (one step on the first sample)")
+    position = _restore_or_start(run, chosen)
     if resuming or cfg.model.get("pretrained"):
-        clock.done("checkpoint chosen, verified and loaded" if resuming else "model.pretrained verified and loaded")
+        clock.done("checkpoint chosen, verified and loaded (the rest of it)" if resuming
+                   else "model.pretrained verified and loaded")
     run.scalars = Scalars(output_dir, info.rank == 0, resume_step=position.global_step)
     try:
-        first_views = functools.cache(lambda: _first_sample_views(run))  # read once, if at all
-        _choose_loss_impl(run, first_views, clock)
-        if _settle_ddp_buckets(run, first_views):
-            clock.done("DDP gradient buckets settled (one step on the first sample)")
         faults.at("startup")
         stop_here(run, position, "startup")
         if cfg.train_params.get("eval_before_training") and position.global_step == 0:
@@ -281,9 +285,10 @@ def _initial_eval(run: Run, position: Position) -> None:
         print("[mapanything_ext] before training: " + ", ".join(f"test_{k}={v:.4g}" for k, v in stats.items()))
 
 
-def _restore_or_start(run: Run) -> Position:
-    """Resume from the newest proven-good checkpoint, else initialise from model.pretrained."""
-    resume_from = prepare_resume(run.output_dir) if run.tp.resume else None
+def _restore_or_start(run: Run, chosen=None) -> Position:
+    """Resume from the newest proven-good checkpoint (chosen: choose_in_background's answer in the
+    making), else initialise from model.pretrained."""
+    resume_from = prepare_resume(run.output_dir, chosen) if run.tp.resume else None
     if resume_from is None:
         pretrained = run.cfg.model.get("pretrained")
         if pretrained:
@@ -419,9 +424,12 @@ def _train_one_epoch(run: Run, position: Position) -> dict:
         # Preemption is honoured only where no gradient is pending, so the saved state is exact.
         # After the last step the question is asked at once (the epoch's evaluation and saves come
         # next); after the others it is answered one step late, so asking never drains the GPU.
-        if boundary and (last or run.watcher.stop_seen_at_last_poll()):
+        # A process's first step is read at once too: the start-up line times it, not the next.
+        stopping = boundary and (last or run.watcher.stop_seen_at_last_poll())
+        if stopping or not run.first_step_reported:
             meter.record(queued)
             queued = None
+        if stopping:
             stop_here(run, position, "after the epoch's last step" if last else "training step")
     if queued is not None:
         meter.record(queued)
