@@ -13,9 +13,8 @@ batches, after the saves of an epoch and before training starts; after every oth
 it asks `stop_seen_at_last_poll()`, the same question answered one step late so that asking never
 makes the host wait for the GPU. Both are collectives: every rank learns the strongest signal
 any rank received, so a signal that reached one rank only (one node's tasks, say) stops the whole
-job at the same point. The
-engine then writes what the position needs (checkpoint-last, or nothing when nothing new exists)
-and calls `requeue_and_exit()`:
+job at the same point. The engine then writes what the position needs (checkpoint-last, or
+nothing when nothing new exists) and calls `requeue_and_exit()`:
 
   SIGUSR2 under submitit   rank 0 runs submitit's own handler (it pickles the launcher's
                            checkpoint(), the same Hydra task, and runs `scontrol requeue`), then

@@ -84,12 +84,15 @@ def _share_one_class(blocks) -> None:
     would trace every block again and, past its recompile limit of 8, leave the rest uncompiled.
     Classes with the same bases and the same attributes (methods of the same code, closing over the
     same objects) behave identically, so the first block's classes serve all blocks."""
+    if len(blocks) < 2:
+        return
     first = dict(blocks[0].named_modules())
     for block in blocks[1:]:
         for name, module in block.named_modules():
-            model = first.get(name)
-            if model is not None and type(module) is not type(model) and _same_behaviour(type(module), type(model)):
-                module.__class__ = type(model)
+            template = first.get(name)
+            if template is not None and type(module) is not type(template) and \
+                    _same_behaviour(type(module), type(template)):
+                module.__class__ = type(template)
 
 
 def _same_behaviour(a: type, b: type) -> bool:

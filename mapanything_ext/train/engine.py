@@ -18,6 +18,7 @@ import os
 import re
 import time
 from collections.abc import Mapping
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -285,7 +286,7 @@ def _initial_eval(run: Run, position: Position) -> None:
         print("[mapanything_ext] before training: " + ", ".join(f"test_{k}={v:.4g}" for k, v in stats.items()))
 
 
-def _restore_or_start(run: Run, chosen=None) -> Position:
+def _restore_or_start(run: Run, chosen: Future | None = None) -> Position:
     """Resume from the newest proven-good checkpoint (chosen: choose_in_background's answer in the
     making), else initialise from model.pretrained."""
     resume_from = prepare_resume(run.output_dir, chosen) if run.tp.resume else None
