@@ -214,8 +214,8 @@ def pipeline(data: Path, work: Path, pretrained: Path, args) -> dict:
 
 COMPILED_PARTS = ("[encoder,info_sharing,dpt_feature_head,_encode_and_fuse_optional_geometric_inputs,"
                   "downstream_head]")
-REGIONAL_PARTS = ("[encoder.model.blocks.*,info_sharing.self_attention_blocks.*,dpt_feature_head,"
-                  "_encode_and_fuse_optional_geometric_inputs,downstream_head]")
+REGIONAL_PARTS = ("[encoder.model.prepare_tokens_with_masks,encoder.model.blocks.*,info_sharing.self_attention_blocks.*,"
+                  "dpt_feature_head,_encode_and_fuse_optional_geometric_inputs,downstream_head]")
 
 
 def compile_restart(data: Path, work: Path, pretrained: Path, args) -> dict:

@@ -112,6 +112,29 @@ def test_a_view_without_valid_pixels_drops_out_of_its_terms_and_averages():
     assert avg == pytest.approx((details[f"{NAME}_pts3d_conf_loss_view1"] + details[f"{NAME}_pts3d_conf_loss_view3"]) / 2)
 
 
+@pytest.mark.parametrize("spec", [TRAIN, TEST], ids=["train", "test"])
+def test_the_compiled_row_by_row_sums_compute_the_same_loss_details_and_gradients(spec, monkeypatch):
+    # Compiled, every sum over pixels runs row by row and the factors are spread over the rows (for
+    # the GPU's sake); run that formulation eagerly and compare it with the one-reduction sums.
+    from mapanything_ext.models.loss_selfcheck import as_dtype, evaluate
+
+    views = as_dtype(random_views(4, batch=2, seed=5, invalid_views=(2,), metric=[True, False],
+                                  synthetic=[True, False]), torch.float64)
+    preds = as_dtype(noisy_predictions(views, seed=3), torch.float64)
+    criterion = BatchedCriterion(spec)
+    one_reduction = evaluate(criterion.compute, views, preds)
+    monkeypatch.setattr(batched_loss, "_compiling", lambda: True)
+    row_by_row = evaluate(criterion.compute, views, preds)
+    # float64, but the mask's BCE runs in float32 as MapAnything's does (its target is cast to float).
+    assert row_by_row[0] == pytest.approx(one_reduction[0], rel=1e-8)
+    assert row_by_row[1].keys() == one_reduction[1].keys()
+    for key, value in one_reduction[1].items():
+        assert row_by_row[1][key] == pytest.approx(value, rel=1e-6 if key.startswith("NonAmbiguous") else 1e-12), key
+    for key, grad in one_reduction[2].items():
+        torch.testing.assert_close(row_by_row[2][key], grad, rtol=1e-6 if "mask" in key[1] else 1e-10, atol=1e-14)
+    assert any(grad.abs().max() > 0 for key, grad in one_reduction[2].items() if key[1] == "metric_scaling_factor")
+
+
 def test_ground_truth_poses_in_view0_agree_with_matrix_algebra():
     views = random_views(4, batch=2, seed=11)
     quats, trans = batched_loss._poses_in_view0(views)

@@ -43,6 +43,8 @@ def test_compile_in_place_names_a_missing_part_compiles_methods_and_keeps_layout
     keys = list(model.state_dict())
     compile_in_place(model, ["_dense"])  # a method: replaced on this instance only (compiled lazily)
     assert "_dense" in vars(model) and "_dense" not in vars(CompactMapAnything(dim=32, depth=1, num_heads=2))
+    compile_in_place(model, ["blocks.0.forward"])  # a submodule's method (as encoder.model.prepare_tokens_with_masks)
+    assert "forward" in vars(model.blocks[0]) and "forward" not in vars(model.blocks[1])
     assert list(model.state_dict()) == keys
     strided = torch.zeros(4, 6).t()
     out = _contiguous([{"a": strided, "b": 3}])

@@ -21,6 +21,15 @@ What it computes (per view v, sample b, pixel p; `rho` is the robust regression
   valid pixels of synthetic samples), masked means elsewhere; plus the weighted BCE of the
   non-ambiguous-mask logits.
 
+Compiled, sums over pixels run row by row: each image row first (V x B x H values), then the
+rows. With Inductor's split reductions off (BatchedCriterion), a reduction runs one thread block per
+value it produces, so one sum over a whole view, or over all views of a sample, kept one of the
+GPU's 132 processors busy while the others waited: 10 to 32 ms per 12-view step on an H200 for the
+gradient of the avg_dis factor alone. Values that divide per-pixel tensors (the factors, the metric
+scale) are spread over the rows first (`_over_rows`), so that their gradients sum the same way.
+Eagerly, each sum is one reduction in the order MapAnything's own sums take, so the two criteria
+agree to rounding (tests/test_batched_loss.py); Inductor orders its sums its own way regardless.
+
 `mapanything_adapter.batched_spec_of` reads a `LossSpec` off a criterion built from MapAnything's loss
 strings and refuses what this module does not implement; `models/loss_selfcheck.py` proves on real
 batches that both agree. The `details` names and values are MapAnything's.
@@ -39,6 +48,10 @@ from torch import nn
 
 from mapanything_ext.readback import HostCopy
 from mapanything_ext.rotations import quaternion_multiply, quaternion_to_matrix
+
+# Whether torch.compile is tracing this code (a name of our own, so tests can run the compiled
+# formulation eagerly).
+_compiling = torch.compiler.is_compiling
 
 # The loss sets of MapAnything's factored criterion, in its order (world points only when computed).
 DENSE_SETS = ("pts3d", "cam_pts3d", "depth", "ray_directions", "pose_quats", "pose_trans")
@@ -162,18 +175,16 @@ def _backward_compiled_with_forward():
 
 
 def factored_terms(fs: FactoredSpec, views: list[dict], preds: list[dict]) -> dict[str, torch.Tensor]:
-    """Every per-pixel (V, B, P), per-view-sample (V, B) and per-view (V,) term, with its validity."""
+    """Every per-pixel (V, B, H, W), per-view-sample (V, B) and per-view (V,) term, with its validity."""
     gt, pr, valid = _normalized_geometry(fs, views, preds)
-    v, b = valid.shape[:2]
-    flat = valid.reshape(v, b, -1)
     rho = _robust(fs)
     w = fs.weights
     log = _log_norm if fs.loss_in_log else (lambda x: x)
-    terms = {"valid": flat, "valid_trans": flat.any(-1)}
+    terms = {"valid": valid, "valid_trans": valid.any(-1).any(-1)}
     for name, key in (("pts3d", "pts3d"), ("cam_pts3d", "pts3d_cam"), ("depth", "depth")):
         if name != "pts3d" or fs.world_points:
-            terms[name] = rho(log(pr[key]), log(gt[key])).reshape(v, b, -1) * w[name]
-    terms["ray_directions"] = rho(pr["rays"], gt["rays"]).reshape(v, b, -1) * w["ray_directions"]
+            terms[name] = rho(log(pr[key]), log(gt[key])) * w[name]
+    terms["ray_directions"] = rho(pr["rays"], gt["rays"]) * w["ray_directions"]
     terms["pose_quats"] = torch.minimum(rho(pr["quats"], gt["quats"]), rho(pr["quats"], -gt["quats"])) * w["pose_quats"]
     terms["pose_trans"] = rho(pr["trans"], gt["trans"]) * w["pose_trans"]
     _scale_term(fs, gt, pr, views, valid, terms)
@@ -204,9 +215,10 @@ def _normalized_geometry(fs: FactoredSpec, views, preds):
           "rays": views_field(preds, "ray_directions"), "quats": views_field(preds, "cam_quats"),
           "trans": views_field(preds, "cam_trans")}
     pr["depth"] = views_field(preds, "depth_along_ray") if fs.depth_type == "depth_along_ray" else pr["pts3d_cam"][..., 2:]
+    height = valid.shape[2]
     if "metric_scaling_factor" in preds[0]:
         scale = views_field(preds, "metric_scaling_factor")  # (V, B, 1)
-        dense = scale[..., None, None]
+        dense = _over_rows(scale[..., None, None], height)
         for key in ("pts3d", "pts3d_cam", "depth"):
             pr[key] = pr[key] / dense
         pr["trans"] = pr["trans"] / scale
@@ -217,7 +229,7 @@ def _normalized_geometry(fs: FactoredSpec, views, preds):
     pr["factor"] = avg_dis_factor(pr["pts3d"], valid) if fs.norm_predictions else None
     for side in (gt, pr):
         if side["factor"] is not None:
-            dense = side["factor"][None, :, None, None, None]
+            dense = _over_rows(side["factor"][None, :, None, None, None], height)
             for key in ("pts3d", "pts3d_cam", "depth"):
                 side[key] = side[key] / dense
             side["trans"] = side["trans"] / side["factor"][None, :, None]
@@ -228,10 +240,27 @@ def avg_dis_factor(pts: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """(B,): mean distance to the origin of the valid points of all views (MapAnything's avg_dis)."""
     distance = torch.where(valid[..., None], pts, 0).norm(dim=-1)
     count = valid.sum(dim=(0, 2, 3))
-    # Summed as MapAnything sums it, one row of all views per sample: the same order of float
-    # additions, so the factor every term is divided by is bitwise MapAnything's.
-    per_sample = distance.transpose(0, 1).reshape(distance.shape[1], -1).sum(dim=1)
+    if _compiling():
+        per_sample = distance.sum(-1).sum(dim=(0, 2))  # rows first (module docstring)
+    else:  # one row of all views per sample, as MapAnything sums it
+        per_sample = distance.transpose(0, 1).reshape(distance.shape[1], -1).sum(dim=1)
     return (per_sample / (count + 1e-8)).clamp_min(1e-8)
+
+
+def _over_rows(value: torch.Tensor, height: int) -> torch.Tensor:
+    """A per-view or per-sample value (V or 1, B, 1, 1, 1), to divide or multiply (V, B, H, W, C)
+    tensors by. Compiled, as (V or 1, B, H, 1, 1): the same numbers, but its gradient sums over each
+    row first, then over the rows (module docstring), instead of over all pixels in one reduction."""
+    return value.expand(-1, -1, height, -1, -1) if _compiling() else value
+
+
+def _image_sum(x: torch.Tensor, dims: tuple[int, ...] = ()) -> torch.Tensor:
+    """x (V, B, H, W) summed over the image and the leading `dims`; compiled, each image row first
+    (module docstring)."""
+    if _compiling():
+        x = x.sum(-1).sum(-1)
+        return x.sum(dims) if dims else x
+    return x.sum((*dims, -2, -1))
 
 
 def _poses_in_view0(views) -> tuple[torch.Tensor, torch.Tensor]:
@@ -299,8 +328,8 @@ def normal_loss(points: torch.Tensor, gt_points: torch.Tensor, mask: torch.Tenso
         smooth = torch.where(angle < beta, 0.5 * angle.square() / beta, angle - 0.5 * beta)
         total = total + valid[..., 0] * smooth
         any_valid = any_valid | valid[..., 0]
-    count = any_valid.sum(dim=(1, 2, 3))
-    summed = total.sum(dim=(1, 2, 3))
+    count = _image_sum(any_valid, (1,))
+    summed = _image_sum(total, (1,))
     return torch.where(count > 0, summed / (count.clamp_min(1) * (4 * max(points.shape[-3:-1]))), 0 * summed)
 
 
@@ -314,8 +343,8 @@ def gradient_matching_loss(prediction: torch.Tensor, target: torch.Tensor, mask:
         diff = valid * (pred - true)
         grad_x = ((diff[..., 1:, :] - diff[..., :-1, :]).abs() * (valid[..., 1:, :] * valid[..., :-1, :])).clamp(max=100)
         grad_y = ((diff[..., 1:, :, :] - diff[..., :-1, :, :]).abs() * (valid[..., 1:, :, :] * valid[..., :-1, :, :])).clamp(max=100)
-        summed = grad_x.sum(dim=(1, 2, 3, 4)) + grad_y.sum(dim=(1, 2, 3, 4))
-        count = valid.sum(dim=(1, 2, 3, 4))
+        summed = _image_sum(grad_x[..., 0], (1,)) + _image_sum(grad_y[..., 0], (1,))
+        count = _image_sum(valid[..., 0], (1,))
         total = total + torch.where(count > 0, summed / count.clamp_min(1), 0 * summed)
     return total
 
@@ -324,13 +353,12 @@ def gradient_matching_loss(prediction: torch.Tensor, target: torch.Tensor, mask:
 
 
 def _masked_mean_per_view(values: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    count = valid.sum(dim=(1, 2))
-    return torch.where(valid, values, 0).sum(dim=(1, 2)) / count.clamp_min(1), count
+    count = _image_sum(valid, (1,))
+    return _image_sum(torch.where(valid, values, 0), (1,)) / count.clamp_min(1), count
 
 
 def _conf_part(spec: LossSpec, name: str, terms, preds, details: "DeviceDetails") -> torch.Tensor:
     conf = views_field(preds, "conf")
-    conf = conf.reshape(conf.shape[0], conf.shape[1], -1)
     valid = terms["valid"]
     weighted = terms[name] * conf - spec.conf_alpha * torch.log(torch.where(valid, conf, 1))
     mean, count = _masked_mean_per_view(weighted, valid)
@@ -341,13 +369,13 @@ def _conf_part(spec: LossSpec, name: str, terms, preds, details: "DeviceDetails"
 def _exclude_part(spec: LossSpec, name: str, terms, views, details: "DeviceDetails") -> torch.Tensor:
     values, valid = terms[name], terms["valid"]
     bottom = 100 - spec.top_n_percent
-    real = ~views_field(views, "is_synthetic") if spec.exclude_real_only else torch.ones_like(valid[..., 0])
-    num_valid = valid.sum(-1)
+    real = ~views_field(views, "is_synthetic") if spec.exclude_real_only else torch.ones_like(valid[..., 0, 0])
+    num_valid = _image_sum(valid)
     keep = (num_valid * bottom / 100).long()
-    ordered = torch.sort(torch.where(valid, values, math.inf), dim=-1).values
-    kept = torch.arange(values.shape[-1], device=values.device) < keep[..., None]
-    real_sum = torch.where(kept, ordered, 0).sum(-1)
-    synthetic_sum = torch.where(valid, values, 0).sum(-1)
+    ordered = torch.sort(torch.where(valid, values, math.inf).flatten(2), dim=-1).values
+    kept = torch.arange(ordered.shape[-1], device=values.device) < keep[..., None]
+    real_sum = _image_sum(torch.where(kept, ordered, 0).view_as(values))
+    synthetic_sum = _image_sum(torch.where(valid, values, 0))
     view_sum = torch.where(real, real_sum, synthetic_sum).sum(-1)
     count = torch.where(real, keep, num_valid).sum(-1)
     mean = view_sum / count.clamp_min(1)
@@ -367,8 +395,8 @@ def set_means(fs: FactoredSpec, terms) -> dict[str, tuple[torch.Tensor, torch.Te
         elif name == "pose_trans":
             count = terms["valid_trans"].sum(-1)
             means[name] = torch.where(terms["valid_trans"], values, 0).sum(-1) / count.clamp_min(1), count > 0
-        else:
-            mean = values.reshape(values.shape[0], -1).mean(-1)
+        else:  # per pixel (V, B, H, W) or per view and sample (V, B)
+            mean = (_image_sum(values, (1,)) if values.dim() == 4 else values.sum(1)) / values[0].numel()
             means[name] = mean, torch.ones_like(mean, dtype=torch.bool)
     return means
 
@@ -387,7 +415,9 @@ def _factored_details(fs: FactoredSpec, terms, means, details: "DeviceDetails") 
 def _mask_part(views, preds, details: "DeviceDetails") -> torch.Tensor:
     logits = views_field(preds, "non_ambiguous_mask_logits")
     target = views_field(views, "non_ambiguous_mask").float()  # as MapAnything's BCELoss casts it
-    per_view = F.binary_cross_entropy_with_logits(logits, target, reduction="none").flatten(1).mean(-1)
+    per_pixel = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    image = per_pixel.reshape(len(views), 1, -1, views[0]["valid_mask"].shape[-1])  # (V, 1, B x H, W)
+    per_view = _image_sum(image, (1,)) / per_pixel[0].numel()
     details.add_views("NonAmbiguousMaskLoss_mask", per_view, torch.ones_like(per_view, dtype=torch.bool),
                       average_over_all=True)
     return per_view.sum()

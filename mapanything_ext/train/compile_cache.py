@@ -332,6 +332,21 @@ def _cache_counters() -> dict:
             **{k: counters["aot_autograd"][k] for k in ("autograd_cache_hit", "autograd_cache_miss")}}
 
 
+def start_compile_workers(cfg, device: torch.device) -> None:
+    """With anything to compile on a GPU, start Inductor's compile worker processes now, so that
+    they are up when the first compiled part runs. Inductor starts them only when it gets its first
+    graph, and until they are up (each imports torch) it loads every kernel, cached or not, one by
+    one in the training process: on a requeue that is most of the start-up (docs/mapanything.md)."""
+    if device.type != "cuda" or not (cfg.train_params.get("compile") or (cfg.get("loss") or {}).get("compile")):
+        return
+    try:
+        from torch._inductor.async_compile import maybe_warm_pool  # private: torch's own early start
+
+        maybe_warm_pool()
+    except Exception as err:  # noqa: BLE001 -- only start-up time is at stake
+        print(f"[compile_cache] compile workers not started early ({type(err).__name__}: {err})")
+
+
 def _restart_compile_workers() -> None:
     """Inductor's compile workers keep the environment they started with; a job that changes the
     folder in a process whose workers already run (an earlier job of a sweep) starts them afresh."""

@@ -135,6 +135,7 @@ def _run(cfg: DictConfig, info: dist.DistInfo, output_dir: Path, started_at: flo
     preflight.check(cfg, resuming=resuming)
     # Before anything compiles: torch.compile's caches in the run folder, warm after a requeue.
     compile_cache.use_for_run(cfg, info, output_dir)
+    compile_cache.start_compile_workers(cfg, info.device)
     # Verifying the checkpoints reads them in full: rank 0 does it beside the model's build and
     # first (compiling) steps, which do not need the checkpoint's weights.
     chosen = choose_in_background(output_dir) if resuming else None
