@@ -142,6 +142,29 @@ def test_a_folder_without_file_locks_is_not_used(tmp_path, capsys, monkeypatch):
     assert "WARNING: not using" in out and "refuses file locks" in out and "default cache folder" in out
 
 
+def test_compile_workers_start_early_only_for_compiling_on_a_gpu_and_never_stop_a_job(monkeypatch, capsys):
+    import torch._inductor.async_compile as async_compile
+
+    calls = []
+    monkeypatch.setattr(async_compile, "maybe_warm_pool", lambda: calls.append("warm"))
+    compiling = OmegaConf.create({"train_params": {"compile": ["encoder.model.blocks.*"]}, "loss": {"compile": False}})
+    loss_only = OmegaConf.create({"train_params": {"compile": False}, "loss": {"compile": True}})
+    nothing = OmegaConf.create({"train_params": {"compile": False}, "loss": {"compile": False}})
+    compile_cache.start_compile_workers(compiling, torch.device("cpu"))  # Inductor's workers build GPU kernels only
+    compile_cache.start_compile_workers(nothing, torch.device("cuda", 0))
+    assert calls == []
+    compile_cache.start_compile_workers(compiling, torch.device("cuda", 0))
+    compile_cache.start_compile_workers(loss_only, torch.device("cuda", 0))
+    assert calls == ["warm", "warm"]
+
+    def refuse():
+        raise RuntimeError("no processes here")
+
+    monkeypatch.setattr(async_compile, "maybe_warm_pool", refuse)
+    compile_cache.start_compile_workers(compiling, torch.device("cuda", 0))
+    assert "compile workers not started early (RuntimeError: no processes here)" in capsys.readouterr().out
+
+
 def test_check_ckpt_does_not_search_the_cache(tmp_path):
     (tmp_path / "checkpoint-last.pth").write_bytes(b"")
     cache = tmp_path / "compile_cache" / "torch-x" / "rank0" / "ab"

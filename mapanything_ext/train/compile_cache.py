@@ -29,6 +29,10 @@ Guards, at start, per rank (logged in console.log by rank 0):
 - a C++ library that another process is building (its Inductor lock is held) is left alone.
 At the first training step rank 0 logs how many compiled graphs came from the cache.
 
+Loading a warm cache is most of a requeued job's start; Inductor loads kernels one by one in the
+training process until its compile workers are up, so the engine starts them right after pointing
+the caches here, before the model is built (start_compile_workers).
+
 Not used: torch.compiler.save_cache_artifacts/load_cache_artifacts (the "mega cache"). It bundles
 the same entries into one blob that load_cache_artifacts writes back into the cache folder; with
 that folder itself kept, the bundle is a second copy (and it holds no C++ kernel libraries, so a
