@@ -239,7 +239,7 @@ def _normalized_geometry(fs: FactoredSpec, views, preds):
 def avg_dis_factor(pts: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """(B,): mean distance to the origin of the valid points of all views (MapAnything's avg_dis)."""
     distance = torch.where(valid[..., None], pts, 0).norm(dim=-1)
-    count = valid.sum(dim=(0, 2, 3))
+    count = _image_sum(valid, (0,))
     if _compiling():
         per_sample = distance.sum(-1).sum(dim=(0, 2))  # rows first (module docstring)
     else:  # one row of all views per sample, as MapAnything sums it

@@ -92,10 +92,15 @@ def cache_root(cfg, output_dir: Path) -> Path | None:
     value = cfg.train_params.get("compile_cache", "compile_cache")
     if value is None or value is False or str(value).strip().lower() in ("", "none", "null", "false"):
         return None
-    if not (cfg.train_params.get("compile") or (cfg.get("loss") or {}).get("compile")):
+    if not compiles(cfg):
         return None
     name = "compile_cache" if value is True else os.path.expandvars(os.path.expanduser(str(value)))
     return (Path(output_dir) / name).absolute()
+
+
+def compiles(cfg) -> bool:
+    """Whether the job compiles anything: model parts (train_params.compile) or the loss (loss.compile)."""
+    return bool(cfg.train_params.get("compile") or (cfg.get("loss") or {}).get("compile"))
 
 
 def device_tag(device: torch.device) -> str:
@@ -341,7 +346,7 @@ def start_compile_workers(cfg, device: torch.device) -> None:
     they are up when the first compiled part runs. Inductor starts them only when it gets its first
     graph, and until they are up (each imports torch) it loads every kernel, cached or not, one by
     one in the training process: on a requeue that is most of the start-up (docs/mapanything.md)."""
-    if device.type != "cuda" or not (cfg.train_params.get("compile") or (cfg.get("loss") or {}).get("compile")):
+    if device.type != "cuda" or not compiles(cfg):
         return
     try:
         from torch._inductor.async_compile import maybe_warm_pool  # private: torch's own early start
