@@ -31,6 +31,9 @@ generator; 24 views repeat its 12), batch 1, bf16 autocast, random init (full v1
                   DINOv2's encoder.model.prepare_tokens_with_masks):
                   Dynamo traces one block per class, not the whole part (run it instead of, not after,
                   the other compiled variants)
+  batched_compile_parts_loss  batched_compile_post_loss without _encode_and_fuse_optional_geometric_inputs
+                  (the setting docs/mapanything.md recommends without gradient checkpointing: that method
+                  breaks into 16 small graphs that cost ~40 s at every start and no speed)
 
 Before the batched variants run, each view count's batch goes through both criteria once
 (models/loss_selfcheck.compare, float32 on the GPU, the model's own predictions) and the table
@@ -90,7 +93,8 @@ COMPILE = {"engine": (None, False, "default"), "engine_compile": (["encoder", "i
            "engine_graphs_post_loss": (POST, True, "reduce-overhead"),
            "batched": (None, False, "default"), "batched_compile_post": (POST, False, "default"),
            "batched_compile_post_loss": (POST, True, "default"),
-           "batched_compile_regional_loss": (REGIONAL, True, "default")}
+           "batched_compile_regional_loss": (REGIONAL, True, "default"),
+           "batched_compile_parts_loss": (HEADS + ["downstream_head"], True, "default")}
 TINY = ["model.encoder.size=small", "model.encoder.keep_first_n_layers=2", "model.info_sharing.module_args.depth=3",
         "model.info_sharing.module_args.dim=192", "model.info_sharing.module_args.num_heads=3",
         "model.info_sharing.module_args.indices=[0,1]", "model.pred_head.feature_head.feature_dim=32"]

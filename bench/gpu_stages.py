@@ -1,7 +1,7 @@
 """The real model where users run it: MapAnything v1.1, Stage 1 -> 2 -> 3 through our own commands on a GPU.
 
     python bench/gpu_stages.py --work DIR [--data DIR] [--steps 6] [--eval-steps 2] [--skip-preemption]
-        [--export] [--nproc-per-node 1] [--tiny] [--compile-restart [--regional]]
+        [--export] [--nproc-per-node 1] [--tiny] [--compile-restart [--regional | --parts LIST]]
 
 --tiny uses a tiny MapAnything at 112x84 to check the script anywhere (a CPU too), figures meaningless.
 --compile-restart measures only what a requeue costs with torch.compile on (step 7 below), nothing else.
@@ -25,8 +25,8 @@ What it does, printing a table at the end (and writing DIR/gpu_stages.json):
  6. with --export: Stage 3's best exported (python -m mapanything_ext.export), reloaded with MapAnything's
     own from_pretrained, predictions compared with our checkpoint's on a fixed input
  7. with --compile-restart (instead of 3 to 6): Stage 1 compiled as fast as it trains (train_params.compile=
-    [encoder,info_sharing,dpt_feature_head,_encode_and_fuse_optional_geometric_inputs,downstream_head] and
-    loss.compile=true; --regional: the encoder and info sharing block by block), stopped by SIGUSR2 at its
+    [encoder,info_sharing,dpt_feature_head,downstream_head] and loss.compile=true; --regional: the encoder
+    and info sharing block by block; --parts: any list), stopped by SIGUSR2 at its
     second step (the job stops after its third), then started again in the same run folder
     (a requeue): time from start to the first training step of both starts, and what the second took
     from the run's compile cache (train_params.compile_cache, <run>/compile_cache/)
@@ -212,10 +212,11 @@ def pipeline(data: Path, work: Path, pretrained: Path, args) -> dict:
     return rows
 
 
-COMPILED_PARTS = ("[encoder,info_sharing,dpt_feature_head,_encode_and_fuse_optional_geometric_inputs,"
-                  "downstream_head]")
+# The settings docs/mapanything.md recommends. Not _encode_and_fuse_optional_geometric_inputs: it
+# breaks into 16 small graphs whose loading cost 37 to 41 s at every start on an H200, for no speed.
+COMPILED_PARTS = "[encoder,info_sharing,dpt_feature_head,downstream_head]"
 REGIONAL_PARTS = ("[encoder.model.prepare_tokens_with_masks,encoder.model.blocks.*,info_sharing.self_attention_blocks.*,"
-                  "dpt_feature_head,_encode_and_fuse_optional_geometric_inputs,downstream_head]")
+                  "dpt_feature_head,downstream_head]")
 
 
 def compile_restart(data: Path, work: Path, pretrained: Path, args) -> dict:
@@ -224,7 +225,7 @@ def compile_restart(data: Path, work: Path, pretrained: Path, args) -> dict:
         raise SystemExit("--compile-restart needs --steps 4 or more (the requeued start must have a step left)")
     run_dir = work / "compile_restart_stage1"
     shutil.rmtree(run_dir, ignore_errors=True)  # a cold first start: its compile cache lies in the run folder
-    parts = REGIONAL_PARTS if args.regional else COMPILED_PARTS
+    parts = args.parts or (REGIONAL_PARTS if args.regional else COMPILED_PARTS)
     overrides = [*common_overrides(data, work / "unused", args), "stage=stage1", f"output_dir={run_dir}",
                  f"model.pretrained={pretrained}", f"train_params.compile={parts}", "loss.compile=true"]
     console = work / "compile_restart_stage1.log"
@@ -320,6 +321,9 @@ def main(argv=None) -> int:
                              "first step of both starts (the compile cache of the run folder)")
     parser.add_argument("--regional", action="store_true",
                         help="with --compile-restart: the encoder and info sharing compiled block by block")
+    parser.add_argument("--parts", default=None,
+                        help="with --compile-restart: train_params.compile as a list, e.g. '[encoder,info_sharing]' "
+                             "(instead of the whole or --regional parts)")
     args = parser.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
     results: dict = {}
