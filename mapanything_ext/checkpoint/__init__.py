@@ -18,5 +18,6 @@ from mapanything_ext.checkpoint.verify import CheckResult, verify_checkpoint
 
 __all__ = [
     "FORMAT_VERSION", "REQUIRED_KEYS", "CheckResult", "CheckpointWriteError", "ForeignCheckpointError",
-    "choose_in_background", "link_on_master", "load_checkpoint", "prepare_resume", "quarantine", "save_on_master", "verify_checkpoint",
+    "choose_in_background", "link_on_master", "load_checkpoint", "prepare_resume", "quarantine", "save_on_master",
+    "verify_checkpoint",
 ]
