@@ -71,12 +71,13 @@ from mapanything_ext.config import compose_training  # noqa: E402
 from mapanything_ext.distributed import DistInfo  # noqa: E402
 from mapanything_ext.models.batched_loss import BatchedCriterion  # noqa: E402
 from mapanything_ext.models.registry import build_criteria, build_model_on  # noqa: E402
-from mapanything_ext.train import engine  # noqa: E402
+from mapanything_ext.train import params  # noqa: E402
 from mapanything_ext.train.compiling import compile_in_place  # noqa: E402
 from mapanything_ext.datasets.build import build_dataset  # noqa: E402
 from mapanything_ext.train.data import to_device  # noqa: E402
-from mapanything_ext.train.optim import build_optimizer, param_groups  # noqa: E402
+from mapanything_ext.train.optim import build_optimizer  # noqa: E402
 from mapanything_ext.train.run import Run  # noqa: E402
+from mapanything_ext.train.step import read_step, train_step, view_scale  # noqa: E402
 
 # What each engine variant compiles: the model parts (train_params.compile), whether the loss
 # parts too (loss.compile), and how (train_params.compile_mode).
@@ -104,7 +105,7 @@ def config(data: Path, tiny: bool, checkpointing: bool, resolution):
     overrides = ["model=mapanything", "loss=overall_loss", "dataset=opv2v_coop_ft", "dataset.num_views=12",
                  f"machine.opv2v_root={data / 'opv2v'}", f"machine.opv2v_depth_root={data / 'opv2v_depth'}",
                  f"dataset.resolution_train=[{resolution[0]},{resolution[1]}]", "dataset.train_split=train",
-                 "train_params.gradient_clip=1.0", f"model.gradient_checkpointing={str(checkpointing).lower()}"]
+                 f"model.gradient_checkpointing={str(checkpointing).lower()}"]
     return compose_training(overrides + (TINY if tiny else []))
 
 
@@ -127,16 +128,20 @@ def shallow_copy(batch):
 
 
 def reference_stepper(model, criterion, device):
+    """MapAnything's own step, as its train_one_epoch runs it (its parameter groups, its scaler
+    clipping at 1.0, its 2/n_views loss scaling and its host read of the loss)."""
     from mapanything.utils.inference import loss_of_one_batch_multi_view
-    from mapanything.utils.train_tools import NativeScalerWithGradNormCount
+    from mapanything.utils.train_tools import NativeScalerWithGradNormCount, get_parameter_groups
 
-    optimizer = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-4, betas=(0.9, 0.95))
+    groups, _, _ = get_parameter_groups(model, 1e-4, 0.05)
+    optimizer = torch.optim.AdamW(groups, lr=1e-4, betas=(0.9, 0.95))
     scaler = NativeScalerWithGradNormCount()
 
     def step(batch):
         result = loss_of_one_batch_multi_view(shallow_copy(batch), model, criterion, device, use_amp=True,
                                               amp_dtype="bf16")
         loss, _ = result["loss"]
+        loss = loss * view_scale(len(batch))
         float(loss)
         scaler(loss, optimizer, parameters=model.parameters(), update_grad=True, clip_grad=1.0)
         optimizer.zero_grad()
@@ -155,16 +160,19 @@ def engine_stepper(cfg, model, criterion, device, variant: str, loss_parts: tupl
 
         compile_loss_parts([criterion], loss_parts or LOSS_FUNCTIONS + LOSS_MODULES)
     info = DistInfo(0, 1, 0, device, False, 7200.0)
-    optimizer = build_optimizer(model, cfg.train_params)
-    run = Run(cfg, info, Path("/tmp"), model, model, optimizer, criterion, criterion, None, None, None, None)
+    tp = params.load(cfg.train_params)
+    optimizer, schedules = build_optimizer(model, tp)
+    run = Run(cfg=cfg, tp=tp, info=info, output_dir=Path("/tmp"), model=model, module=model, optimizer=optimizer,
+              schedules=schedules, train_criterion=criterion, test_criterion=criterion, train_loader=None,
+              test_loader=None, test_name="test", watcher=None, autocast=torch.bfloat16)
 
     queued = []
 
     def step(batch):
         # As the train loop does: the step before is read (its loss checked) once this one is queued.
-        queued.append(engine.train_step(run, to_device(batch, device), torch.bfloat16))
+        queued.append(train_step(run, to_device(batch, device), torch.bfloat16))
         if len(queued) == 2:
-            engine.read_step(run, queued.pop(0))
+            read_step(run, queued.pop(0))
 
     return step, optimizer
 

@@ -5,8 +5,8 @@
 
 For each setting and each rank count it starts `torchrun --nproc_per_node=N` on this file (so
 DDP, NCCL on GPUs, gloo on a CPU), each rank building the run exactly as the training command does
-(engine._build_run: our loader with its image budget, DDP with model.find_unused_parameters, the
-optimizer, loss.impl's self-check) and timing `engine.train_step` on the batches our loader deals it:
+(build.build_run: our loader with its image budget, DDP with model.find_unused_parameters, the
+optimizer, loss.impl's self-check) and timing `step.train_step` on the batches our loader deals it:
 
   step ms       wall time of the step (synchronised), mean over the timed steps
   data ms       time waiting for the loader's next batch
@@ -68,14 +68,14 @@ def overrides(args, setting: str, out: Path) -> list[str]:
 def rank_main(args) -> None:
     from mapanything_ext import distributed as dist
     from mapanything_ext.config import compose_training
-    from mapanything_ext.train import engine
+    from mapanything_ext.train.build import build_run, choose_loss_impl, first_sample_views
     from mapanything_ext.train.data import to_device
-    from mapanything_ext.train.run import amp_dtype
+    from mapanything_ext.train.step import train_step
 
     info = dist.init_distributed_mode()
     cfg = compose_training(overrides(args, args.setting, args.out))
-    run = engine._build_run(cfg, info, args.out, None, engine.StartupClock(time.monotonic(), info.rank == 0))
-    engine._choose_loss_impl(run, lambda: engine._first_sample_views(run))
+    run = build_run(cfg, info, args.out)
+    choose_loss_impl(run, lambda: first_sample_views(run))
     run.model.train()
     timed = {"step": [], "data": [], "images": []}
     batches = endless(run.train_loader)
@@ -84,7 +84,7 @@ def rank_main(args) -> None:
         views = to_device(next(batches), info.device)
         waited = time.perf_counter() - started
         started = time.perf_counter()
-        engine.train_step(run, views, amp_dtype(run))
+        train_step(run, views, run.autocast)
         _synchronize(info.device)
         if index >= args.warmup:
             timed["step"].append(time.perf_counter() - started)
@@ -114,14 +114,13 @@ def _all_reduce_ms(run, batches, device) -> float:
     """Per step: GPU time of NCCL all-reduce kernels (gloo: CPU time of its all-reduce calls)."""
     from torch.profiler import ProfilerActivity, profile
 
-    from mapanything_ext.train import engine
     from mapanything_ext.train.data import to_device
-    from mapanything_ext.train.run import amp_dtype
+    from mapanything_ext.train.step import train_step
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         for _ in range(2):
-            engine.train_step(run, to_device(next(batches), device), amp_dtype(run))
+            train_step(run, to_device(next(batches), device), run.autocast)
         _synchronize(device)
     total = 0.0
     for event in prof.key_averages():

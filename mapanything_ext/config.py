@@ -1,4 +1,4 @@
-"""Hydra/OmegaConf glue: the `${repo_root:}` resolver and config-to-plain conversion.
+"""Hydra/OmegaConf glue: the `${repo_root:}` resolver, the typed schemas and config-to-plain conversion.
 
 The config tree lives in `<checkout>/configs`; profiles point data and experiment
 folders inside the checkout by default, which the `repo_root` resolver makes
@@ -17,9 +17,12 @@ CONFIG_DIR = REPO_ROOT / "configs"
 
 
 def register_resolvers() -> None:
-    """Register our resolvers once (idempotent: Hydra may import us twice)."""
+    """Register our resolvers and typed schemas once (idempotent: Hydra may import us twice)."""
+    from mapanything_ext.train import params
+
     if not OmegaConf.has_resolver("repo_root"):
         OmegaConf.register_new_resolver("repo_root", lambda: str(REPO_ROOT))
+    params.register()
 
 
 def compose_training(overrides: list[str]) -> DictConfig:

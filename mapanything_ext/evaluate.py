@@ -1,6 +1,7 @@
 """Evaluate checkpoints on an OPV2V split: metrics.json, a readable table, plots, PLY export.
 
     python -m mapanything_ext.evaluate checkpoint=<path> [machine=<profile>] [dataset=opv2v_coop_ft] ...
+    python -m mapanything_ext.evaluate 'logs=[<old run>/log.txt,<new run>]'   # loss curves only
 
 See configs/evaluate.yaml for every option and docs/evaluation.md for the metrics.
 """
@@ -43,7 +44,27 @@ def labels_of(cfg: DictConfig, paths: list[Path]) -> list[str]:
     return [f"{p.parent.name}/{p.stem}" for p in paths]
 
 
+def plot_logs(cfg: DictConfig) -> Path:
+    """Loss curves of several runs on one epoch axis, from their log.txt files: ours and those of
+    MapAnything's own loop (a run continued here from one of its checkpoints, say)."""
+    logs = [Path(p) for p in (cfg.logs if isinstance(cfg.logs, (list, ListConfig)) else [cfg.logs])]
+    missing = [str(p) for p in logs if not (p.is_file() or (p / "log.txt").is_file())]
+    if missing:
+        raise FileNotFoundError(f"no log.txt at: {', '.join(missing)}")
+    if cfg.labels and len(cfg.labels) != len(logs):
+        raise ValueError(f"labels has {len(cfg.labels)} names for {len(logs)} logs")
+    out = Path(cfg.output_dir) if cfg.output_dir else Path(".")
+    out.mkdir(parents=True, exist_ok=True)
+    png = plots.loss_curves(logs, out / "loss_curves.png", list(cfg.labels) if cfg.labels else None)
+    print(f"[evaluate] plot: {png}")
+    return out
+
+
 def run(cfg: DictConfig) -> Path:
+    if cfg.get("logs"):
+        return plot_logs(cfg)
+    if cfg.checkpoint is None:
+        raise ValueError("give checkpoint=<file> (or a list) to evaluate, or logs=[...] to plot loss curves")
     paths = checkpoints_of(cfg)
     labels = labels_of(cfg, paths)
     out = Path(cfg.output_dir) if cfg.output_dir else paths[0].parent / f"eval_{cfg.split}"

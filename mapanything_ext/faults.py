@@ -3,7 +3,8 @@
     MAPANYTHING_EXT_FAULT=<signal>@<phase>[@<rank>]     e.g. SIGUSR2@eval@1
 
 makes rank <rank> (default 0) send itself <signal> (SIGUSR2 or SIGTERM) with os.kill when it
-enters <phase> for the first time in this process. Phases, in the order a run meets them:
+enters <phase> for the first time in this process. The phases are the stop points
+(preemption.StopPoint), each fired where the run starts the work that point follows:
 
   startup       after the model is built, before the first batch is fetched
   initial_eval  the first batch of the evaluation before training (train_params.eval_before_training)
@@ -11,7 +12,7 @@ enters <phase> for the first time in this process. Phases, in the order a run me
   train_step    the second training step of an epoch (a step in the middle)
   last_step     the last training step of an epoch
   eval          the first batch of an end-of-epoch evaluation
-  save          the start of a checkpoint write
+  end_of_epoch  the start of the epoch's checkpoint write (its stop point follows the saves)
 
 The signal is real and goes through the same handler as Slurm's; only its timing is chosen.
 Unset (the normal case), `at()` costs one dictionary lookup.
@@ -23,8 +24,9 @@ import os
 import signal
 
 from mapanything_ext import distributed as dist
+from mapanything_ext.preemption import StopPoint
 
-PHASES = ("startup", "initial_eval", "loader_start", "train_step", "last_step", "eval", "save")
+PHASES = tuple(point.value for point in StopPoint)
 _fired: set[str] = set()
 
 
@@ -36,10 +38,11 @@ def _parse(spec: str) -> tuple[int, str, int]:
     return getattr(signal, parts[0]), parts[1], int(parts[2]) if len(parts) == 3 else 0
 
 
-def at(phase: str) -> None:
+def at(point: StopPoint) -> None:
     spec = os.environ.get("MAPANYTHING_EXT_FAULT")
     if not spec:
         return
+    phase = point.value
     signum, wanted, rank = _parse(spec)
     if phase == wanted and rank == dist.get_rank() and phase not in _fired:
         _fired.add(phase)

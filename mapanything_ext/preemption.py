@@ -8,9 +8,8 @@
             (no budget of ours; Slurm counts every restart in SLURM_RESTART_COUNT).
 
 Handlers only record the signal (they may interrupt anything, a checkpoint write too). The
-engine asks `stop_requested()` at its stop points: after an epoch's last step, between evaluation
-batches, after the saves of an epoch and before training starts; after every other training step
-it asks `stop_seen_at_last_poll()`, the same question answered one step late so that asking never
+engine asks `stop_requested()` at its stop points (`StopPoint`, below: the one list of them); after
+every training step that is not an epoch's last it asks `stop_seen_at_last_poll()`, the same question answered one step late so that asking never
 makes the host wait for the GPU. Both are collectives: every rank learns the strongest signal
 any rank received, so a signal that reached one rank only (one node's tasks, say) stops the whole
 job at the same point. The engine then writes what the position needs (checkpoint-last, or
@@ -26,6 +25,7 @@ nothing when nothing new exists) and calls `requeue_and_exit()`:
 
 from __future__ import annotations
 
+import enum
 import os
 import signal
 import sys
@@ -39,6 +39,35 @@ EXIT_PREEMPTED = 3
 # Order matters: when ranks saw different signals, the stronger (later) one wins. A time-limit
 # warning anywhere needs submitit's requeue even if another rank also saw a SIGTERM.
 _SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
+
+
+class StopPoint(enum.Enum):
+    """Where a run honours a stop signal, in the order a run meets them. The value names the point
+    in console.log ("... at stop point train_step") and in fault injection (faults.py:
+    MAPANYTHING_EXT_FAULT=SIGUSR2@train_step); the text says what the run was doing."""
+
+    STARTUP = "startup"
+    INITIAL_EVAL = "initial_eval"
+    LOADER_START = "loader_start"
+    TRAIN_STEP = "train_step"
+    LAST_STEP = "last_step"
+    EVAL = "eval"
+    END_OF_EPOCH = "end_of_epoch"
+
+    @property
+    def text(self) -> str:
+        return _STOP_TEXT[self]
+
+
+_STOP_TEXT = {
+    StopPoint.STARTUP: "before training starts",
+    StopPoint.INITIAL_EVAL: "during the evaluation before training",
+    StopPoint.LOADER_START: "the data loader's start",
+    StopPoint.TRAIN_STEP: "after a training step",
+    StopPoint.LAST_STEP: "after the epoch's last step",
+    StopPoint.EVAL: "during the end-of-epoch evaluation",
+    StopPoint.END_OF_EPOCH: "after the epoch's saves",
+}
 
 
 def restarts_so_far() -> int:

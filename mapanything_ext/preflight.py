@@ -103,9 +103,9 @@ def _torch_home() -> str:
 
 def warnings_of(cfg: DictConfig) -> list[str]:
     """What will run, but not as a user would expect (the job prints these at start too)."""
-    from mapanything_ext.train.schedule import warmup_warning
+    from mapanything_ext.train import params
 
-    return [w for w in (warmup_warning(cfg.train_params),) if w]
+    return [w for w in (params.load(cfg.train_params).warmup_warning(),) if w]
 
 
 def loss_check(cfg: DictConfig) -> tuple[list[str], list[str]]:

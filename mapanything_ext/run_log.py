@@ -50,11 +50,12 @@ def tee_console(output_dir: Path):
     return stop
 
 
-def read_epoch_records(run_dir: Path) -> list[dict]:
-    """The epoch records of a run's log.txt, oldest first."""
-    log = Path(run_dir) / "log.txt"
+def read_epoch_records(run: Path) -> list[dict]:
+    """The epoch records of a run's log.txt (a run folder, or the log file itself: ours or one written
+    by MapAnything's own loop), oldest first."""
+    log = Path(run) if Path(run).is_file() else Path(run) / "log.txt"
     if not log.is_file():
-        raise FileNotFoundError(f"no log.txt in {run_dir}: is it a training output folder?")
+        raise FileNotFoundError(f"no log.txt in {run}: is it a training output folder?")
     return [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
 
 
@@ -77,28 +78,53 @@ def _finite(record: dict) -> dict:
 
 
 class Scalars:
-    """TensorBoard scalars on rank 0; a no-op elsewhere. Every scalar's x-axis is the global step
-    (epoch scalars at the step that ended the epoch), so a resumed run given `resume_step` (the step
-    of its checkpoint) hides whatever an earlier process wrote past that step: no step twice."""
+    """TensorBoard scalars on rank 0 (a no-op elsewhere), with MapAnything's tags and x-axis: the
+    fractional epoch x 1000 (`epoch_1000x`, which lines up runs of different batch sizes). Every
+    `accum_iter x print_freq` steps: `train_loss`, `train_grad_norm`, `train_lr` (`train_lr_<submodule>`
+    per configured submodule), `train_iter` and `train_<term>` per loss term; after each evaluation
+    `<test set>_<key>_avg/_med` at 1000 x the epochs trained. A resumed run given `resume_x` (the
+    x of the step it continues with) hides whatever an earlier process wrote from there on: no point
+    twice (the engine writes the finished epoch's test statistics at that x again)."""
 
-    def __init__(self, output_dir: Path, enabled: bool, resume_step: int = 0):
+    def __init__(self, output_dir: Path, enabled: bool, resume_x: int = 0):
         self._writer = None
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
-            purge = resume_step + 1 if resume_step else None
+            purge = resume_x if resume_x else None
             self._writer = SummaryWriter(log_dir=str(output_dir / "tensorboard"), purge_step=purge)
 
-    def add(self, prefix: str, values: dict, step: int) -> None:
+    def train_step(self, epoch_f: float, values, lrs: dict) -> None:
+        x = int(epoch_f * 1000)
+        scalars = {"train_loss": values.loss, "train_iter": x, **{f"train_{k}": v for k, v in lrs.items()},
+                   **{f"train_{k}": v for k, v in values.details.items()}}
+        if values.grad_norm is not None:
+            scalars["train_grad_norm"] = values.grad_norm
+        self._add(scalars, x)
+
+    def test(self, epochs_trained: int, test_name: str, stats: dict) -> None:
+        self._add({f"{test_name}_{k}": v for k, v in stats.items()}, 1000 * epochs_trained)
+
+    def _add(self, scalars: dict, x: int) -> None:
         if self._writer is None:
             return
-        for key, value in values.items():
+        for tag, value in scalars.items():
             if isinstance(value, (int, float)):
-                self._writer.add_scalar(f"{prefix}/{key}", value, step)
+                self._writer.add_scalar(tag, value, x)
+        self._writer.flush()
 
     def close(self) -> None:
         if self._writer is not None:
             self._writer.close()
+
+
+def test_loss_of(record: dict) -> float | None:
+    """The test loss checkpoint-best follows (`<test set>_loss_med`) in a log.txt record, if any;
+    `test_loss` in records written before the MapAnything recipe."""
+    for key, value in record.items():
+        if key.endswith("_loss_med") and not key.startswith("train_"):
+            return value
+    return record.get("test_loss")
 
 
 def report_failure(output_dir: Path, rank: int, world_size: int, err: BaseException) -> None:

@@ -5,9 +5,9 @@ import copy
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from mapanything_ext.models.compact import CompactMapAnything
+from mapanything_ext.train.params import TrainParams
 from mapanything_ext.train.compiling import _contiguous, check_compile_settings, compile_in_place, mark_step_begin
 
 
@@ -17,7 +17,7 @@ def views_of(batch=2, num_views=3, h=28, w=42, seed=0, device="cpu"):
 
 
 def test_compile_mode_is_checked_and_cuda_graphs_refuse_gradient_accumulation():
-    tp = OmegaConf.create({"compile": ["blocks"], "compile_mode": "fast", "accum_iter": 1})
+    tp = TrainParams(compile=["blocks"], compile_mode="fast", accum_iter=1)
     with pytest.raises(ValueError, match="compile_mode='fast' is not one of default, reduce-overhead"):
         check_compile_settings(tp)
     tp.compile_mode = "reduce-overhead"
@@ -29,7 +29,7 @@ def test_compile_mode_is_checked_and_cuda_graphs_refuse_gradient_accumulation():
     assert check_compile_settings(tp) == "default"
     tp.compile, tp.compile_mode = False, "reduce-overhead"  # nothing compiled: nothing to refuse
     assert check_compile_settings(tp) == "reduce-overhead"
-    assert check_compile_settings(OmegaConf.create({"compile": False})) == "default"
+    assert check_compile_settings(TrainParams()) == "default"
     with pytest.raises(ValueError, match="compile_mode='fast'"):
         compile_in_place(CompactMapAnything(dim=32, depth=1, num_heads=2), ["blocks"], "fast")
 

@@ -75,7 +75,7 @@ def test_training_under_nccl_evaluates_stops_on_a_signal_saves_and_resumes(synth
     assert stopped.returncode != 0  # the rank left for requeue (exit 3), torchrun reports it
     console = (out / "console.log").read_text()
     assert "world size 1 (DDP)" in console and (out / "initial_eval.json").is_file()
-    assert "[preemption] SIGUSR2 (received by this rank): checkpoint-last.pth written (training step" in console
+    assert "[preemption] SIGUSR2 (received by this rank): checkpoint-last.pth written at stop point train_step" in console
     assert verify_checkpoint(out / "checkpoint-last.pth").valid
     resumed = torchrun(overrides)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]

@@ -123,7 +123,7 @@ def test_two_nodes_preempted_by_slurm_and_by_a_one_node_time_limit_signal_match_
     status = run_status(slurm_env, out)
     assert status.returncode == 0 and "| two_nodes | done, requeued 2 times | 3/3 |" in status.stdout, status.stdout
     assert job_field(slurm_env, job, "NumNodes") == "2"
-    assert [r["epoch"] for r in records(out)] == [0, 1, 2]
+    assert [r["epoch"] for r in records(out)] == [1, 2, 3]
     a = torch.load(straight / "checkpoint-final.pth", weights_only=True)["model"]
     b = torch.load(out / "checkpoint-final.pth", weights_only=True)["model"]
     for key in a:
@@ -163,7 +163,7 @@ def test_a_rank_killed_on_the_second_node_ends_the_job_fast_and_a_one_node_resub
     assert re.search(r"srun: error: maext-\w+-n2: task 3: Killed", text), text[-3000:]
     assert "quarantined checkpoint-last.pth.maext-n1-999.tmp" in text
     assert "resume: world size changed from 4 to 2" in text
-    assert [r["epoch"] for r in records(out)] == [0, 1, 2]
+    assert [r["epoch"] for r in records(out)] == [1, 2, 3]
     print(f"\n[slurm] rank 3 SIGKILLed on the second node -> every task gone: {death_to_end:.1f}s "
           f"(goal {DEATH_TO_END_GOAL_S}s)")
     assert death_to_end < DEATH_TO_END_GOAL_S
@@ -236,7 +236,7 @@ def test_a_two_value_sweep_on_slurm_gives_two_complete_separate_runs(synthetic_r
     for name in ("job0_lr_0.001", "job1_lr_0.002"):
         run = base / name
         assert verify_checkpoint(run / "checkpoint-final.pth").valid
-        assert [r["epoch"] for r in records(run)] == [0]
+        assert [r["epoch"] for r in records(run)] == [1]
         assert "world size 2 (DDP)" in (run / "console.log").read_text()
     status = run_status(slurm_env, base)
     assert status.returncode == 0 and status.stdout.count("| done |") == 2, status.stdout

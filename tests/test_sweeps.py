@@ -25,7 +25,7 @@ def test_a_two_value_sweep_on_submitit_local_gives_two_complete_separate_runs(sy
     for name, lr in runs.items():
         run = base / name
         assert verify_checkpoint(run / "checkpoint-final.pth").valid
-        assert [r["epoch"] for r in records(run)] == [0]  # one job's epochs in each log.txt
+        assert [r["epoch"] for r in records(run)] == [1]  # one job's epochs in each log.txt
         console = (run / "console.log").read_text()
         assert f"lr: {lr}" in console and str(base / [n for n in runs if n != name][0]) not in console
         assert (run / ".hydra" / "overrides.yaml").is_file() and list((run / "tensorboard").iterdir())
@@ -46,7 +46,7 @@ def test_two_identical_commands_one_trains_the_other_is_refused(synthetic_root, 
     assert codes[0] == 0 and codes[1] != 0, outputs
     refused = next(err for (_, err), p in zip(outputs, (first, second)) if p.returncode != 0)
     assert f"run folder {out} is in use by pid" in refused and "give this one another output_dir" in refused
-    assert [r["epoch"] for r in records(out)] == [0, 1, 2]  # the first job is unharmed
+    assert [r["epoch"] for r in records(out)] == [1, 2, 3]  # the first job is unharmed
     assert verify_checkpoint(out / "checkpoint-final.pth").valid
 
 

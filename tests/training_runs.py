@@ -21,14 +21,18 @@ def tiny_overrides(data_root: Path, output_dir: Path, *extra: str) -> list[str]:
         "dataset.resolution_train=[56,42]", "dataset.resolution_test=[56,42]",
         "model.dim=32", "model.depth=1", "model.num_heads=2",
         "train_params.lr=2e-3", "train_params.warmup_epochs=0.5",
+        # MapAnything's batching: max(1, 8 // num_views) samples per batch (2 of the 9 single-vehicle samples).
+        "train_params.max_num_of_imgs_per_gpu=8",
         "train_params.epochs=2", "train_params.print_freq=1",
         *extra,
     ]
 
 
 def stage_overrides(data_root: Path, experiments: Path, *extra: str) -> list[str]:
-    """Tiny run settings without output_dir, so each stage writes where its stage config says."""
-    return [o for o in tiny_overrides(data_root, experiments / "unused", *extra) if not o.startswith("output_dir=")]
+    """Tiny run settings without output_dir and image budget, so each stage writes where its stage config
+    says and batches as it says."""
+    return [o for o in tiny_overrides(data_root, experiments / "unused", *extra)
+            if not o.startswith(("output_dir=", "train_params.max_num_of_imgs_per_gpu="))]
 
 
 def train_command(overrides: list[str]) -> list[str]:

@@ -1,29 +1,34 @@
-"""Dynamic batch sampler: a per-GPU image budget instead of a fixed batch size.
+"""Batch samplers: which samples make each step's batch, and where an epoch stands.
 
-Every sample has a known view count (`num_views_of(index)` on the dataset, or a
-fixed count). Samples are bucketed by that count, each bucket is shuffled and cut
-into batches of `max_num_of_imgs_per_gpu // views` samples, so no step exceeds the
-image budget and every batch collates (all its samples have the same view count).
-The batches of an epoch form one global list, shuffled, that depends only on
-(seed, epoch, image budget, view counts): never on the number of ranks.
+Two ways to cut an epoch into batches (`train_params.batching`):
 
-The ranks walk that list together, one step = the next `world_size` batches, dealt
-round-robin (rank r takes the r-th of them). Where an epoch stands is therefore one
-global number, `consumed`: how many batches of the list the job has used. A resume
-continues at batch `consumed` whatever the world size is now, so no sample of the
-epoch is seen twice or skipped; the remaining batches are cut to a multiple of the
-world size (every rank runs the same number of steps, which DDP needs), dropping at
-most world_size - 1 batches at the epoch's end, as every epoch does.
+  mapanything    MapAnything's training sampler (`DynamicBatchedMultiFeatureRandomSampler` with a
+                 fixed view count): the samples are shuffled by a generator seeded with
+                 epoch + 777 (not train_params.seed), and cut into batches of
+                 max(1, max_num_of_imgs_per_gpu // num_views) samples, num_views being the
+                 dataset's configured count whatever a sample really has (a sample over the image
+                 budget is accepted); the last partial batch is dropped, and an epoch has
+                 (num_samples // batch) // world_size steps per rank. Default: a stage sees the
+                 batches and the number of steps of MapAnything's loop.
+  by_view_count  ours: samples bucketed by their actual view count, each bucket shuffled and cut
+                 into batches of max_num_of_imgs_per_gpu // views samples (no step over the budget,
+                 a sample over it is refused), the batches shuffled; seeded by (seed, epoch).
 
-`max_steps` (train_params.max_steps_per_epoch) ends an epoch after that many steps:
-for smoke runs on real data.
+Either way the batches of an epoch form one global list (independent of the number of ranks but
+for its length, a multiple of it), and the ranks walk it together: one step = the next
+`world_size` batches, dealt round-robin (rank r takes the r-th), as MapAnything's sampler deals
+them. Where an epoch stands is one global number, `consumed`: how many batches of the list the job
+has used. A resume continues at batch `consumed` whatever the world size is now, so no sample of
+the epoch is seen twice or skipped.
 
-`lockstep=False` (evaluation) deals every batch, so ranks may get one batch more or less
-(a rank may get none): an evaluation sees each sample once, whatever the world size.
+`max_steps` (train_params.max_steps_per_epoch) ends an epoch after that many steps: for smoke runs.
 
-`state_dict()` records what `consumed` means (image budget, dataset length, seed,
-shuffle, world size). `load_state_dict()` maps a changed world size and refuses any
-other change with a message naming the value.
+`lockstep=False` (evaluation) deals every batch in order (no shuffle), so ranks may get one batch
+more or less: an evaluation sees each sample once, whatever the world size.
+
+`state_dict()` records what `consumed` means (batching, batch sizes, dataset length, seed, shuffle,
+world size, max_steps). `load_state_dict()` maps a changed world size and refuses any other change
+with a message naming the value.
 """
 
 from __future__ import annotations
@@ -33,9 +38,17 @@ from typing import Callable, Iterator
 import numpy as np
 from torch.utils.data import Sampler
 
+# MapAnything's sampler seeds its generator with epoch + this.
+MAPANYTHING_SEED_OFFSET = 777
+
 
 class SamplerStateMismatch(ValueError):
     """A saved sampler position cannot be mapped onto this run's batches."""
+
+
+def mapanything_batch_size(max_imgs: int, num_views: int) -> int:
+    """Samples per training batch in MapAnything's sampler (its test loader takes twice as many)."""
+    return max(1, int(max_imgs) // int(num_views))
 
 
 class DynamicBatchSampler(Sampler[list[int]]):
@@ -48,24 +61,46 @@ class DynamicBatchSampler(Sampler[list[int]]):
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
-        drop_last: bool = False,
         max_steps: int | None = None,
         lockstep: bool = True,
+        batch_size: int | None = None,
     ):
+        """batch_size: MapAnything's batching with that many samples per batch; None: by view count
+        under the image budget."""
         if num_samples <= 0:
             raise ValueError("the dataset is empty: no sample to batch (check the data roots and split)")
         self.num_samples = num_samples
         self.max_imgs = int(max_num_of_imgs_per_gpu)
+        self.batch_size = int(batch_size) if batch_size else None
         self.shuffle = shuffle
         self.seed = seed
         self.rank = rank
         self.world_size = world_size
-        self.drop_last = drop_last
         self.max_steps = int(max_steps) if max_steps else None
         self.lockstep = lockstep
         self.epoch = 0
         self.consumed = 0  # batches of this epoch's global list used before the next pass
         self._counts = np.array([views_of(i) for i in range(num_samples)], dtype=np.int64)
+        self._uniform = len(np.unique(self._counts)) == 1
+        if not self.batch_size:
+            self._check_budget()
+        elif lockstep:
+            self._check_batches_collate()
+        if lockstep and self.epoch_batches() < world_size:
+            raise ValueError(
+                f"{len(self._global_batches())} batches of {self._describe_size()} cannot be shared by {world_size} "
+                f"rank(s): need more samples, a smaller train_params.max_num_of_imgs_per_gpu or fewer ranks"
+            )
+
+    @property
+    def batching(self) -> str:
+        return "mapanything" if self.batch_size else "by_view_count"
+
+    def _describe_size(self) -> str:
+        return (f"{self.batch_size} sample(s)" if self.batch_size
+                else f"at most {self.max_imgs} images") + f" from {self.num_samples} samples"
+
+    def _check_budget(self) -> None:
         too_many = self._counts > self.max_imgs
         if too_many.any():
             first = int(np.flatnonzero(too_many)[0])
@@ -73,32 +108,51 @@ class DynamicBatchSampler(Sampler[list[int]]):
                 f"sample {first} has {self._counts[first]} views but train_params.max_num_of_imgs_per_gpu="
                 f"{self.max_imgs}: raise the image budget or lower the dataset's num_views"
             )
-        if lockstep and self.epoch_batches() < world_size:
+
+    def _check_batches_collate(self) -> None:
+        """A batch of several samples needs one view count (views are stacked per position)."""
+        counts = np.unique(self._counts)
+        if self.batch_size > 1 and not self._uniform:
             raise ValueError(
-                f"{self.epoch_batches()} batches cannot be shared by {world_size} ranks: need more samples or "
-                f"fewer ranks"
+                f"batches of {self.batch_size} samples (train_params.batching=mapanything: max(1, "
+                f"max_num_of_imgs_per_gpu // dataset.num_views)) cannot be stacked: this dataset's samples have "
+                f"{', '.join(map(str, counts))} views. Lower train_params.max_num_of_imgs_per_gpu below twice "
+                f"dataset.num_views (one sample per batch, as MapAnything's loop needs for such data), or set "
+                f"train_params.batching=by_view_count"
             )
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def _global_batches(self) -> list[list[int]]:
-        """This epoch's batches, in order, before they are dealt to ranks."""
+        """This epoch's batches, in order, before they are dealt to ranks (uncut)."""
+        if self.batch_size and (self._uniform or self.batch_size == 1):
+            batches = self._fixed_size_batches()
+        else:  # (an evaluation of mixed view counts with MapAnything's batch size: stacked by count)
+            batches = self._view_count_batches()
+        if self.max_steps:
+            batches = batches[:self.max_steps * self.world_size]
+        return batches
+
+    def _fixed_size_batches(self) -> list[list[int]]:
+        order = np.arange(self.num_samples)
+        if self.shuffle:  # MapAnything's order: a generator seeded with epoch + 777 shuffles arange(N)
+            np.random.default_rng(seed=self.epoch + MAPANYTHING_SEED_OFFSET).shuffle(order)
+        size = self.batch_size
+        whole = len(order) // size if self.lockstep else -(-len(order) // size)  # training drops the tail
+        return [order[i * size:(i + 1) * size].tolist() for i in range(whole)]
+
+    def _view_count_batches(self) -> list[list[int]]:
         rng = np.random.default_rng([self.seed, self.epoch])
         batches = []
         for count in np.unique(self._counts):
             members = np.flatnonzero(self._counts == count)
             if self.shuffle:
                 members = rng.permutation(members)
-            size = max(1, self.max_imgs // int(count))
-            for start in range(0, len(members), size):
-                chunk = members[start:start + size].tolist()
-                if len(chunk) == size or not self.drop_last:
-                    batches.append(chunk)
+            size = self.batch_size or max(1, self.max_imgs // int(count))
+            batches += [members[start:start + size].tolist() for start in range(0, len(members), size)]
         if self.shuffle:
             batches = [batches[i] for i in rng.permutation(len(batches))]
-        if self.max_steps:
-            batches = batches[:self.max_steps * self.world_size]
         return batches
 
     def epoch_batches(self) -> int:
@@ -107,6 +161,8 @@ class DynamicBatchSampler(Sampler[list[int]]):
         return total // self.world_size * self.world_size if self.lockstep else total
 
     def _remaining(self) -> list[list[int]]:
+        """The batches after `consumed`; in lockstep cut to a multiple of the world size (every rank runs
+        the same number of steps, which DDP needs; a fresh epoch: MapAnything's steps x world size)."""
         rest = self._global_batches()[self.consumed:]
         return rest[:len(rest) // self.world_size * self.world_size] if self.lockstep else rest
 
@@ -122,17 +178,23 @@ class DynamicBatchSampler(Sampler[list[int]]):
     def state_dict(self, consumed: int | None = None) -> dict:
         """The position `consumed` (default: the resume offset) and what it means."""
         return {"epoch": self.epoch, "consumed": self.consumed if consumed is None else int(consumed),
-                "seed": self.seed, "shuffle": self.shuffle, "world_size": self.world_size,
+                "batching": self.batching, "batch_size": self.batch_size, "seed": self.seed,
+                "shuffle": self.shuffle, "world_size": self.world_size, "max_steps": self.max_steps,
                 "max_num_of_imgs_per_gpu": self.max_imgs, "num_samples": self.num_samples}
+
+    # What a saved position means, and the setting that decides it (a change is refused).
+    _MEANING = (("batching", "train_params.batching"),
+                ("batch_size", "the batch size (train_params.max_num_of_imgs_per_gpu // dataset.num_views)"),
+                ("max_num_of_imgs_per_gpu", "train_params.max_num_of_imgs_per_gpu"),
+                ("num_samples", "the training dataset's length"), ("shuffle", "shuffling"),
+                ("max_steps", "train_params.max_steps_per_epoch"))
 
     def load_state_dict(self, state: dict) -> str | None:
         """Continue at the saved position; returns a note when the world size changed, else None."""
-        if "consumed" not in state:  # written before positions were global: start_batch steps per rank
-            state = {**state, "consumed": int(state["start_batch"]) * int(state.get("world_size", 1))}
+        state = {"batching": "by_view_count", "batch_size": None, **state}  # written before batching existed
         ours = self.state_dict()
-        for key, meaning in (("max_num_of_imgs_per_gpu", "train_params.max_num_of_imgs_per_gpu"),
-                             ("num_samples", "the training dataset's length"), ("seed", "train_params.seed"),
-                             ("shuffle", "shuffling")):
+        meanings = self._MEANING + ((("seed", "train_params.seed"),) if self.batching == "by_view_count" else ())
+        for key, meaning in meanings:
             if key in state and state[key] != ours[key]:
                 raise SamplerStateMismatch(
                     f"cannot continue the epoch where it stopped: {meaning} was {state[key]} when the checkpoint "
@@ -143,5 +205,5 @@ class DynamicBatchSampler(Sampler[list[int]]):
         saved_world = int(state.get("world_size", self.world_size))
         if saved_world != self.world_size:
             return (f"world size changed from {saved_world} to {self.world_size}: epoch {self.epoch} continues at "
-                    f"global batch {self.consumed} of {len(self._global_batches())}, each remaining batch once")
+                    f"global batch {self.consumed} of {self.epoch_batches()}, each remaining batch once")
         return None

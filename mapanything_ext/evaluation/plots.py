@@ -11,21 +11,23 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from mapanything_ext.datasets.base import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
-from mapanything_ext.run_log import read_epoch_records  # noqa: E402
+from mapanything_ext.run_log import read_epoch_records, test_loss_of  # noqa: E402
 
 
-def loss_curves(run_dirs: list[Path], out_png: Path, labels: list[str] | None = None) -> Path:
-    """Train (solid) and eval (dashed) loss per epoch for one or several runs, and below them the
-    learning rate each epoch trained with (its mean; a warm-up longer than the run shows here)."""
+def loss_curves(runs: list[Path], out_png: Path, labels: list[str] | None = None) -> Path:
+    """Train (solid) and eval (dashed: the test loss median, checkpoint-best's) loss per epoch for one or
+    several runs (run folders or log.txt files, ours or MapAnything's own: both count epochs trained
+    from 1), and below them the learning rate each epoch trained with (its mean; a warm-up longer than
+    the run shows here)."""
     fig, (ax, lr_ax) = plt.subplots(2, 1, figsize=(7, 6.5), sharex=True, gridspec_kw={"height_ratios": [3, 1.4]})
-    for i, run_dir in enumerate(run_dirs):
-        label = labels[i] if labels else Path(run_dir).name
-        records = read_epoch_records(run_dir)
+    for i, run in enumerate(runs):
+        label = labels[i] if labels else _name_of(Path(run))
+        records = [r for r in read_epoch_records(run) if len(r) > 1]  # (MapAnything's first line: epoch only)
         color = f"C{i % 10}"
         ax.plot([r["epoch"] for r in records], [r.get("train_loss", np.nan) for r in records], "-o", color=color,
                 label=f"{label} train")
-        tested = [r for r in records if "test_loss" in r]
-        ax.plot([r["epoch"] for r in tested], [r["test_loss"] for r in tested], "--s", color=color,
+        tested = [r for r in records if test_loss_of(r) is not None]
+        ax.plot([r["epoch"] for r in tested], [test_loss_of(r) for r in tested], "--s", color=color,
                 label=f"{label} eval")
         lr_ax.plot([r["epoch"] for r in records], [r.get("train_lr", np.nan) for r in records], "-o", color=color,
                    label=label)
@@ -37,6 +39,10 @@ def loss_curves(run_dirs: list[Path], out_png: Path, labels: list[str] | None = 
     lr_ax.set_ylabel("learning rate")
     lr_ax.grid(alpha=0.3)
     return _save(fig, out_png)
+
+
+def _name_of(run: Path) -> str:
+    return run.parent.name if run.is_file() else run.name
 
 
 def image_rgb(view: dict) -> np.ndarray:

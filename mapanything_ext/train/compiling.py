@@ -22,8 +22,8 @@ CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 
 def check_compile_settings(tp) -> str:
     """The validated train_params.compile_mode; refuses what CUDA graphs would get wrong."""
-    mode = _checked_mode(str(tp.get("compile_mode") or "default"))
-    if mode in CUDA_GRAPH_MODES and tp.get("compile") and int(tp.get("accum_iter", 1)) > 1:
+    mode = _checked_mode(str(tp.compile_mode or "default"))
+    if mode in CUDA_GRAPH_MODES and tp.compile and int(tp.accum_iter) > 1:
         # A CUDA graph writes each step's parameter gradients into the same buffers, so a gradient
         # kept across micro-batches is overwritten, not accumulated (pytorch/pytorch#169545).
         raise ValueError(

@@ -8,8 +8,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, default_collate
 
-from mapanything_ext.datasets.batch_sampler import DynamicBatchSampler
+from mapanything_ext.datasets.batch_sampler import DynamicBatchSampler, mapanything_batch_size
 from mapanything_ext.datasets.device_geometry import GEOMETRY_KEY, complete_view
+from mapanything_ext.train.params import TrainParams
 
 
 def views_counter(dataset):
@@ -20,12 +21,23 @@ def views_counter(dataset):
     return lambda _index: fixed
 
 
-def build_loader(dataset, max_imgs: int, shuffle: bool, seed: int, rank: int, world_size: int,
-                 num_workers: int, max_steps: int | None = None, lockstep: bool = True) -> DataLoader:
-    """Batches by image budget; max_steps (null: all) ends each pass after that many steps;
-    lockstep=False (evaluation) deals every batch, ranks may get one more or less."""
-    sampler = DynamicBatchSampler(len(dataset), views_counter(dataset), max_imgs, shuffle=shuffle, seed=seed,
-                                  rank=rank, world_size=world_size, max_steps=max_steps, lockstep=lockstep)
+def batch_size_of(dataset, tp: TrainParams, train: bool) -> int | None:
+    """Samples per batch with MapAnything's batching (its test loader takes twice the training
+    batch, at least one); None: batches by view count under the image budget."""
+    if tp.batching != "mapanything":
+        return None
+    size = mapanything_batch_size(tp.max_num_of_imgs_per_gpu, int(dataset.num_views))
+    return size if train else max(1, 2 * (int(tp.max_num_of_imgs_per_gpu) // int(dataset.num_views)))
+
+
+def build_loader(dataset, tp: TrainParams, train: bool, rank: int, world_size: int, num_workers: int) -> DataLoader:
+    """The training loader (shuffled, ranks in lockstep, max_steps_per_epoch) or the test loader
+    (in order, every batch once over all ranks, max_eval_steps)."""
+    sampler = DynamicBatchSampler(len(dataset), views_counter(dataset), tp.max_num_of_imgs_per_gpu, shuffle=train,
+                                  seed=int(tp.seed), rank=rank, world_size=world_size, lockstep=train,
+                                  max_steps=tp.max_steps_per_epoch if train else tp.max_eval_steps,
+                                  batch_size=batch_size_of(dataset, tp, train))
+    seed = int(tp.seed)
     return DataLoader(
         dataset,
         batch_sampler=sampler,

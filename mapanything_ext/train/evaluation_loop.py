@@ -1,4 +1,12 @@
-"""The test loss of a training job: every test batch once, over all ranks."""
+"""The test loss of a training job: every test batch once over all ranks, summarised as
+MapAnything's `test_one_epoch` does.
+
+Per batch: the test criterion's loss multiplied by 2/n_views (n > 2, as in training) and its
+details; per key over the batches: `<key>_avg` (the mean of the batch values) and `<key>_med` (their
+median, as torch's `median` of a float32 tensor takes it: the lower middle value).
+`checkpoint-best` follows `loss_med`. Beside them, ours: `depth_abs_rel_avg/_med` (over batches that
+have valid depth).
+"""
 
 from __future__ import annotations
 
@@ -10,15 +18,20 @@ from mapanything_ext import distributed as dist
 from mapanything_ext.depth_metrics import mean_depth_abs_rel
 from mapanything_ext.train.compiling import mark_step_begin
 from mapanything_ext.train.data import to_device
+from mapanything_ext.train.step import view_scale
+
+# Keys of ours that a batch may lack (no valid depth): such a batch is left out of their summaries.
+_OPTIONAL = ("depth_abs_rel",)
 
 
 @torch.no_grad()
 def evaluate(model, criterion, loader, device, amp_dtype, between_batches=None) -> dict:
-    """Mean test loss, its terms and depth AbsRel over every test batch, each seen once by one rank
-    (ranks may hold one batch more or less). `model` is the plain module (no DDP collective in its
-    forward); `between_batches(i)` runs before step i on every rank alike (the engine's stop point)."""
+    """`<key>_avg` and `<key>_med` of the scaled test loss, its terms and depth AbsRel, over every test
+    batch of every rank (ranks may hold one batch more or less). `model` is the plain module (no DDP
+    collective in its forward); `between_batches(i)` runs before batch i on every rank alike (the
+    engine's stop point)."""
     model.eval()
-    sums, counts = {}, {}
+    values: dict[str, list[float]] = {}
     batches = iter(loader)
     steps = int(dist.all_reduce_max(torch.tensor([len(loader)])).item())
     for i in range(steps):
@@ -33,15 +46,24 @@ def evaluate(model, criterion, loader, device, amp_dtype, between_batches=None) 
             preds = model(views)
         with torch.autocast(device.type, enabled=False):
             loss, details = criterion(views, preds)
-        values = {"loss": float(loss), **details, "depth_abs_rel": mean_depth_abs_rel(views, preds)}
-        for key, value in values.items():
-            if math.isfinite(float(value)):  # a batch without any valid depth has no AbsRel
-                sums[key] = sums.get(key, 0.0) + float(value)
-                counts[key] = counts.get(key, 0) + 1
+        batch = {"loss": float(loss * view_scale(len(views))),  # scaled in float32, as MapAnything does **{k: float(v) for k, v in details.items()},
+                 "depth_abs_rel": mean_depth_abs_rel(views, preds)}
+        for key, value in batch.items():
+            if key not in _OPTIONAL or math.isfinite(value):
+                values.setdefault(key, []).append(value)
     model.train()
-    # Every rank reduces the same keys in the same order, even one whose batches had none of a key.
-    keys = sorted(set().union(*dist.all_gather_object(sorted(sums))))
-    totals = dist.all_reduce_sum(torch.tensor([sums.get(k, 0.0) for k in keys] + [counts.get(k, 0) for k in keys],
-                                              dtype=torch.float64))
-    return {k: float(totals[i] / totals[len(keys) + i]) if totals[len(keys) + i] > 0 else math.nan
-            for i, k in enumerate(keys)}
+    return summarise(dist.all_gather_object(values))
+
+
+def summarise(per_rank: list[dict[str, list[float]]]) -> dict:
+    """MapAnything's avg and med of each key over the batches of all ranks (rank order, then batch order)."""
+    merged: dict[str, list[float]] = {}
+    for values in per_rank:
+        for key, batch_values in values.items():
+            merged.setdefault(key, []).extend(batch_values)
+    stats = {}
+    for key in sorted(merged):
+        batch_values = merged[key]
+        stats[f"{key}_avg"] = sum(batch_values) / len(batch_values)
+        stats[f"{key}_med"] = torch.tensor(batch_values).median().item()
+    return stats

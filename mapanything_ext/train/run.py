@@ -1,4 +1,4 @@
-"""The state of one training job on one rank, shared by the engine's parts."""
+"""The state of one training job on one rank, shared by the engine's parts (built by build.py)."""
 
 from __future__ import annotations
 
@@ -12,34 +12,35 @@ from omegaconf import DictConfig
 from mapanything_ext import distributed as dist
 from mapanything_ext.preemption import PreemptionWatcher
 from mapanything_ext.run_log import Scalars
+from mapanything_ext.train.optim import GroupSchedule
+from mapanything_ext.train.params import TrainParams
 
 
 @dataclass
 class Run:
     cfg: DictConfig
+    tp: TrainParams
     info: dist.DistInfo
     output_dir: Path
-    model: torch.nn.Module
+    model: torch.nn.Module  # what trains: the module, or its DDP wrapper
     module: torch.nn.Module  # the model without its DDP wrapper
     optimizer: torch.optim.Optimizer
+    schedules: list[GroupSchedule]  # one per optimizer group
     train_criterion: object
     test_criterion: object
     train_loader: object
     test_loader: object
-    scalars: Scalars | None  # opened once the resume step is known
-    watcher: PreemptionWatcher
+    test_name: str  # log.txt's and TensorBoard's prefix of the test statistics (MapAnything's test set name)
+    watcher: PreemptionWatcher | None
+    autocast: torch.dtype | None  # bf16 on a GPU when train_params.amp, else None (full precision)
     started_at: float = field(default_factory=time.monotonic)  # train() sets it to its own start
+    scalars: Scalars | None = None  # opened once the resume position is known
     first_step_reported: bool = False
     saved_step: int = 0  # global step of the newest state on disk (a fresh start: 0, nothing to save)
-    bar: object = None  # the epoch's progress bar, closed before a stop prints
-
-    @property
-    def tp(self):
-        return self.cfg.train_params
 
 
-def amp_dtype(run: Run):
+def autocast_dtype(tp: TrainParams, device: torch.device) -> torch.dtype | None:
     """Autocast dtype, or None: bf16 on GPU when train_params.amp, full precision on CPU."""
-    if not run.tp.amp or run.info.device.type != "cuda":
+    if not tp.amp or device.type != "cuda":
         return None
     return torch.bfloat16

@@ -1,4 +1,4 @@
-"""Saving a training job's state, and its stop points (where a preemption signal is honoured).
+"""Writing a training job's state, and its stop points (where a preemption signal is honoured).
 
 A state is written once under its first name and linked under the others (last, best, numbered,
 final: mapanything_ext.checkpoint). A stop point asks every rank whether any got a signal
@@ -11,29 +11,14 @@ from __future__ import annotations
 import time
 
 from mapanything_ext import distributed as dist
-from mapanything_ext import faults
 from mapanything_ext.checkpoint import link_on_master, save_on_master
-from mapanything_ext.config import to_plain
-from mapanything_ext.train import rng_state
-from mapanything_ext.train.position import Position
-from mapanything_ext.train.run import Run
+from mapanything_ext.preemption import StopPoint
+from mapanything_ext.train.state import Position, checkpoint_of
 
 
-def save(run: Run, names: list[str], position: Position) -> None:
+def save(run, names: list[str], position: Position) -> None:
     """Write the state at `position` once under names[0] and link the other names to it."""
-    faults.at("save")
-    rng = dist.all_gather_object(rng_state.capture())
-    sampler_state = run.train_loader.batch_sampler.state_dict(consumed=position.consumed)
-    sampler_state["epoch"] = position.epoch
-    ckpt = {
-        "model": run.module.state_dict(),
-        "optimizer": run.optimizer.state_dict(),
-        "scaler": None,  # bf16 autocast needs no loss scaling (fp16 is refused at start)
-        "epoch": position.epoch,
-        "best_so_far": float(position.best_so_far),
-        "args": to_plain(run.cfg),
-        "resume": position.to_state(sampler_state, rng),
-    }
+    ckpt = checkpoint_of(run, position)
     started = time.perf_counter()
     first = run.output_dir / names[0]
     save_on_master(ckpt, first)
@@ -48,7 +33,7 @@ def save(run: Run, names: list[str], position: Position) -> None:
               f"{size:.2f} GB) in {time.perf_counter() - started:.2f}s")
 
 
-def ensure_final(run: Run, epochs: int) -> None:
+def ensure_final(run, epochs: int) -> None:
     """A run resumed after its last epoch's saves but before its final link gets it now."""
     final, last = run.output_dir / "checkpoint-final.pth", run.output_dir / "checkpoint-last.pth"
     if run.info.rank == 0 and not final.exists() and last.exists():
@@ -56,21 +41,17 @@ def ensure_final(run: Run, epochs: int) -> None:
     dist.barrier()
 
 
-def stop_here(run: Run, position: Position, where: str) -> None:
-    """A stop point: when any rank got a signal, save what is new, then leave for requeue."""
+def stop_here(run, position: Position, point: StopPoint, on_stop=None) -> None:
+    """A stop point: when any rank got a signal, save what is new, then leave for requeue. `on_stop()`
+    runs first when stopping (the epoch loop closes its progress bar, so the console's lines stay whole)."""
     if not run.watcher.stop_requested():
         return
-    if run.bar is not None:
-        run.bar.close()
+    if on_stop is not None:
+        on_stop()
     if position.global_step != run.saved_step:
         save(run, ["checkpoint-last.pth"], position)
-        saved = f"checkpoint-last.pth written ({where}, epoch {position.epoch}, {position.consumed} batches done)"
+        saved = (f"checkpoint-last.pth written at stop point {point.value} ({point.text}; epoch {position.epoch}, "
+                 f"{position.consumed} batches done)")
     else:
-        saved = f"nothing new to save ({where}; the newest checkpoint holds this position)"
+        saved = f"nothing new to save at stop point {point.value} ({point.text}; the newest checkpoint holds it)"
     run.watcher.requeue_and_exit(saved)
-
-
-def eval_stop_point(run: Run, position: Position, batch_index: int, phase: str) -> None:
-    if batch_index == 0:
-        faults.at(phase)
-    stop_here(run, position, f"during {'the initial ' if phase == 'initial_eval' else ''}evaluation")
