@@ -23,7 +23,7 @@ generator; 24 views repeat its 12), batch 1, bf16 autocast, random init (full v1
                   (each compiled part replayed as one CUDA graph)
   engine_graphs_post_loss   engine_compile_post_loss with compile_mode=reduce-overhead
   batched         our engine's step with our view-batched criterion (loss.impl=batched,
-                  models/batched_loss.py) instead of MapAnything's; nothing compiled
+                  losses/batched_loss.py) instead of MapAnything's; nothing compiled
   batched_compile_post      ... the model parts of engine_compile_post_loss compiled, criterion eager
   batched_compile_post_loss ... and the batched criterion compiled too (loss.compile=true)
   batched_compile_regional_loss  batched_compile_post_loss with the encoder and info sharing compiled
@@ -36,7 +36,7 @@ generator; 24 views repeat its 12), batch 1, bf16 autocast, random init (full v1
                   breaks into 16 small graphs that cost ~40 s at every start and no speed)
 
 Before the batched variants run, each view count's batch goes through both criteria once
-(models/loss_selfcheck.compare, float32 on the GPU, the model's own predictions) and the table
+(losses/loss_selfcheck.compare, float32 on the GPU, the model's own predictions) and the table
 notes the worst relative difference (loss, details, gradients).
 
 Variants run in the order given on the same model object and compiling is cumulative, so list
@@ -67,13 +67,13 @@ from torch.utils.data import default_collate
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from mapanything_ext import train_params as params  # noqa: E402
+from mapanything_ext.cluster.distributed import DistInfo  # noqa: E402
 from mapanything_ext.config import compose_training  # noqa: E402
-from mapanything_ext.distributed import DistInfo  # noqa: E402
-from mapanything_ext.models.batched_loss import BatchedCriterion  # noqa: E402
-from mapanything_ext.models.registry import build_criteria, build_model_on  # noqa: E402
-from mapanything_ext.train import params  # noqa: E402
-from mapanything_ext.train.compiling import compile_in_place  # noqa: E402
 from mapanything_ext.datasets.build import build_dataset  # noqa: E402
+from mapanything_ext.losses.batched_loss import BatchedCriterion  # noqa: E402
+from mapanything_ext.models.registry import build_criteria, build_model_on  # noqa: E402
+from mapanything_ext.train.compiling import compile_in_place  # noqa: E402
 from mapanything_ext.train.data import to_device  # noqa: E402
 from mapanything_ext.train.optim import build_optimizer  # noqa: E402
 from mapanything_ext.train.run import Run  # noqa: E402
@@ -131,7 +131,10 @@ def reference_stepper(model, criterion, device):
     """MapAnything's own step, as its train_one_epoch runs it (its parameter groups, its scaler
     clipping at 1.0, its 2/n_views loss scaling and its host read of the loss)."""
     from mapanything.utils.inference import loss_of_one_batch_multi_view
-    from mapanything.utils.train_tools import NativeScalerWithGradNormCount, get_parameter_groups
+    from mapanything.utils.train_tools import (
+        NativeScalerWithGradNormCount,
+        get_parameter_groups,
+    )
 
     groups, _, _ = get_parameter_groups(model, 1e-4, 0.05)
     optimizer = torch.optim.AdamW(groups, lr=1e-4, betas=(0.9, 0.95))
@@ -156,7 +159,11 @@ def engine_stepper(cfg, model, criterion, device, variant: str, loss_parts: tupl
     if variant.startswith("batched"):
         criterion = BatchedCriterion(criterion.batched.spec, compile=compile_loss)  # as the adapter builds it
     elif compile_loss:
-        from mapanything_ext.models.mapanything_adapter import LOSS_FUNCTIONS, LOSS_MODULES, compile_loss_parts
+        from mapanything_ext.models.mapanything_adapter import (
+            LOSS_FUNCTIONS,
+            LOSS_MODULES,
+            compile_loss_parts,
+        )
 
         compile_loss_parts([criterion], loss_parts or LOSS_FUNCTIONS + LOSS_MODULES)
     info = DistInfo(0, 1, 0, device, False, 7200.0)
@@ -179,7 +186,7 @@ def engine_stepper(cfg, model, criterion, device, variant: str, loss_parts: tupl
 
 def worst_differences(model, criterion, views) -> str:
     """Loss, details and per-tensor gradients of the two criteria on the model's predictions."""
-    from mapanything_ext.models.loss_selfcheck import evaluate
+    from mapanything_ext.losses.loss_selfcheck import evaluate
 
     with torch.autocast(views[0]["img"].device.type, dtype=torch.bfloat16):
         preds = [{k: v.detach() if torch.is_tensor(v) else v for k, v in p.items()} for p in model(views)]

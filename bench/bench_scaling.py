@@ -66,9 +66,13 @@ def overrides(args, setting: str, out: Path) -> list[str]:
 
 
 def rank_main(args) -> None:
-    from mapanything_ext import distributed as dist
+    from mapanything_ext.cluster import distributed as dist
     from mapanything_ext.config import compose_training
-    from mapanything_ext.train.build import build_run, choose_loss_impl, first_sample_views
+    from mapanything_ext.train.build import (
+        build_run,
+        choose_loss_impl,
+        first_sample_views,
+    )
     from mapanything_ext.train.data import to_device
     from mapanything_ext.train.step import train_step
 

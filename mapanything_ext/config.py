@@ -18,7 +18,7 @@ CONFIG_DIR = REPO_ROOT / "configs"
 
 def register_resolvers() -> None:
     """Register our resolvers and typed schemas once (idempotent: Hydra may import us twice)."""
-    from mapanything_ext.train import params
+    from mapanything_ext import train_params as params
 
     if not OmegaConf.has_resolver("repo_root"):
         OmegaConf.register_new_resolver("repo_root", lambda: str(REPO_ROOT))

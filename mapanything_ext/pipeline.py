@@ -39,8 +39,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from mapanything_ext.cluster.slurm_params import executor_arguments, launcher_config
 from mapanything_ext.config import REPO_ROOT, compose_training
-from mapanything_ext.slurm_params import executor_arguments, launcher_config
 
 STAGES = ("stage1", "stage2", "stage3")
 
@@ -157,7 +157,7 @@ def run_local(steps, nproc_per_node: int | None = None, export: bool = False) ->
 
 def wait_for_jobs(job_ids: list[str], poll_s: float = 5.0) -> None:
     """Until every job has ended; PipelineError naming those that did not complete."""
-    from mapanything_ext.slurm_jobs import job_state
+    from mapanything_ext.cluster.slurm_jobs import job_state
 
     ended: dict[str, str] = {}
     while len(ended) < len(job_ids):

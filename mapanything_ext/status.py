@@ -3,7 +3,7 @@
     python -m mapanything_ext.status machine=<profile> [more training overrides ...]
     python -m mapanything_ext.status <run folder> [<run folder> ...]
 
-A sweep's folder (one run folder per job, mapanything_ext/sweeps.py) is listed job by job.
+A sweep's folder (one run folder per job, mapanything_ext/cluster/sweeps.py) is listed job by job.
 
 Per stage: its state, from Slurm where it is reachable (`sacct` when the cluster keeps
 accounting, `scontrol show job` otherwise, `squeue` for queued jobs) and from the run folder
@@ -25,8 +25,8 @@ from pathlib import Path
 from mapanything_ext.checkpoint import verify_checkpoint
 from mapanything_ext.checkpoint.load import load_checkpoint
 from mapanything_ext.checkpoint.quarantine import resume_order
+from mapanything_ext.cluster.slurm_jobs import job_state
 from mapanything_ext.run_log import read_epoch_records
-from mapanything_ext.slurm_jobs import job_state
 
 STAGES = ("stage1", "stage2", "stage3")
 _SLURM_STATES = {"PENDING": "queued", "CONFIGURING": "running", "RUNNING": "running", "COMPLETING": "running",

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from mapanything_ext.rotations import quaternion_to_matrix
+from mapanything_ext.geometry.rotations import quaternion_to_matrix
 
 
 def random_views(n_views: int, batch: int = 1, height: int = 12, width: int = 16, seed: int = 0, *,
@@ -75,7 +75,7 @@ def perfect_predictions(views: list[dict], metric_scaling: float = 2.5) -> list[
 
 
 def _matrix_quats(rot: torch.Tensor) -> torch.Tensor:
-    from mapanything_ext.rotations import matrix_to_quaternion
+    from mapanything_ext.geometry.rotations import matrix_to_quaternion
 
     return matrix_to_quaternion(rot)
 

@@ -3,7 +3,7 @@ project it into another, compare with that camera's own depth."""
 
 import numpy as np
 
-from mapanything_ext.geometry import depth_to_points, project
+from mapanything_ext.geometry.projection import depth_to_points, project
 
 # A point counts as seen by both cameras when the two depths agree within this (it excludes
 # occlusions); the test then asks for a median error far below it and enough such points.

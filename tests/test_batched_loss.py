@@ -1,4 +1,4 @@
-"""The view-batched criterion (models/batched_loss.py) and loss.impl (models/loss_selfcheck.py).
+"""The view-batched criterion (losses/batched_loss.py) and loss.impl (losses/loss_selfcheck.py).
 
 Its own invariants are tested everywhere; equality with MapAnything's criterion, built from the v1.1
 loss strings, runs where MapAnything is installed (skipped otherwise, with the reason)."""
@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from mapanything_ext.config import compose_training
-from mapanything_ext.models import batched_loss
-from mapanything_ext.models.batched_loss import BatchedCriterion, LossSpec
-from mapanything_ext.models.loss_selfcheck import ChosenCriterion, LossMismatch, compare
+from mapanything_ext.losses import batched_loss
+from mapanything_ext.losses.batched_loss import BatchedCriterion, LossSpec
+from mapanything_ext.losses.loss_selfcheck import ChosenCriterion, LossMismatch, compare
 from tests.loss_batches import noisy_predictions, perfect_predictions, random_views
 
 TRAIN, TEST = LossSpec(), LossSpec(conf_sets=(), exclude_sets=(0, 1, 2))
@@ -116,7 +116,7 @@ def test_a_view_without_valid_pixels_drops_out_of_its_terms_and_averages():
 def test_the_compiled_row_by_row_sums_compute_the_same_loss_details_and_gradients(spec, monkeypatch):
     # Compiled, every sum over pixels runs row by row and the factors are spread over the rows (for
     # the GPU's sake); run that formulation eagerly and compare it with the one-reduction sums.
-    from mapanything_ext.models.loss_selfcheck import as_dtype, evaluate
+    from mapanything_ext.losses.loss_selfcheck import as_dtype, evaluate
 
     views = as_dtype(random_views(4, batch=2, seed=5, invalid_views=(2,), metric=[True, False],
                                   synthetic=[True, False]), torch.float64)
@@ -138,7 +138,7 @@ def test_the_compiled_row_by_row_sums_compute_the_same_loss_details_and_gradient
 def test_ground_truth_poses_in_view0_agree_with_matrix_algebra():
     views = random_views(4, batch=2, seed=11)
     quats, trans = batched_loss._poses_in_view0(views)
-    from mapanything_ext.rotations import quaternion_to_matrix
+    from mapanything_ext.geometry.rotations import quaternion_to_matrix
 
     inverse0 = torch.linalg.inv(views[0]["camera_pose"])
     for index, view in enumerate(views):
@@ -288,7 +288,10 @@ def test_the_preflight_runs_the_self_check_on_the_first_sample(synthetic_root, t
 
 
 def test_the_quaternion_product_composes_rotations_as_their_matrices_do():
-    from mapanything_ext.rotations import quaternion_multiply, quaternion_to_matrix
+    from mapanything_ext.geometry.rotations import (
+        quaternion_multiply,
+        quaternion_to_matrix,
+    )
 
     g = torch.Generator().manual_seed(3)
     a, b = torch.randn(2, 5, 4, generator=g)

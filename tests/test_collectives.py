@@ -1,4 +1,4 @@
-"""The collective rule (docs/cluster.md): every collective goes through mapanything_ext.distributed,
+"""The collective rule (docs/cluster.md): every collective goes through mapanything_ext.cluster.distributed,
 whose helpers put tensors on the backend's device. NCCL serves CUDA tensors only, so a collective
 of CPU tensors called anywhere else would stop every multi-GPU job at its first step."""
 
@@ -9,8 +9,8 @@ from pathlib import Path
 
 import torch
 
-from mapanything_ext import distributed as dist
-from mapanything_ext.preemption import PreemptionWatcher
+from mapanything_ext.cluster import distributed as dist
+from mapanything_ext.cluster.preemption import PreemptionWatcher
 from mapanything_ext.readback import HostCopy
 
 REPO = Path(__file__).resolve().parents[1]
@@ -23,12 +23,12 @@ _DIRECT = re.compile(r"^\s*(import|from)\s+torch\.distributed\b|\btdist\.|torch\
 def test_no_module_but_ours_calls_torch_distributed():
     offenders = []
     for path in sorted((REPO / "mapanything_ext").rglob("*.py")) + sorted((REPO / "hydra_plugins").rglob("*.py")):
-        if path == REPO / "mapanything_ext" / "distributed.py":
+        if path == REPO / "mapanything_ext" / "cluster" / "distributed.py":
             continue
         for number, line in enumerate(path.read_text().splitlines(), 1):
             if _DIRECT.search(line) and not line.lstrip().startswith("#"):
                 offenders.append(f"{path.relative_to(REPO)}:{number}: {line.strip()}")
-    assert not offenders, "collectives outside mapanything_ext/distributed.py:\n" + "\n".join(offenders)
+    assert not offenders, "collectives outside mapanything_ext/cluster/distributed.py:\n" + "\n".join(offenders)
 
 
 def test_helpers_work_without_a_process_group_and_keep_the_callers_device():

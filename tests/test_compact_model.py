@@ -2,8 +2,8 @@
 
 import torch
 
+from mapanything_ext.geometry.rotations import matrix_to_quaternion, quaternion_to_matrix
 from mapanything_ext.models.compact import CompactMapAnything
-from mapanything_ext.rotations import matrix_to_quaternion, quaternion_to_matrix
 
 
 def views_of(batch=2, num_views=3, h=28, w=42, seed=0):

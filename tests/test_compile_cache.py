@@ -14,8 +14,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from mapanything_ext import distributed as dist
 from mapanything_ext.checkpoint.cli import collect
+from mapanything_ext.cluster import distributed as dist
 from mapanything_ext.train import compile_cache
 from tests.training_runs import start_ranks, tiny_overrides, wait_all
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from mapanything_ext.models.compact import CompactMapAnything
-from mapanything_ext.train.params import TrainParams
 from mapanything_ext.train.compiling import _contiguous, check_compile_settings, compile_in_place, mark_step_begin
+from mapanything_ext.train_params import TrainParams
 
 
 def views_of(batch=2, num_views=3, h=28, w=42, seed=0, device="cpu"):

@@ -20,11 +20,12 @@ import yaml
 from PIL import Image
 
 from mapanything_ext.datasets import opv2v, png_io
-from mapanything_ext.datasets.base import IMAGENET_MEAN, IMAGENET_STD, BaseMultiViewDataset, RawView
+from mapanything_ext.datasets.base import BaseMultiViewDataset, RawView
 from mapanything_ext.datasets.depth_codec import decode_depth, encode_depth_carla, encode_depth_heal8
+from mapanything_ext.datasets.image_norm import IMAGENET_MEAN, IMAGENET_STD
 from mapanything_ext.datasets.opv2v import NUM_CAMERAS, OPV2VCoopDataset, body_frame
-from mapanything_ext.geometry import depth_to_points, pixel_rays, resize_crop_intrinsics
-from mapanything_ext.rotations import matrix_to_quaternion
+from mapanything_ext.geometry.projection import depth_to_points, pixel_rays, resize_crop_intrinsics
+from mapanything_ext.geometry.rotations import matrix_to_quaternion
 
 OPV2V_K = np.array([[335.639852470912, 0, 400], [0, 335.639852470912, 300], [0, 0, 1]])
 

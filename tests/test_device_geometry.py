@@ -9,7 +9,7 @@ from torch.utils.data import default_collate
 
 from mapanything_ext.datasets.device_geometry import DERIVED_KEYS, GEOMETRY_KEY, complete_view
 from mapanything_ext.datasets.opv2v import OPV2VCoopDataset
-from mapanything_ext.geometry import project
+from mapanything_ext.geometry.projection import project
 from mapanything_ext.train.data import to_device
 from tests.test_dataset_fast_path import OneView, awkward_view
 from tests.training_runs import run_training, tiny_overrides

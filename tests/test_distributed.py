@@ -7,11 +7,11 @@ import time
 
 import pytest
 
-from mapanything_ext import distributed as dist
+from mapanything_ext.cluster import distributed as dist
 from tests.training_runs import REPO, free_port
 
 INIT_ONLY = (
-    "from mapanything_ext.distributed import init_distributed_mode\n"
+    "from mapanything_ext.cluster.distributed import init_distributed_mode\n"
     "info = init_distributed_mode()\n"
     "print('joined', info.rank, info.world_size, info.timeout_s, flush=True)\n"
 )

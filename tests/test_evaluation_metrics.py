@@ -8,7 +8,7 @@ from torch.utils.data import default_collate
 
 from mapanything_ext.datasets.opv2v import OPV2VCoopDataset
 from mapanything_ext.evaluation import metrics
-from mapanything_ext.rotations import matrix_to_quaternion
+from mapanything_ext.geometry.rotations import matrix_to_quaternion
 
 
 @pytest.fixture(scope="module")

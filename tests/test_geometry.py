@@ -4,11 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from mapanything_ext.geometry import (
-    M_CV_TO_UE, S4, carla_camera_to_opencv, depth_to_points, pose6_from_matrix, project, resize_crop_intrinsics,
-    x_to_world,
-)
-from mapanything_ext.rotations import matrix_to_quaternion
+from mapanything_ext.geometry.projection import (M_CV_TO_UE, S4, carla_camera_to_opencv, depth_to_points,
+                                                 pose6_from_matrix, project, resize_crop_intrinsics, x_to_world)
+from mapanything_ext.geometry.rotations import matrix_to_quaternion
 
 RNG = np.random.default_rng(0)
 POSES = [np.concatenate([RNG.uniform(-300, 300, 3), RNG.uniform([-10, -180, -10], [10, 180, 10])]) for _ in range(20)]

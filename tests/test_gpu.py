@@ -22,8 +22,8 @@ NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"
 
 COLLECTIVES = """
 import torch
-from mapanything_ext import distributed as dist
-from mapanything_ext.preemption import PreemptionWatcher
+from mapanything_ext.cluster import distributed as dist
+from mapanything_ext.cluster.preemption import PreemptionWatcher
 info = dist.init_distributed_mode()
 assert dist.is_distributed(), "no process group under torchrun"
 backend = str(torch.distributed.get_backend()).lower()

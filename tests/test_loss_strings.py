@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from mapanything_ext.models.loss_strings import LossStringError, build_loss
+from mapanything_ext.losses.loss_strings import LossStringError, build_loss
 
 
 class Term:

@@ -12,7 +12,7 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
-from mapanything_ext import preflight
+from mapanything_ext.models import offline
 from mapanything_ext.config import compose_training
 from mapanything_ext.models import mapanything_adapter
 from mapanything_ext.models.compact import CompactMapAnything
@@ -73,7 +73,7 @@ def test_loss_strings_see_nothing_but_the_losses_namespace():
 
 
 def hub_with_dinov2(tmp_path):
-    code = tmp_path / "hub" / preflight.DINOV2_HUB_REPO
+    code = tmp_path / "hub" / offline.DINOV2_HUB_REPO
     code.mkdir(parents=True)
     (code / "hubconf.py").write_text("dependencies = ['torch']\n")
     return tmp_path
@@ -81,9 +81,9 @@ def hub_with_dinov2(tmp_path):
 
 def test_preflight_names_the_missing_hub_code(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    found = preflight.problems_of(compose_training(["model=mapanything"]))
-    expected = tmp_path / "hub" / preflight.DINOV2_HUB_REPO
-    assert any(f"copy the folder {preflight.DINOV2_HUB_REPO}" in p and str(expected) in p for p in found), found
+    found = offline.problems_of(compose_training(["model=mapanything"]))
+    expected = tmp_path / "hub" / offline.DINOV2_HUB_REPO
+    assert any(f"copy the folder {offline.DINOV2_HUB_REPO}" in p and str(expected) in p for p in found), found
 
 
 def test_preflight_refuses_hub_weights_with_a_full_checkpoint(tmp_path, monkeypatch):
@@ -91,24 +91,24 @@ def test_preflight_refuses_hub_weights_with_a_full_checkpoint(tmp_path, monkeypa
     ckpt = tmp_path / "weights.pth"
     ckpt.write_bytes(b"x")
     cfg = compose_training(["model=mapanything", "model.encoder.torch_hub_pretrained=true", f"model.pretrained={ckpt}"])
-    found = preflight.problems_of(cfg)
+    found = offline.problems_of(cfg)
     assert any("set model.encoder.torch_hub_pretrained=false" in p for p in found)
     assert not any("hub code" in p for p in found)
     cfg = compose_training(["model=mapanything", "model.encoder.torch_hub_pretrained=true"])
-    assert any("dinov2_vitg14_pretrain.pth" in p for p in preflight.problems_of(cfg))
+    assert any("dinov2_vitg14_pretrain.pth" in p for p in offline.problems_of(cfg))
     cfg = compose_training(["model=mapanything", "model.torch_hub_force_reload=true"])
-    assert any("torch_hub_force_reload=true would download" in p for p in preflight.problems_of(cfg))
+    assert any("torch_hub_force_reload=true would download" in p for p in offline.problems_of(cfg))
 
 
 def test_preflight_checks_model_pretrained_for_every_model(tmp_path):
-    found = preflight.problems_of(compose_training([f"model.pretrained={tmp_path / 'gone.pth'}"]))
+    found = offline.problems_of(compose_training([f"model.pretrained={tmp_path / 'gone.pth'}"]))
     assert found == [f"model.pretrained={tmp_path / 'gone.pth'} does not exist (did the earlier stage finish? "
                      f"is the path visible from this node?)"]
-    assert preflight.problems_of(compose_training([])) == []
+    assert offline.problems_of(compose_training([])) == []
     # resuming its own checkpoint, a later stage no longer needs the earlier stage's file
-    assert preflight.problems_of(compose_training([f"model.pretrained={tmp_path / 'gone.pth'}"]), resuming=True) == []
-    with pytest.raises(preflight.PreflightError, match="gone.pth does not exist"):
-        preflight.check(compose_training([f"model.pretrained={tmp_path / 'gone.pth'}"]))
+    assert offline.problems_of(compose_training([f"model.pretrained={tmp_path / 'gone.pth'}"]), resuming=True) == []
+    with pytest.raises(offline.PreflightError, match="gone.pth does not exist"):
+        offline.check(compose_training([f"model.pretrained={tmp_path / 'gone.pth'}"]))
 
 
 def small_model():
@@ -199,7 +199,7 @@ def why_the_real_model_cannot_run() -> str | None:
     if importlib.util.find_spec("mapanything") is None:
         return "MapAnything not installed (optional; docs/mapanything.md says how)"
     hub = Path(os.environ.get("TORCH_HOME", Path.home() / ".cache" / "torch")) / "hub"
-    if not (hub / preflight.DINOV2_HUB_REPO / "hubconf.py").is_file():
+    if not (hub / offline.DINOV2_HUB_REPO / "hubconf.py").is_file():
         return f"DINOv2 hub code not in the torch hub cache {hub}"
     return None
 

@@ -9,10 +9,9 @@ import yaml
 from PIL import Image
 
 from mapanything_ext.datasets.depth_codec import decode_depth
-from mapanything_ext.datasets.opv2v import (
-    OPV2VDataset, _convert_pose_to_opencv, body_frame, cords_to_pose, load_frame_metadata,
-)
-from mapanything_ext.geometry import S4, M4_CV_TO_UE, inverse_rigid, pose6_from_matrix, x_to_world
+from mapanything_ext.datasets.opv2v import (OPV2VDataset, _convert_pose_to_opencv, body_frame, cords_to_pose,
+                                            load_frame_metadata)
+from mapanything_ext.geometry.projection import M4_CV_TO_UE, S4, inverse_rigid, pose6_from_matrix, x_to_world
 from tests.reprojection import reprojection_stats
 
 RES = (112, 84)

@@ -4,8 +4,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from mapanything_ext.cluster.distributed import expected_world_size
 from mapanything_ext.config import CONFIG_DIR
-from mapanything_ext.distributed import expected_world_size
 
 PROFILES = sorted(p.stem for p in (CONFIG_DIR / "machine").glob("*.yaml"))
 

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from mapanything_ext.datasets.opv2v import _convert_pose_to_opencv, body_frame, cords_to_pose, load_frame_metadata
-from mapanything_ext.geometry import S4, inverse_rigid
+from mapanything_ext.geometry.projection import S4, inverse_rigid
 
 SAMPLES = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real_samples"
 SCENE = SAMPLES / "v2xset_2021_08_21_17_30_41"

@@ -9,10 +9,10 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from mapanything_ext import train_params as params
 from mapanything_ext.config import compose_training
 from mapanything_ext.datasets.batch_sampler import DynamicBatchSampler
 from mapanything_ext.models.compact import CompactMapAnything
-from mapanything_ext.train import params
 from mapanything_ext.train.evaluation_loop import summarise
 from mapanything_ext.train.optim import lr_at, param_groups, set_lr
 from mapanything_ext.train.step import _step_unless_nonfinite, view_scale
@@ -196,3 +196,19 @@ def test_log_txt_and_tensorboard_carry_mapanythings_names(synthetic_root, tmp_pa
 
 def test_defaults_compose():
     assert OmegaConf.select(compose_training([]), "train_params.gradient_clip") == 1.0
+
+
+def test_the_training_set_draws_new_random_choices_every_epoch_reproducibly(synthetic_root):
+    from mapanything_ext.datasets.build import build_dataset
+
+    cfg = compose_training(["dataset=opv2v_coop_ft", f"machine.opv2v_root={synthetic_root / 'opv2v'}",
+                            f"machine.opv2v_depth_root={synthetic_root / 'opv2v_depth'}",
+                            "dataset.resolution_train=[56,42]", "dataset.coop_max_num_views=6"])
+    dataset = build_dataset(cfg.dataset.train_dataset)
+
+    def instances(epoch):  # which cameras of which vehicles sample 0 takes
+        dataset.set_epoch(epoch)
+        return [view["instance"] for view in dataset[0]]
+
+    assert instances(0) == instances(0) and instances(1) == instances(1)
+    assert len({tuple(instances(e)) for e in range(6)}) > 1

@@ -29,12 +29,12 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
+from mapanything_ext import train_params as params
 from mapanything_ext.config import compose_training
 from mapanything_ext.datasets.build import build_dataset
 from mapanything_ext.datasets.synthetic import generate
 from mapanything_ext.models import mapanything_adapter
 from mapanything_ext.models.registry import build_criteria, build_model
-from mapanything_ext.train import params
 from mapanything_ext.train.step import view_scale
 from tests.test_mapanything_adapter import TINY_MAPANYTHING, why_the_real_model_cannot_run
 from tests.training_runs import run_training, tiny_overrides
@@ -124,46 +124,72 @@ class BesideTheReference(torch.nn.Module):
         return loss, details
 
 
+class TheirLoop:
+    """MapAnything's own loop on our data: its model, parameter groups, AdamW, loss scaler and sampler."""
+
+    def __init__(self, cfg, init_state: dict, log_dir):
+        self.training = mapanything_adapter.import_mapanything("mapanything.train.training")
+        self.tools = mapanything_adapter.import_mapanything("mapanything.utils.train_tools")
+        samplers = mapanything_adapter.import_mapanything("mapanything.datasets.base.batched_sampler")
+        self.cfg, tp = cfg, cfg.train_params
+        self.model = build_model(cfg.model)
+        self.model.load_state_dict(init_state)
+        losses = vars(mapanything_adapter.import_mapanything("mapanything.train.losses"))
+        criterion = mapanything_adapter._criterion(cfg.loss.train_criterion, losses)
+        self.test_criterion = mapanything_adapter._criterion(cfg.loss.test_criterion, losses)
+        dataset = build_dataset(cfg.dataset.train_dataset)  # complete views: its loop moves tensors only
+        batch = max(1, tp.max_num_of_imgs_per_gpu // int(cfg.dataset.num_views))
+        sampler = samplers.DynamicBatchedMultiFeatureRandomSampler(dataset, pool_sizes=[1], scaling_feature_idx=0,
+                                                                   feature_to_batch_size_map={0: batch})
+        self.loader = torch.utils.data.DataLoader(_ByFirstIndex(dataset), batch_sampler=sampler, num_workers=0)
+        groups, self.name_to_idx, self.idx_to_name = self.tools.get_parameter_groups(
+            self.model, tp.lr, tp.weight_decay, submodule_configs=tp.submodule_configs)
+        self.optimizer = torch.optim.AdamW(groups, lr=tp.lr, betas=(0.9, 0.95))
+        self.scaler = self.tools.NativeScalerWithGradNormCount()
+        batched = build_criteria(OmegaConf.merge(cfg.loss, {"impl": "batched"}))[0]
+        self.criterion = BesideTheReference(criterion, batched, [p for p in self.model.parameters() if p.requires_grad],
+                                            int(tp.accum_iter))
+        self.args = OmegaConf.create({"train_params": OmegaConf.to_container(tp, resolve=True),
+                                      "output_dir": str(log_dir)})
+        self.args.train_params.amp = 0
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(log_dir=str(log_dir))
+
+    def train_epoch(self, epoch: int) -> None:
+        self.training.train_one_epoch(self.model, self.criterion, self.loader, self.optimizer, torch.device("cpu"),
+                                      epoch, self.scaler, self.args, log_writer=self.writer,
+                                      param_groups_name_to_idx_map=self.name_to_idx,
+                                      param_groups_idx_to_name_map=self.idx_to_name, model_without_ddp=self.model)
+
+    def test(self, epochs_trained: int) -> dict:
+        """Its test_one_epoch, where its loader can stack the test samples (one view count)."""
+        test_set = build_dataset(self.cfg.dataset.test_dataset)
+        if hasattr(test_set, "num_views_of"):
+            return {}
+        batch = 2 * (self.cfg.train_params.max_num_of_imgs_per_gpu // int(self.cfg.dataset.num_views))
+        loader = torch.utils.data.DataLoader(test_set, batch_size=batch, shuffle=False)  # its test loader
+        return self.training.test_one_epoch(self.model, self.test_criterion, loader, torch.device("cpu"),
+                                            epochs_trained, self.args, log_writer=self.writer, prefix="test")
+
+    def save_last(self, epoch: int) -> None:
+        """Its own checkpoint-last.pth (save_model), as its loop writes it after epoch `epoch`."""
+        self.tools.save_model(args=self.args, epoch=epoch, model_without_ddp=self.model, optimizer=self.optimizer,
+                              loss_scaler=self.scaler, fname="last", best_so_far=float("inf"))
+
+    def state(self) -> dict:
+        self.writer.flush()
+        return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+
+
 def mapanything_epoch(cfg, init_state: dict, log_dir) -> tuple[dict, dict, BesideTheReference]:
     """MapAnything's own train_one_epoch on our data, from init_state; returns (its parameters, its
     test_one_epoch statistics, the batched criterion's differences along its run)."""
-    training = mapanything_adapter.import_mapanything("mapanything.train.training")
-    train_tools = mapanything_adapter.import_mapanything("mapanything.utils.train_tools")
-    samplers = mapanything_adapter.import_mapanything("mapanything.datasets.base.batched_sampler")
-    tp = cfg.train_params
-    model = build_model(cfg.model)
-    model.load_state_dict(init_state)
-    losses = vars(mapanything_adapter.import_mapanything("mapanything.train.losses"))
-    criterion = mapanything_adapter._criterion(cfg.loss.train_criterion, losses)
-    test_criterion = mapanything_adapter._criterion(cfg.loss.test_criterion, losses)
-    dataset = build_dataset(cfg.dataset.train_dataset)  # complete views: its loop moves tensors only
-    batch = max(1, tp.max_num_of_imgs_per_gpu // int(cfg.dataset.num_views))
-    sampler = samplers.DynamicBatchedMultiFeatureRandomSampler(dataset, pool_sizes=[1], scaling_feature_idx=0,
-                                                               feature_to_batch_size_map={0: batch})
-    loader = torch.utils.data.DataLoader(_ByFirstIndex(dataset), batch_sampler=sampler, num_workers=0)
-    groups, name_to_idx, idx_to_name = train_tools.get_parameter_groups(
-        model, tp.lr, tp.weight_decay, submodule_configs=tp.submodule_configs)
-    optimizer = torch.optim.AdamW(groups, lr=tp.lr, betas=(0.9, 0.95))
-    batched = build_criteria(OmegaConf.merge(cfg.loss, {"impl": "batched"}))[0]
-    criterion = BesideTheReference(criterion, batched, [p for p in model.parameters() if p.requires_grad],
-                                   int(tp.accum_iter))
-    args = OmegaConf.create({"train_params": OmegaConf.to_container(tp, resolve=True), "output_dir": str(log_dir)})
-    args.train_params.amp = 0
-    from torch.utils.tensorboard import SummaryWriter
-
-    writer = SummaryWriter(log_dir=str(log_dir))
-    training.train_one_epoch(model, criterion, loader, optimizer, torch.device("cpu"), 0, train_tools.NativeScalerWithGradNormCount(),
-                             args, log_writer=writer, param_groups_name_to_idx_map=name_to_idx,
-                             param_groups_idx_to_name_map=idx_to_name, model_without_ddp=model)
-    test_stats = {}
-    test_set = build_dataset(cfg.dataset.test_dataset)
-    test_batch = 2 * (tp.max_num_of_imgs_per_gpu // int(cfg.dataset.num_views))
-    if not hasattr(test_set, "num_views_of"):  # its test loader cannot stack samples of mixed view counts
-        test_loader = torch.utils.data.DataLoader(test_set, batch_size=test_batch, shuffle=False)  # its loader
-        test_stats = training.test_one_epoch(model, test_criterion, test_loader, torch.device("cpu"), 1, args,
-                                             log_writer=writer, prefix="test")
-    writer.close()
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}, test_stats, criterion
+    loop = TheirLoop(cfg, init_state, log_dir)
+    loop.train_epoch(0)
+    test_stats = loop.test(1)
+    loop.writer.close()
+    return loop.state(), test_stats, loop.criterion
 
 
 @functools.cache
@@ -224,3 +250,45 @@ def test_our_engine_trains_as_mapanythings_own_loop(case, synthetic_root, mixed_
     changed = [k for k in theirs if not torch.equal(theirs[k], init[k])]
     assert changed  # the epoch trained something
     shutil.rmtree(tmp_path / "theirs", ignore_errors=True)
+
+
+def test_a_run_of_mapanythings_loop_continues_here_as_the_same_run(synthetic_root, tmp_path):
+    """Its checkpoint-last after epoch 0 (its own save_model), continued by our engine for epoch 1,
+    against its loop going on with epoch 1 in the same process: equal to the bit (loss.impl=reference)."""
+    init_file = tmp_path / "init.safetensors"
+    init = _initial_state()
+    save_file({k: v.clone().contiguous() for k, v in init.items()}, str(init_file))
+    theirs_dir = tmp_path / "their_run"
+    overrides = case_overrides(synthetic_root, tmp_path / "ours", "stage1", "reference", init_file)
+    overrides = [o for o in overrides if not o.startswith("train_params.epochs=")] + ["train_params.epochs=2"]
+    loop = TheirLoop(compose_training(overrides), init, theirs_dir)
+    loop.train_epoch(0)
+    loop.save_last(0)
+    torch.save({"model": {}}, tmp_path / "not_a_training_checkpoint.pth")
+    (tmp_path / "torn.pth").write_bytes((theirs_dir / "checkpoint-last.pth").read_bytes()[:-5000])
+    loop.train_epoch(1)
+    theirs, their_scalars = loop.state(), scalars(theirs_dir)
+
+    out = tmp_path / "ours"
+    continued = [*overrides, f"+train_params.resume_ckpt={theirs_dir / 'checkpoint-last.pth'}",
+                 "trust_foreign_checkpoints=true"]
+    proc = run_training(continued, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    console = (out / "console.log").read_text()
+    assert "continuing MapAnything's run from" in console and "this run trains from epoch 2 on" in console
+    ours = scalars(out / "tensorboard")
+    epoch1 = {x: v for x, v in their_scalars["train_loss"].items() if x >= 1000}
+    assert epoch1 and {x: ours["train_loss"][x] for x in epoch1} == epoch1
+    state = torch.load(out / "checkpoint-final.pth", weights_only=True)["model"]
+    assert all(torch.equal(state[k], theirs[k]) for k in theirs)
+    assert [r["epoch"] for r in json_lines(out / "log.txt")] == [1, 2]  # its resume test, then epoch 2
+
+    for bad, reason in (("torn.pth", "not a torch zip archive"), ("not_a_training_checkpoint.pth", "no optimizer")):
+        elsewhere = [o.replace(str(out), str(tmp_path / f"refused_{bad}")) for o in continued[:-2]]
+        refused = run_training([*elsewhere, f"+train_params.resume_ckpt={tmp_path / bad}",
+                                "trust_foreign_checkpoints=true"])
+        assert refused.returncode != 0 and reason in refused.stderr, refused.stderr[-2000:]
+
+
+def json_lines(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]

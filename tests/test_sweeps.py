@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from mapanything_ext import run_lock
 from mapanything_ext.checkpoint import verify_checkpoint
+from mapanything_ext.cluster import run_lock
 from mapanything_ext.run_log import read_epoch_records as records
 from tests.training_runs import REPO, run_training, tiny_overrides, train_command
 

@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 from torch.utils.serialization import config as serialization_config
 
-from mapanything_ext import distributed as dist
 from mapanything_ext.checkpoint.format import stamp, tensor_manifest
+from mapanything_ext.cluster import distributed as dist
 
 # Beyond the tensors' bytes: the pickled structure, zip headers and alignment, the config
 # (about 1 MB for MapAnything's ~3,000 tensors with their optimizer state).

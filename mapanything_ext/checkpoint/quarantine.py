@@ -21,8 +21,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 
-from mapanything_ext import distributed as dist
 from mapanything_ext.checkpoint.verify import CheckResult, verify_checkpoint
+from mapanything_ext.cluster import distributed as dist
 
 _NAMES = re.compile(r"^checkpoint-(last|final|best|\d+)\.pth$")
 # Among files of the same position, the one we name first (they hold the same state).

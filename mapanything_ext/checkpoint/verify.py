@@ -45,7 +45,7 @@ def verify_checkpoint(path) -> CheckResult:
     size = path.stat().st_size
     if size == 0:
         return CheckResult(str(path), False, "truncated: empty file (0 bytes)", size=size)
-    problem = _archive_problem(path)
+    problem = archive_problem(path)
     if problem:
         return CheckResult(str(path), False, problem, size=size)
     try:
@@ -62,7 +62,8 @@ def verify_checkpoint(path) -> CheckResult:
                        resume.get("global_step"), resume.get("epoch_complete"))
 
 
-def _archive_problem(path: Path) -> str | None:
+def archive_problem(path: Path) -> str | None:
+    """Whether the file is a whole torch zip archive (every record's CRC-32 checked); None when it is."""
     try:
         with zipfile.ZipFile(path) as archive:
             bad = archive.testzip()  # reads every record in chunks and checks its CRC-32

@@ -29,11 +29,10 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from mapanything_ext.datasets.device_geometry import GEOMETRY_KEY, pack_cameras
-from mapanything_ext.geometry import pixel_rays, resize_crop_intrinsics
-from mapanything_ext.rotations import matrix_to_quaternion
+from mapanything_ext.datasets.image_norm import normalise_image
+from mapanything_ext.geometry.projection import pixel_rays, resize_crop_intrinsics
+from mapanything_ext.geometry.rotations import matrix_to_quaternion
 
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
-IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 _MAX_REPLACEMENTS = 10
 
 
@@ -71,6 +70,7 @@ class BaseMultiViewDataset(Dataset):
         self.min_num_views_allowed = int(min_num_views_allowed or (1 if allow_variable_view_count else num_views))
         self.max_depth_m = float(max_depth_m)
         self.replaced_samples = 0
+        self.epoch = 0  # the training set's random choices change with it (set_epoch); a test set stays at 0
 
     # -- subclass interface -------------------------------------------------------------
     def __len__(self) -> int:
@@ -83,9 +83,14 @@ class BaseMultiViewDataset(Dataset):
         raise NotImplementedError
 
     # -- shared -------------------------------------------------------------------------
+    def set_epoch(self, epoch: int) -> None:
+        """New random choices (which cameras of the other vehicles, say) for every epoch, as
+        MapAnything's training sets draw them; reproducible, so a resumed epoch draws the same."""
+        self.epoch = int(epoch)
+
     def sample_rng(self, index: int) -> np.random.Generator:
-        """Randomness of one sample depends on (seed, index) only: workers and resumes agree."""
-        return np.random.default_rng([self.seed, index])
+        """Randomness of one sample depends on (seed, index, epoch) only: workers and resumes agree."""
+        return np.random.default_rng([self.seed, index] if self.epoch == 0 else [self.seed, index, self.epoch])
 
     def __getitem__(self, index):
         index = int(index[0] if isinstance(index, (tuple, list)) else index)
@@ -136,7 +141,7 @@ class BaseMultiViewDataset(Dataset):
         depth_along_ray = squares[..., 0] + squares[..., 1]
         depth_along_ray += squares[..., 2]
         np.sqrt(depth_along_ray, out=depth_along_ray)
-        view["img"] = torch.from_numpy(_normalise_image(np.asarray(image)))
+        view["img"] = torch.from_numpy(normalise_image(np.asarray(image)))
         view["pts3d"] = pts_world
         view["pts3d_cam"] = pts_cam.astype(np.float32)
         view["ray_directions_cam"] = rays_unit.copy()
@@ -229,17 +234,3 @@ def _pixel_rays_cached(intrinsics: np.ndarray, height: int, width: int) -> tuple
             _RAYS_CACHE.clear()
         cached = _RAYS_CACHE[key] = (rays, unit)
     return cached
-
-
-# (pixel / 255 - mean) / std in float32 for every 8-bit value of each channel: the same float32
-# operations as on the whole image, done once.
-_NORMALISE_LUT = np.stack([(np.arange(256, dtype=np.float32) / 255.0 - IMAGENET_MEAN[c]) / IMAGENET_STD[c]
-                           for c in range(3)])
-
-
-def _normalise_image(rgb: np.ndarray) -> np.ndarray:
-    """uint8 (H, W, 3) -> float32 (3, H, W) normalised for the encoder (ImageNet mean and std)."""
-    out = np.empty((3,) + rgb.shape[:2], dtype=np.float32)
-    for c in range(3):
-        np.take(_NORMALISE_LUT[c], rgb[..., c], out=out[c])
-    return out

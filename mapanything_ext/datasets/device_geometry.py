@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from mapanything_ext.datasets.image_norm import NORMALISE_LUT
+
 GEOMETRY_KEY = "geometry_f64"  # (B, 25) float64: the 3x3 intrinsics, then the 4x4 camera-to-world pose
 DERIVED_KEYS = ("pts3d", "pts3d_cam", "ray_directions_cam", "depth_along_ray")
 
@@ -77,8 +79,6 @@ def _normalised(image: torch.Tensor) -> torch.Tensor:
     """uint8 (B, 3, H, W) -> float32 normalised for the encoder, through the dataset's own table."""
     lut = _luts.get(image.device)
     if lut is None:
-        from mapanything_ext.datasets.base import _NORMALISE_LUT  # here: base imports this module
-
-        lut = _luts[image.device] = torch.from_numpy(_NORMALISE_LUT).to(image.device)
+        lut = _luts[image.device] = torch.from_numpy(NORMALISE_LUT).to(image.device)
     index = image.long()
     return torch.stack([lut[c][index[:, c]] for c in range(3)], dim=1)

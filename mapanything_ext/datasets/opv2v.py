@@ -22,7 +22,8 @@ from PIL import Image
 from mapanything_ext.datasets.base import BaseMultiViewDataset, RawView
 from mapanything_ext.datasets.depth_codec import decode_depth
 from mapanything_ext.datasets.png_io import read_rgb
-from mapanything_ext.geometry import carla_body_to_right_handed, carla_camera_to_opencv, inverse_rigid, x_to_world
+from mapanything_ext.geometry.projection import (carla_body_to_right_handed, carla_camera_to_opencv, inverse_rigid,
+                                                 x_to_world)
 
 NUM_CAMERAS = 4
 # Scenarios known to be broken in the public release (no camera3 images).

@@ -32,7 +32,7 @@ import yaml
 from PIL import Image
 
 from mapanything_ext.datasets.depth_codec import encode_depth_carla, encode_depth_heal8
-from mapanything_ext.geometry import M_CV_TO_UE, inverse_rigid, pixel_rays, pose6_from_matrix, x_to_world
+from mapanything_ext.geometry.projection import M_CV_TO_UE, inverse_rigid, pixel_rays, pose6_from_matrix, x_to_world
 
 MAIN_AGENT = "641"
 # (x, y, z, yaw) of each camera relative to the vehicle, UE axes (OPV2V's mounts).

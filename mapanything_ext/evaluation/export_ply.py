@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from mapanything_ext.evaluation.plots import image_rgb
-from mapanything_ext.rotations import quaternion_to_matrix
+from mapanything_ext.geometry.rotations import quaternion_to_matrix
 
 GT_CAMERA_RGB = (40, 200, 60)
 PRED_CAMERA_RGB = (230, 40, 40)

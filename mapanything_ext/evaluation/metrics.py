@@ -19,8 +19,8 @@ import math
 
 import torch
 
-from mapanything_ext.depth_metrics import depth_abs_rel
-from mapanything_ext.rotations import quaternion_to_matrix
+from mapanything_ext.geometry.depth_metrics import depth_abs_rel
+from mapanything_ext.geometry.rotations import quaternion_to_matrix
 
 INLIER_THRESHOLD = 1.25
 

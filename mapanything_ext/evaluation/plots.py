@@ -10,7 +10,7 @@ matplotlib.use("Agg")  # files only: clusters have no display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from mapanything_ext.datasets.base import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+from mapanything_ext.datasets.image_norm import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from mapanything_ext.run_log import read_epoch_records, test_loss_of  # noqa: E402
 
 

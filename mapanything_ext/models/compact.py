@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from mapanything_ext.rotations import quaternion_to_matrix
+from mapanything_ext.geometry.rotations import quaternion_to_matrix
 
 # Typical OPV2V depth in metres; the scale head starts there so early steps are sane.
 _INITIAL_SCALE_M = 10.0

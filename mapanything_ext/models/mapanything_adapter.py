@@ -2,7 +2,7 @@
 
 `model=mapanything` builds the model through MapAnything's public `init_model` from our
 `configs/model/mapanything.yaml`; `loss=overall_loss` builds its criterion from its loss
-strings, parsed against a whitelist of its own losses namespace (models/loss_strings.py:
+strings, parsed against a whitelist of its own losses namespace (losses/loss_strings.py:
 no `eval`). Our views already carry every key its model and loss read (docs/mapanything.md),
 so no wrapper sits in between.
 """
@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from mapanything_ext.models.loss_strings import build_loss
+from mapanything_ext.losses.loss_strings import build_loss
 
 INSTALL_HINT = (
     "MapAnything is not installed in this environment. It is an optional dependency that you install "
@@ -85,8 +85,8 @@ def build_mapanything_criteria(loss_cfg: DictConfig):
 
 def _chosen(role: str, impl: str, reference, compile_batched: bool):
     """The reference criterion and, where it can compute the same, the batched one (loss.impl picks)."""
-    from mapanything_ext.models.batched_loss import BatchedCriterion
-    from mapanything_ext.models.loss_selfcheck import ChosenCriterion
+    from mapanything_ext.losses.batched_loss import BatchedCriterion
+    from mapanything_ext.losses.loss_selfcheck import ChosenCriterion
 
     if impl == "reference":
         return ChosenCriterion(role, impl, reference, None, "not asked for")
@@ -133,7 +133,7 @@ def _criterion(expression: str, namespace: dict):
     return build_loss(expression, namespace)
 
 
-# ---- the view-batched criterion (models/batched_loss.py): what it implements, read off MapAnything's ----
+# ---- the view-batched criterion (losses/batched_loss.py): what it implements, read off MapAnything's ----
 
 
 class BatchedUnsupported(ValueError):
@@ -151,7 +151,7 @@ _FIXED = {"norm_mode": "avg_dis", "ambiguous_loss_value": 0, "flatten_across_ima
 def batched_spec_of(criterion):
     """The LossSpec of the batched criterion that computes what `criterion` (built from MapAnything's
     loss strings) computes; BatchedUnsupported names the part it does not implement."""
-    from mapanything_ext.models.batched_loss import LossSpec
+    from mapanything_ext.losses.batched_loss import LossSpec
 
     aggregator, mask = criterion, criterion._loss2
     if type(aggregator).__name__ not in _AGGREGATORS:
@@ -182,7 +182,7 @@ def _mask_weight(mask) -> float | None:
 
 
 def _factored_spec(pixel):
-    from mapanything_ext.models.batched_loss import FactoredSpec
+    from mapanything_ext.losses.batched_loss import FactoredSpec
 
     name = type(pixel).__name__
     if name not in _FACTORED or pixel._loss2 is not None or pixel._alpha != 1:

@@ -12,8 +12,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from mapanything_ext.losses.compact_loss import CompactLoss
 from mapanything_ext.models.compact import CompactMapAnything
-from mapanything_ext.models.compact_loss import CompactLoss
 
 Criterion = Callable[[list, list], tuple]
 
@@ -55,7 +55,9 @@ def build_criteria(loss_cfg: DictConfig) -> tuple[Criterion, Criterion]:
         kwargs = OmegaConf.to_container(loss_cfg.get("params", {}), resolve=True)
         return CompactLoss(use_confidence=True, **kwargs), CompactLoss(use_confidence=False, **kwargs)
     if name == "overall_loss":
-        from mapanything_ext.models.mapanything_adapter import build_mapanything_criteria
+        from mapanything_ext.models.mapanything_adapter import (
+            build_mapanything_criteria,
+        )
 
         return build_mapanything_criteria(loss_cfg)
     raise ValueError(f"unknown loss.name {name!r}: choose loss=compact_loss or loss=overall_loss")

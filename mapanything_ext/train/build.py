@@ -11,13 +11,14 @@ from omegaconf import DictConfig
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import default_collate
 
-from mapanything_ext import distributed as dist
+from mapanything_ext import train_params as params
+from mapanything_ext.cluster import distributed as dist
+from mapanything_ext.cluster.preemption import PreemptionWatcher
 from mapanything_ext.datasets.base import BaseMultiViewDataset
 from mapanything_ext.datasets.build import build_dataset
-from mapanything_ext.models.loss_selfcheck import ChosenCriterion
+from mapanything_ext.losses.loss_selfcheck import ChosenCriterion
 from mapanything_ext.models.registry import build_criteria, build_model_on
-from mapanything_ext.preemption import PreemptionWatcher
-from mapanything_ext.train import params, rng_state
+from mapanything_ext.train import rng_state
 from mapanything_ext.train.compiling import check_compile_settings, compile_in_place, mark_step_begin
 from mapanything_ext.train.data import build_loader, to_device
 from mapanything_ext.train.optim import build_optimizer
@@ -102,7 +103,7 @@ def first_sample_views(run: Run) -> list[dict]:
 
 def choose_loss_impl(run: Run, first_views, clock: StartupClock | None = None) -> None:
     """loss.impl: the batched criterion runs only after it agreed with MapAnything's own on the
-    model's predictions for the first training sample (every rank must agree; models/loss_selfcheck.py).
+    model's predictions for the first training sample (every rank must agree; losses/loss_selfcheck.py).
     The forward runs with gradients on, as in training, so compiled parts need no second graph;
     its RNG draws are undone."""
     criteria = [c for c in (run.train_criterion, run.test_criterion) if isinstance(c, ChosenCriterion)]

@@ -56,7 +56,7 @@ from pathlib import Path
 
 import torch
 
-from mapanything_ext import distributed as dist
+from mapanything_ext.cluster import distributed as dist
 
 _ENV = ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")
 # A directory holding this file is a cache (https://bford.info/cachedir/): backup tools skip it, and
@@ -350,7 +350,9 @@ def start_compile_workers(cfg, device: torch.device) -> None:
     if device.type != "cuda" or not compiles(cfg):
         return
     try:
-        from torch._inductor.async_compile import maybe_warm_pool  # private: torch's own early start
+        from torch._inductor.async_compile import (
+            maybe_warm_pool,  # private: torch's own early start
+        )
 
         maybe_warm_pool()
     except Exception as err:  # noqa: BLE001 -- only start-up time is at stake

@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader, default_collate
 
 from mapanything_ext.datasets.batch_sampler import DynamicBatchSampler, mapanything_batch_size
 from mapanything_ext.datasets.device_geometry import GEOMETRY_KEY, complete_view
-from mapanything_ext.train.params import TrainParams
+from mapanything_ext.train_params import TrainParams
 
 
 def views_counter(dataset):

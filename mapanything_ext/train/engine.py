@@ -27,14 +27,17 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from mapanything_ext import distributed as dist
-from mapanything_ext import faults, preflight, run_lock
+from mapanything_ext import train_params as params
 from mapanything_ext.checkpoint import choose_in_background, prepare_resume
-from mapanything_ext.preemption import PreemptionWatcher, StopPoint, restarts_so_far
+from mapanything_ext.cluster import distributed as dist
+from mapanything_ext.cluster import faults, run_lock
+from mapanything_ext.cluster.preemption import PreemptionWatcher, StopPoint, restarts_so_far
+from mapanything_ext.models import offline
 from mapanything_ext.run_log import (Scalars, append_epoch_record, read_epoch_records, report_failure,
                                      report_previous_job, tee_console)
-from mapanything_ext.train import compile_cache, params, state
-from mapanything_ext.train.build import StartupClock, build_run, choose_loss_impl, first_sample_views, settle_ddp_buckets
+from mapanything_ext.train import compile_cache, state
+from mapanything_ext.train.build import (StartupClock, build_run, choose_loss_impl, first_sample_views,
+                                         settle_ddp_buckets)
 from mapanything_ext.train.epoch import train_one_epoch
 from mapanything_ext.train.evaluation_loop import evaluate
 from mapanything_ext.train.run import Run
@@ -113,7 +116,7 @@ def _run(cfg: DictConfig, info: dist.DistInfo, output_dir: Path, started_at: flo
     # Before anything slow: an offline node must not start a download. A run that will resume
     # from its own checkpoint no longer needs model.pretrained (the earlier stage may be gone).
     resuming = bool(cfg.train_params.resume) and any(output_dir.glob("checkpoint-*.pth"))
-    preflight.check(cfg, resuming=resuming)
+    offline.check(cfg, resuming=resuming)
     # Before anything compiles: torch.compile's caches in the run folder, warm after a requeue.
     compile_cache.use_for_run(cfg, info, output_dir)
     compile_cache.start_compile_workers(cfg, info.device)
@@ -127,13 +130,15 @@ def _run(cfg: DictConfig, info: dist.DistInfo, output_dir: Path, started_at: flo
     choose_loss_impl(run, first_views, clock)
     if settle_ddp_buckets(run, first_views):
         clock.done("DDP gradient buckets settled (one step on the first sample)")
-    position = _restore_or_start(run, chosen)
+    position, continued = _restore_or_start(run, chosen)
     if resuming or cfg.model.get("pretrained"):
         clock.done("checkpoint chosen, verified and loaded (the rest of it)" if resuming
                    else "model.pretrained verified and loaded")
     run.scalars = Scalars(output_dir, info.rank == 0, resume_x=_epoch_1000x(run, position))
     _relog_finished_epoch(run, position)
     try:
+        if continued:
+            _test_continued_run(run, position)
         faults.at(StopPoint.STARTUP)
         stop_here(run, position, StopPoint.STARTUP)
         if run.tp.eval_before_training and position.global_step == 0:
@@ -189,17 +194,25 @@ def _initial_eval(run: Run, position: Position) -> None:
             f"{run.test_name}_{k}={v:.4g}" for k, v in stats.items() if not _PER_VIEW.search(k)))
 
 
-def _restore_or_start(run: Run, chosen: Future | None = None) -> Position:
+def _restore_or_start(run: Run, chosen: Future | None = None) -> tuple[Position, bool]:
     """Resume from the newest proven-good checkpoint (chosen: choose_in_background's answer in the
-    making), else initialise from model.pretrained."""
+    making), else continue a run of MapAnything's own loop (train_params.resume_ckpt), else initialise
+    from model.pretrained. Returns the position and whether it continues MapAnything's run."""
     resume_from = prepare_resume(run.output_dir, chosen) if run.tp.resume else None
+    trust = bool(run.cfg.get("trust_foreign_checkpoints"))
+    if resume_from is None and run.tp.resume_ckpt:
+        position, notes = state.continue_mapanything_run(run, _outside_run_folder(run, run.tp.resume_ckpt), trust)
+        if run.info.rank == 0:
+            for note in notes:
+                print(f"[mapanything_ext] {note}")
+        return position, True
     if resume_from is None:
         pretrained = run.cfg.model.get("pretrained")
         if pretrained:
             from mapanything_ext.models.pretrained import load_pretrained
 
-            load_pretrained(run.module, pretrained, trust_foreign=bool(run.cfg.get("trust_foreign_checkpoints")))
-        return Position()
+            load_pretrained(run.module, pretrained, trust_foreign=trust)
+        return Position(), False
     position, notes = state.restore(run, resume_from)
     run.saved_step = position.global_step
     if run.info.rank == 0:
@@ -207,7 +220,37 @@ def _restore_or_start(run: Run, chosen: Future | None = None) -> Position:
               f"{position.consumed} batches of it done, global step {position.global_step}")
         for note in notes:
             print(f"[mapanything_ext] resume: {note}")
-    return position
+    return position, False
+
+
+def _outside_run_folder(run: Run, path: str) -> Path:
+    """A foreign checkpoint inside the run folder would be swept into quarantine as not ours."""
+    path = Path(path).resolve()
+    if path.parent == run.output_dir.resolve():
+        raise state.ContinuationError(
+            f"train_params.resume_ckpt={path} lies in this run's output_dir, whose *.pth files must be ours: "
+            f"give the continued run a new output_dir")
+    return path
+
+
+def _test_continued_run(run: Run, position: Position) -> None:
+    """As MapAnything's loop does when it resumes: the test of the epochs trained so far (its checkpoint
+    was written before that test), logged for that epoch; then the state is saved in our format, so a
+    stop from here on resumes from it (checkpoint-best too when the test beat the run's best)."""
+    stats = None
+    if position.epoch % int(run.tp.eval_freq) == 0:
+        stats = evaluate(run.module, run.test_criterion, run.test_loader, run.info.device, run.autocast)
+    record = {"epoch": position.epoch, **({f"{run.test_name}_{k}": v for k, v in stats.items()} if stats else {}),
+              "continued_from": str(run.tp.resume_ckpt)}
+    best = stats is not None and stats["loss_med"] < position.best_so_far
+    if best:
+        position.best_so_far = stats["loss_med"]
+    record["best_so_far"] = position.best_so_far
+    if run.info.rank == 0:
+        append_epoch_record(run.output_dir / "log.txt", record)
+        if stats:
+            run.scalars.test(position.epoch, run.test_name, stats)
+    save(run, ["checkpoint-last.pth", *(["checkpoint-best.pth"] if best else [])], position)
 
 
 def _train_epochs(run: Run, position: Position) -> None:

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 from tqdm import tqdm
 
-from mapanything_ext import faults
-from mapanything_ext.preemption import StopPoint
+from mapanything_ext.cluster import faults
+from mapanything_ext.cluster.preemption import StopPoint
 from mapanything_ext.train import compile_cache
 from mapanything_ext.train.data import to_device
 from mapanything_ext.train.optim import logged_lrs, set_lr
@@ -33,6 +33,8 @@ def train_one_epoch(run, position: Position) -> dict:
     run.optimizer.zero_grad(set_to_none=True)
     sampler = run.train_loader.batch_sampler
     sampler.set_epoch(position.epoch)
+    if hasattr(run.train_loader.dataset, "set_epoch"):  # the epoch's random choices (workers copy it)
+        run.train_loader.dataset.set_epoch(position.epoch)
     sampler.consumed = position.consumed
     steps_per_epoch = sampler.epoch_batches() // world
     steps_left = len(sampler)

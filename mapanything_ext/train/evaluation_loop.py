@@ -14,8 +14,8 @@ import math
 
 import torch
 
-from mapanything_ext import distributed as dist
-from mapanything_ext.depth_metrics import mean_depth_abs_rel
+from mapanything_ext.cluster import distributed as dist
+from mapanything_ext.geometry.depth_metrics import mean_depth_abs_rel
 from mapanything_ext.train.compiling import mark_step_begin
 from mapanything_ext.train.data import to_device
 from mapanything_ext.train.step import view_scale

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from mapanything_ext.train.params import TrainParams
+from mapanything_ext.train_params import TrainParams
 
 
 @dataclass(frozen=True)

@@ -9,11 +9,11 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from mapanything_ext import distributed as dist
-from mapanything_ext.preemption import PreemptionWatcher
+from mapanything_ext.cluster import distributed as dist
+from mapanything_ext.cluster.preemption import PreemptionWatcher
 from mapanything_ext.run_log import Scalars
 from mapanything_ext.train.optim import GroupSchedule
-from mapanything_ext.train.params import TrainParams
+from mapanything_ext.train_params import TrainParams
 
 
 @dataclass

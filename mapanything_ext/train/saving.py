@@ -2,7 +2,7 @@
 
 A state is written once under its first name and linked under the others (last, best, numbered,
 final: mapanything_ext.checkpoint). A stop point asks every rank whether any got a signal
-(mapanything_ext/preemption.py); if so it writes checkpoint-last when the position is newer than
+(mapanything_ext/cluster/preemption.py); if so it writes checkpoint-last when the position is newer than
 the newest checkpoint, then leaves for requeue.
 """
 
@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import time
 
-from mapanything_ext import distributed as dist
 from mapanything_ext.checkpoint import link_on_master, save_on_master
-from mapanything_ext.preemption import StopPoint
+from mapanything_ext.cluster import distributed as dist
+from mapanything_ext.cluster.preemption import StopPoint
 from mapanything_ext.train.state import Position, checkpoint_of
 
 

@@ -15,8 +15,8 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mapanything_ext import distributed as dist
 from mapanything_ext.checkpoint import load_checkpoint
+from mapanything_ext.cluster import distributed as dist
 from mapanything_ext.config import to_plain
 from mapanything_ext.train import rng_state
 
@@ -93,6 +93,63 @@ def restore(run, path: Path) -> tuple[Position, list[str]]:
         sampler_state = {**state["sampler"], "consumed": position.consumed, "epoch": position.epoch}
         notes.append(run.train_loader.batch_sampler.load_state_dict(sampler_state))
     return position, [note for note in notes if note]
+
+
+class ContinuationError(RuntimeError):
+    """A checkpoint of MapAnything's own loop that cannot be continued here."""
+
+
+def continue_mapanything_run(run, path: Path, trust_foreign: bool) -> tuple[Position, list[str]]:
+    """Model, optimizer and position of `run` as a training checkpoint of MapAnything's own loop
+    (`{"model", "optimizer", "scaler", "epoch", "args", "best_so_far"}`, saved after its epoch
+    `epoch`, counted from 0) left them: the run goes on with the next epoch, as that loop's resume
+    does (`start_epoch = epoch + 1`), its learning rate at that epoch's start. Returns the position
+    and notes for the console."""
+    from mapanything_ext.checkpoint.verify import archive_problem
+
+    problem = archive_problem(Path(path))
+    if problem:
+        raise ContinuationError(f"cannot continue MapAnything's run from {path}: {problem}")
+    ckpt = load_checkpoint(path, map_location="cpu", trust_foreign=trust_foreign)
+    missing = [key for key in ("model", "optimizer", "epoch") if key not in ckpt]
+    if missing:
+        raise ContinuationError(
+            f"cannot continue MapAnything's run from {path}: it has no {', '.join(missing)} (a training checkpoint "
+            f"of MapAnything's loop has model, optimizer and epoch; checkpoint-final holds the model only: give it "
+            f"as model.pretrained)")
+    if "resume" in ckpt:
+        raise ContinuationError(f"{path} is a checkpoint of ours: resume it by running in its folder, or give it "
+                                f"as model.pretrained")
+    try:
+        run.module.load_state_dict(ckpt["model"])
+        run.optimizer.load_state_dict(ckpt["optimizer"])
+    except (RuntimeError, ValueError) as err:
+        raise ContinuationError(
+            f"cannot continue MapAnything's run from {path} with this configuration: {str(err).splitlines()[0]} "
+            f"(the model config and train_params.submodule_configs must be those of that run)") from None
+    epoch = int(ckpt["epoch"]) + 1
+    steps = run.train_loader.batch_sampler.epoch_batches() // run.info.world_size
+    position = Position(epoch=epoch, global_step=epoch * steps, best_so_far=float(ckpt.get("best_so_far", math.inf)))
+    notes = [f"continuing MapAnything's run from {path}: {epoch} epoch(s) trained there, this run trains from "
+             f"epoch {epoch + 1} on (its learning rate at {epoch}.0 epochs), AdamW moments of "
+             f"{len(ckpt['optimizer'].get('state', {}))} tensors, best_so_far {position.best_so_far:.6g}; its loss "
+             f"scaler's state is not needed (bf16)"]
+    notes += _changed_settings(ckpt.get("args"), run.tp)
+    return position, notes
+
+
+def _changed_settings(args, tp) -> list[str]:
+    """What this run sets otherwise than the continued one did (MapAnything's train_params names)."""
+    try:
+        theirs = args.train_params
+    except AttributeError:
+        return []
+    notes = []
+    for key in ("lr", "min_lr", "warmup_epochs", "epochs", "weight_decay", "accum_iter", "max_num_of_imgs_per_gpu"):
+        value = theirs.get(key) if hasattr(theirs, "get") else None
+        if value is not None and value != getattr(tp, key):
+            notes.append(f"WARNING: train_params.{key} is {getattr(tp, key)} here, {value} in the continued run")
+    return notes
 
 
 def _position_of(state: dict, best_so_far: float) -> Position:

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from mapanything_ext import distributed as dist
-from mapanything_ext.models.batched_loss import DeviceDetails
+from mapanything_ext.cluster import distributed as dist
+from mapanything_ext.losses.batched_loss import DeviceDetails
 from mapanything_ext.readback import HostCopy
 from mapanything_ext.train.compiling import mark_step_begin
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from mapanything_ext.rotations import matrix_to_quaternion
+from mapanything_ext.geometry.rotations import matrix_to_quaternion
 
 
 def relative_ground_truth(views: list[dict]) -> list[dict]:

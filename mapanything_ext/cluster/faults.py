@@ -23,8 +23,8 @@ from __future__ import annotations
 import os
 import signal
 
-from mapanything_ext import distributed as dist
-from mapanything_ext.preemption import StopPoint
+from mapanything_ext.cluster import distributed as dist
+from mapanything_ext.cluster.preemption import StopPoint
 
 PHASES = tuple(point.value for point in StopPoint)
 _fired: set[str] = set()

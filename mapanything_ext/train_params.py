@@ -88,6 +88,10 @@ class TrainParams:
     # Steps between progress scalars (TensorBoard) and console lines.
     print_freq: int = 20
     resume: bool = True
+    # A training checkpoint of MapAnything's own loop (its checkpoint-last.pth) to continue as this run
+    # when output_dir has no checkpoint of ours yet: same epoch, optimizer moments and LR position. Its
+    # args are pickled, so it needs trust_foreign_checkpoints=true. Give this run a new output_dir.
+    resume_ckpt: Optional[str] = None
     # End each epoch after this many steps / evaluate at most this many batches per rank (null: all).
     max_steps_per_epoch: Optional[int] = None
     max_eval_steps: Optional[int] = None
@@ -165,7 +169,7 @@ def _refuse_unknown(where: str, values: dict, schema) -> None:
     unknown = sorted(set(values) - known)
     if unknown:
         raise ValueError(f"{where}: unknown key(s) {', '.join(unknown)}; the keys are {', '.join(sorted(known))} "
-                         f"(mapanything_ext/train/params.py, docs/configuration.md)")
+                         f"(mapanything_ext/train_params.py, docs/configuration.md)")
 
 
 def register() -> None:

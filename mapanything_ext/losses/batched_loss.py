@@ -31,7 +31,7 @@ Eagerly, each sum is one reduction in the order MapAnything's own sums take, so 
 agree to rounding (tests/test_batched_loss.py); Inductor orders its sums its own way regardless.
 
 `mapanything_adapter.batched_spec_of` reads a `LossSpec` off a criterion built from MapAnything's loss
-strings and refuses what this module does not implement; `models/loss_selfcheck.py` proves on real
+strings and refuses what this module does not implement; `losses/loss_selfcheck.py` proves on real
 batches that both agree. The `details` names and values are MapAnything's.
 """
 
@@ -46,8 +46,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mapanything_ext.geometry.rotations import quaternion_multiply, quaternion_to_matrix
 from mapanything_ext.readback import HostCopy
-from mapanything_ext.rotations import quaternion_multiply, quaternion_to_matrix
 
 # Whether torch.compile is tracing this code (a name of our own, so tests can run the compiled
 # formulation eagerly).

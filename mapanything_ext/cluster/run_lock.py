@@ -27,7 +27,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from mapanything_ext.slurm_jobs import job_state
+from mapanything_ext.cluster.slurm_jobs import job_state
 
 LOCK_NAME = ".run.lock"
 

@@ -1,7 +1,7 @@
 """`loss.impl`: which implementation computes MapAnything's criterion, and the proof that they agree.
 
   reference  MapAnything's own loss classes, built from its loss strings.
-  batched    ours (models/batched_loss.py): the same objective for all views at once, no host
+  batched    ours (losses/batched_loss.py): the same objective for all views at once, no host
              synchronisation. A job stops if it disagrees with the reference at start.
   auto       batched once it agreed with the reference at job start (and in the preflight);
              otherwise the reference, with the mismatch logged (default).

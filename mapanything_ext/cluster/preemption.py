@@ -33,7 +33,7 @@ import time
 
 import torch
 
-from mapanything_ext import distributed as dist
+from mapanything_ext.cluster import distributed as dist
 
 EXIT_PREEMPTED = 3
 # Order matters: when ranks saw different signals, the stronger (later) one wins. A time-limit

@@ -1,0 +1,1 @@
+"""Geometry: camera projection and point/ray maps (projection), rotations and quaternions, depth metrics."""
