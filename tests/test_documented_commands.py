@@ -32,10 +32,12 @@ NOT_HERE = {
     "python bench/bench_mapanything_loss.py": "needs MapAnything and a GPU; --help is checked below",
     "python bench/gpu_stages.py": "needs MapAnything, a GPU and 50 GB of disk; --help is checked below",
     "python bench/bench_scaling.py": "needs MapAnything and several GPUs; --help is checked below",
+    "python bench/recipe_gpu.py": "needs MapAnything and a GPU; --help is checked below",
     "python -m mapanything_ext.export": "needs MapAnything and a trained MapAnything checkpoint; --help is checked below",
 }
 HELP_ONLY = ["python bench/bench_mapanything_step.py", "python bench/bench_mapanything_loss.py",
-             "python bench/gpu_stages.py", "python bench/bench_scaling.py", "python -m mapanything_ext.export"]
+             "python bench/gpu_stages.py", "python bench/bench_scaling.py", "python bench/recipe_gpu.py",
+             "python -m mapanything_ext.export"]
 
 
 def documented_commands() -> list[tuple[str, str]]:
@@ -58,7 +60,9 @@ def placeholders(command: str, tmp: Path) -> str:
     command = re.sub(r"\s\[[^\]]*\]", "", command)  # optional parts: the plain form is checked
     for name, value in {"<profile>": "slurm-test", "<checkpoints>": str(tmp), "<experiments>": str(tmp),
                         "<file>": str(tmp / "weights.pth"), "<folder>": str(tmp / "out"),
-                        "<dir>": str(tmp / "sweep")}.items():
+                        "<dir>": str(tmp / "sweep"), "<their run>": str(tmp / "their_run"),
+                        "<old run>": str(tmp / "old_run"), "<ours>": str(tmp / "ours"),
+                        "<a new folder>": str(tmp / "continued")}.items():
         command = command.replace(name, value)
     return command
 

@@ -292,3 +292,20 @@ def test_a_run_of_mapanythings_loop_continues_here_as_the_same_run(synthetic_roo
 
 def json_lines(path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.mark.parametrize("samples,batch,world", [(9, 1, 1), (23, 2, 1), (23, 2, 2), (50, 3, 4), (101, 12, 3)])
+def test_our_sampler_deals_mapanythings_batches(samples, batch, world):
+    """Batch sizes, order and the share of every rank, epoch by epoch, against its own sampler."""
+    from mapanything_ext.datasets.batch_sampler import DynamicBatchSampler
+
+    samplers = mapanything_adapter.import_mapanything("mapanything.datasets.base.batched_sampler")
+    for epoch in (0, 1, 5):
+        for rank in range(world):
+            theirs = samplers.DynamicBatchedMultiFeatureRandomSampler(
+                range(samples), pool_sizes=[1], feature_to_batch_size_map={0: batch}, world_size=world, rank=rank)
+            theirs.set_epoch(epoch)
+            ours = DynamicBatchSampler(samples, lambda i: 4, 4 * batch, rank=rank, world_size=world, batch_size=batch)
+            ours.set_epoch(epoch)
+            their_batches = [[int(index[0]) for index in b] for b in theirs]
+            assert list(ours) == their_batches and len(ours) == len(theirs), (epoch, rank)
