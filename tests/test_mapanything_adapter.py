@@ -220,7 +220,7 @@ def test_real_mapanything_trains_one_step_on_synthetic_views(synthetic_root, tmp
     ckpt = torch.load(out / "checkpoint-final.pth", weights_only=True)
     assert ckpt["args"]["model"]["name"] == "mapanything"
     record = json.loads((out / "log.txt").read_text().splitlines()[0])
-    assert torch.isfinite(torch.tensor(record["train_loss"])) and "OPV2VDataset_NonAmbiguousMaskLoss_mask_avg" in record
+    assert torch.isfinite(torch.tensor(record["train_loss"])) and "OPV2VDataset_NonAmbiguousMaskLoss_mask_avg_med" in record
     console = (out / "console.log").read_text()  # loss.impl=auto: batched after agreeing on the first sample
     assert "train criterion: batched (all views at once), loss.impl=auto; agreed with the reference" in console
     assert "test criterion: batched (all views at once), loss.impl=auto; agreed with the reference" in console

@@ -46,7 +46,8 @@ def evaluate(model, criterion, loader, device, amp_dtype, between_batches=None) 
             preds = model(views)
         with torch.autocast(device.type, enabled=False):
             loss, details = criterion(views, preds)
-        batch = {"loss": float(loss * view_scale(len(views))),  # scaled in float32, as MapAnything does **{k: float(v) for k, v in details.items()},
+        # The loss scaled in float32, as MapAnything scales it; its terms as they come.
+        batch = {"loss": float(loss * view_scale(len(views))), **{k: float(v) for k, v in details.items()},
                  "depth_abs_rel": mean_depth_abs_rel(views, preds)}
         for key, value in batch.items():
             if key not in _OPTIONAL or math.isfinite(value):
