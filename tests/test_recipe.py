@@ -212,3 +212,41 @@ def test_the_training_set_draws_new_random_choices_every_epoch_reproducibly(synt
 
     assert instances(0) == instances(0) and instances(1) == instances(1)
     assert len({tuple(instances(e)) for e in range(6)}) > 1
+
+
+def test_an_epoch_of_n_samples_is_mapanythings_n_at_dataset():
+    """`N @ Dataset`: shuffled by epoch + 777 and repeated up to N, each repetition drawn anew."""
+    from mapanything_ext.datasets.epoch_size import EpochOfSize
+
+    class Drawn:  # sample i's random draw, as our datasets take it (seed, index, epoch, repetition)
+        num_views = 4
+
+        def __init__(self):
+            self.epoch = 0
+
+        def __len__(self):
+            return 5
+
+        def set_epoch(self, epoch):
+            self.epoch = epoch
+
+        def get(self, index, repetition=0):
+            return (index, repetition, self.epoch)
+
+    epoch = EpochOfSize(Drawn(), 12)
+    epoch.set_epoch(3)
+    order = np.random.default_rng(seed=3 + 777).permutation(5)
+    assert [epoch[i] for i in range(12)] == [(int(order[i % 5]), i // 5, 3) for i in range(12)]
+    assert len(epoch) == 12 and epoch.num_views == 4
+
+
+@pytest.mark.slow
+def test_a_training_epoch_has_the_configured_size(synthetic_root, tmp_path):
+    out = tmp_path / "sized"
+    proc = run_training(tiny_overrides(synthetic_root, out, "train_params.epochs=1", "dataset.train_epoch_size=14"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "14 train / 9 test samples; 2 sample(s) per batch (MapAnything's batching), 7 steps per epoch" in \
+        (out / "console.log").read_text()
+    refused = run_training(tiny_overrides(synthetic_root, tmp_path / "refused", "dataset.train_epoch_size=14",
+                                          "train_params.batching=by_view_count"))
+    assert refused.returncode != 0 and "train_epoch_size needs train_params.batching=mapanything" in refused.stderr

@@ -88,15 +88,21 @@ class BaseMultiViewDataset(Dataset):
         MapAnything's training sets draw them; reproducible, so a resumed epoch draws the same."""
         self.epoch = int(epoch)
 
-    def sample_rng(self, index: int) -> np.random.Generator:
-        """Randomness of one sample depends on (seed, index, epoch) only: workers and resumes agree."""
-        return np.random.default_rng([self.seed, index] if self.epoch == 0 else [self.seed, index, self.epoch])
+    def sample_rng(self, index: int, repetition: int = 0) -> np.random.Generator:
+        """Randomness of one sample depends on (seed, index, epoch, repetition: its n-th appearance in an
+        epoch of datasets/epoch_size.py) only: workers and resumes agree."""
+        if self.epoch == 0 and repetition == 0:
+            return np.random.default_rng([self.seed, index])
+        return np.random.default_rng([self.seed, index, self.epoch, repetition])
 
     def __getitem__(self, index):
-        index = int(index[0] if isinstance(index, (tuple, list)) else index)
+        return self.get(int(index[0] if isinstance(index, (tuple, list)) else index))
+
+    def get(self, index: int, repetition: int = 0) -> list[dict]:
+        """The views of sample `index`, drawn for its `repetition`-th appearance in the epoch."""
         for attempt in range(_MAX_REPLACEMENTS + 1):
             candidate = (index + attempt) % len(self)
-            raw = self.load_raw_views(candidate, self.sample_rng(candidate))
+            raw = self.load_raw_views(candidate, self.sample_rng(candidate, repetition))
             if self._count_ok(len(raw), candidate):
                 return [self._finalize(view, candidate, i) for i, view in enumerate(raw)]
             self.replaced_samples += 1

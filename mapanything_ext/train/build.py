@@ -16,6 +16,7 @@ from mapanything_ext.cluster import distributed as dist
 from mapanything_ext.cluster.preemption import PreemptionWatcher
 from mapanything_ext.datasets.base import BaseMultiViewDataset
 from mapanything_ext.datasets.build import build_dataset
+from mapanything_ext.datasets.epoch_size import EpochOfSize
 from mapanything_ext.losses.loss_selfcheck import ChosenCriterion
 from mapanything_ext.models.registry import build_criteria, build_model_on
 from mapanything_ext.train import rng_state
@@ -53,6 +54,8 @@ def build_run(cfg: DictConfig, info: dist.DistInfo, output_dir: Path, watcher: P
     for dataset in (train_ds, test_ds):  # every batch reaches the model through to_device
         if isinstance(dataset, BaseMultiViewDataset):
             dataset.geometry_on_device = tp.geometry_on_device
+    if cfg.dataset.get("train_epoch_size"):  # MapAnything's `N @ Dataset(...)`
+        train_ds = epoch_of_size(train_ds, int(cfg.dataset.train_epoch_size), tp)
     workers = int(cfg.machine.get("num_workers", 0))
     train_loader = build_loader(train_ds, tp, True, info.rank, info.world_size, workers)
     test_loader = build_loader(test_ds, tp, False, info.rank, info.world_size, workers)
@@ -77,6 +80,15 @@ def build_run(cfg: DictConfig, info: dist.DistInfo, output_dir: Path, watcher: P
                schedules=schedules, train_criterion=train_criterion, test_criterion=test_criterion,
                train_loader=train_loader, test_loader=test_loader, test_name=test_set_name(cfg),
                watcher=watcher, autocast=autocast_dtype(tp, info.device))
+
+
+def epoch_of_size(dataset, size: int, tp) -> EpochOfSize:
+    """The training set with epochs of `size` samples; its samples' view counts change with the epoch's
+    mapping, which batches of several samples by view count could not follow."""
+    if tp.batching != "mapanything":
+        raise ValueError("dataset.train_epoch_size needs train_params.batching=mapanything (batches by view count "
+                         "are cut once from the samples' view counts, which the epoch's mapping changes)")
+    return EpochOfSize(dataset, size)
 
 
 def test_set_name(cfg: DictConfig) -> str:
