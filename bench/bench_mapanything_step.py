@@ -73,6 +73,7 @@ from mapanything_ext.config import compose_training  # noqa: E402
 from mapanything_ext.datasets.build import build_dataset  # noqa: E402
 from mapanything_ext.losses.batched_loss import BatchedCriterion  # noqa: E402
 from mapanything_ext.models.registry import build_criteria, build_model_on  # noqa: E402
+from mapanything_ext.train.compile_cache import CompileCache  # noqa: E402
 from mapanything_ext.train.compiling import compile_in_place  # noqa: E402
 from mapanything_ext.train.data import to_device  # noqa: E402
 from mapanything_ext.train.optim import build_optimizer  # noqa: E402
@@ -171,7 +172,7 @@ def engine_stepper(cfg, model, criterion, device, variant: str, loss_parts: tupl
     optimizer, schedules = build_optimizer(model, tp)
     run = Run(cfg=cfg, tp=tp, info=info, output_dir=Path("/tmp"), model=model, module=model, optimizer=optimizer,
               schedules=schedules, train_criterion=criterion, test_criterion=criterion, train_loader=None,
-              test_loader=None, test_name="test", watcher=None, autocast=torch.bfloat16)
+              test_loader=None, test_name="test", watcher=None, autocast=torch.bfloat16, compile_cache=CompileCache())
 
     queued = []
 

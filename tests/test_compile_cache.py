@@ -16,7 +16,9 @@ from omegaconf import OmegaConf
 
 from mapanything_ext.checkpoint.cli import collect
 from mapanything_ext.cluster import distributed as dist
-from mapanything_ext.train import compile_cache
+from mapanything_ext.train import compile_cache, compile_cache_repair
+from mapanything_ext.train.compile_cache import CompileCache
+from mapanything_ext.train.compile_cache_repair import TAG_NAME, check_folder, is_cache_dir
 from tests.training_runs import start_ranks, tiny_overrides, wait_all
 
 CPU = dist.DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), distributed=False, timeout_s=60)
@@ -56,7 +58,7 @@ def test_broken_files_are_removed_whole_ones_kept_and_graphs_counted(tmp_path):
     old.write_bytes(b"x")
     fresh.write_bytes(b"x")
     os.utime(old, (time.time() - 7200, time.time() - 7200))
-    count, size, graphs, removed = compile_cache.check_folder(folder)
+    count, size, graphs, removed = check_folder(folder)
     removed_names = sorted(r.split(" ")[0] for r in removed)
     assert removed_names == sorted(["cd/ccd.py", "ef/cef.py", "ij/cij.main.so", "kl/ckl.so", "triton/x/kernel.cubin",
                                     "triton/x/kernel.json"]), removed
@@ -77,45 +79,37 @@ def test_a_library_another_process_is_building_is_left_alone(tmp_path):
     half.write_bytes(a_shared_library().read_bytes()[:100])
     with open(folder / "locks" / "cab.lock", "a") as held:  # what Inductor holds while it builds cab
         fcntl.flock(held, fcntl.LOCK_EX)
-        assert compile_cache.check_folder(folder)[3] == [] and half.exists()
-    assert compile_cache.check_folder(folder)[3] and not half.exists()
+        assert check_folder(folder)[3] == [] and half.exists()
+    assert check_folder(folder)[3] and not half.exists()
 
 
 def test_the_folder_lies_in_the_run_per_torch_build_and_rank_and_the_environment_is_restored(tmp_path, capsys,
                                                                                             monkeypatch):
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/somewhere/else")
     monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
-    assert compile_cache.use_for_run(cfg_of(compile=False), CPU, tmp_path) is None  # nothing compiles
-    assert compile_cache.use_for_run(cfg_of(None), CPU, tmp_path) is None
-    assert compile_cache.use_for_run(cfg_of(False), CPU, tmp_path) is None
+    for off in (cfg_of(compile=False), cfg_of(None), cfg_of(False)):  # nothing compiles, or switched off
+        with CompileCache.for_run(off, CPU, tmp_path) as cache:
+            assert cache.folder is None and os.environ["TORCHINDUCTOR_CACHE_DIR"] == "/somewhere/else"
     assert not (tmp_path / "compile_cache").exists()
-    cache = compile_cache.use_for_run(cfg_of(), CPU, tmp_path)
-    try:
+    with CompileCache.for_run(cfg_of(), CPU, tmp_path) as cache:
         expected = tmp_path / "compile_cache" / compile_cache.device_tag(CPU.device) / "rank0"
         assert cache.folder == expected and expected.is_dir()
         assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(expected)
         assert os.environ["TRITON_CACHE_DIR"] == str(expected / "triton")
-        assert compile_cache.is_cache_dir(tmp_path / "compile_cache")
+        assert is_cache_dir(tmp_path / "compile_cache")
         assert torch.__version__ in expected.parent.name
         assert "(cold: no compiled graph yet" in capsys.readouterr().out
-    finally:
-        compile_cache.release()
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == "/somewhere/else" and "TRITON_CACHE_DIR" not in os.environ
     shared = tmp_path / "shared"
-    try:  # an absolute path: used as it is (a shared folder a machine profile names)
-        assert compile_cache.use_for_run(cfg_of(str(shared)), CPU, tmp_path / "run").root == shared
-    finally:
-        compile_cache.release()
+    with CompileCache.for_run(cfg_of(str(shared)), CPU, tmp_path / "run") as cache:  # an absolute path: as it is
+        assert cache.root == shared
 
 
 def test_every_rank_has_its_own_folder_and_rank_0_reports_them_all(tmp_path, capsys):
     rank1 = dist.DistInfo(rank=1, world_size=2, local_rank=1, device=torch.device("cpu"), distributed=False,
                           timeout_s=60)
-    try:
-        cache = compile_cache.use_for_run(cfg_of(), rank1, tmp_path)
+    with CompileCache.for_run(cfg_of(), rank1, tmp_path) as cache:
         assert cache.folder.name == "rank1" and capsys.readouterr().out == ""  # only rank 0 prints
-    finally:
-        compile_cache.release()
     root = tmp_path / "compile_cache"
     folder = root / compile_cache.device_tag(CPU.device) / "rank0"
     (root / "torch2.12.0+cu126-NVIDIA_H100_80GB_HBM3").mkdir()
@@ -134,10 +128,10 @@ def test_a_folder_without_file_locks_is_not_used(tmp_path, capsys, monkeypatch):
     def no_flock(*_args):
         raise OSError(errno.ENOSYS, "Function not implemented")
 
-    monkeypatch.setattr(compile_cache.fcntl, "flock", no_flock)
+    monkeypatch.setattr(compile_cache_repair.fcntl, "flock", no_flock)
     before = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
-    assert compile_cache.use_for_run(cfg_of(), CPU, tmp_path) is None
-    assert os.environ.get("TORCHINDUCTOR_CACHE_DIR") == before
+    with CompileCache.for_run(cfg_of(), CPU, tmp_path) as cache:
+        assert cache.folder is None and os.environ.get("TORCHINDUCTOR_CACHE_DIR") == before
     out = capsys.readouterr().out
     assert "WARNING: not using" in out and "refuses file locks" in out and "default cache folder" in out
 
@@ -170,7 +164,7 @@ def test_check_ckpt_does_not_search_the_cache(tmp_path):
     cache = tmp_path / "compile_cache" / "torch-x" / "rank0" / "ab"
     cache.mkdir(parents=True)
     (cache / ".123.456.tmp").write_bytes(b"half an entry of a killed write")
-    (tmp_path / "compile_cache" / compile_cache.TAG_NAME).write_text("Signature: 8a477f597d28d172789f06886806bc55\n")
+    (tmp_path / "compile_cache" / TAG_NAME).write_text("Signature: 8a477f597d28d172789f06886806bc55\n")
     (tmp_path / "quarantine").mkdir()
     (tmp_path / "quarantine" / "checkpoint-1.pth").write_bytes(b"")
     assert collect([str(tmp_path)]) == [tmp_path / "checkpoint-last.pth"]

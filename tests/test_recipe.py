@@ -109,15 +109,18 @@ def test_loss_scale_is_two_over_the_view_count_above_two_views():
     assert [view_scale(n) for n in (1, 2, 3, 4, 8, 10)] == [1.0, 1.0, 2 / 3, 0.5, 0.25, 0.2]
 
 
-@pytest.mark.parametrize("fused", [False, True])
-def test_a_non_finite_gradient_changes_neither_weights_nor_optimizer_state(fused):
-    weight = torch.nn.Parameter(torch.ones(3))
+@pytest.mark.parametrize("fused,device", [(False, "cpu"), (True, "cpu"), (True, "cuda")])
+def test_a_non_finite_gradient_changes_neither_weights_nor_optimizer_state(fused, device):
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU (the fused kernel skips the step on the device)")
+    weight = torch.nn.Parameter(torch.ones(3, device=device))
     optimizer = torch.optim.AdamW([weight], lr=0.1, fused=fused or None)
-    weight.grad = torch.ones(3)
-    _step_unless_nonfinite(optimizer, torch.tensor(1.0))
+    weight.grad = torch.ones(3, device=device)
+    _step_unless_nonfinite(optimizer, torch.tensor(1.0, device=device))
     after_one, state = weight.detach().clone(), {k: v.clone() for k, v in optimizer.state[weight].items()}
-    weight.grad = torch.tensor([1.0, math.nan, 1.0])
-    _step_unless_nonfinite(optimizer, torch.tensor(math.nan))
+    assert not torch.equal(after_one, torch.ones(3, device=device))  # the finite step did change it
+    weight.grad = torch.tensor([1.0, math.nan, 1.0], device=device)
+    _step_unless_nonfinite(optimizer, torch.tensor(math.nan, device=device))
     assert torch.equal(weight.detach(), after_one)
     for key, value in optimizer.state[weight].items():
         assert torch.equal(value, state[key]), key

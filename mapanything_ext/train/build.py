@@ -20,6 +20,7 @@ from mapanything_ext.datasets.epoch_size import EpochOfSize
 from mapanything_ext.losses.loss_selfcheck import ChosenCriterion
 from mapanything_ext.models.registry import build_criteria, build_model_on
 from mapanything_ext.train import rng_state
+from mapanything_ext.train.compile_cache import CompileCache
 from mapanything_ext.train.compiling import check_compile_settings, compile_in_place, mark_step_begin
 from mapanything_ext.train.data import build_loader, to_device
 from mapanything_ext.train.optim import build_optimizer
@@ -43,7 +44,7 @@ class StartupClock:
 
 
 def build_run(cfg: DictConfig, info: dist.DistInfo, output_dir: Path, watcher: PreemptionWatcher | None = None,
-              clock: StartupClock | None = None) -> Run:
+              clock: StartupClock | None = None, compile_cache: CompileCache | None = None) -> Run:
     """The job's parts on this rank, ready for its first step (weights not yet restored)."""
     clock = clock or StartupClock(time.monotonic(), False)
     tp = params.load(cfg.train_params)
@@ -79,7 +80,7 @@ def build_run(cfg: DictConfig, info: dist.DistInfo, output_dir: Path, watcher: P
     return Run(cfg=cfg, tp=tp, info=info, output_dir=output_dir, model=model, module=module, optimizer=optimizer,
                schedules=schedules, train_criterion=train_criterion, test_criterion=test_criterion,
                train_loader=train_loader, test_loader=test_loader, test_name=test_set_name(cfg),
-               watcher=watcher, autocast=autocast_dtype(tp, info.device))
+               watcher=watcher, autocast=autocast_dtype(tp, info.device), compile_cache=compile_cache or CompileCache())
 
 
 def epoch_of_size(dataset, size: int, tp) -> EpochOfSize:

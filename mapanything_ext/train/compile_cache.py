@@ -1,16 +1,19 @@
 """torch.compile's caches kept with the run (train_params.compile_cache), so a requeued job does not
 compile again.
 
+    with CompileCache.for_run(cfg, info, output_dir) as cache:   # every rank, before anything compiles
+        ...                                                       # cache.first_step_line() after a step
+
 Where: `<train_params.compile_cache>/<torch version>-<device>/rank<N>/`; a relative compile_cache
 (the default, `compile_cache`) lies in output_dir, an absolute one anywhere (a machine profile may
-name a shared one: `machine.compile_cache`). Before anything compiles, every rank points
-TORCHINDUCTOR_CACHE_DIR (Inductor's FX graph and AOTAutograd caches, the generated Python and C++
-kernels, autotuning results) and TRITON_CACHE_DIR (the GPU kernels) at its own folder there. Not
-cached: Dynamo traces the compiled parts' Python again at every start. The keys of these caches are torch's
-own: they hash the graph, the torch/Triton versions and the device, so an entry that does not fit
-is never used, and the version/device level of the path keeps other torch builds' files apart
-(delete those folders to free their space). Clearing: delete the folder; the next start compiles
-from scratch and fills it again.
+name a shared one: `machine.compile_cache`). Inside the `with`, TORCHINDUCTOR_CACHE_DIR (Inductor's
+FX graph and AOTAutograd caches, the generated Python and C++ kernels, autotuning results) and
+TRITON_CACHE_DIR (the GPU kernels) point at this rank's folder; leaving it restores them (the next job
+of an in-process sweep gets its own). Not cached: Dynamo traces the compiled parts' Python again at
+every start. The keys of these caches are torch's own: they hash the graph, the torch/Triton versions
+and the device, so an entry that does not fit is never used, and the version/device level of the path
+keeps other torch builds' files apart. Clearing: delete the folder; the next start compiles from
+scratch and fills it again.
 
 Concurrency: one folder per global rank, so the ranks of one job never share one, even on several
 nodes over a network file system (Inductor names its temporary files by pid only, which two nodes may
@@ -19,20 +22,12 @@ the C++ builds with file locks, which its compile workers share. The run folder'
 keeps a second job out. A shared folder named by a profile may be used by several jobs of one node
 at once, as Inductor's default folder in /tmp is on any multi-GPU node.
 
-Guards, at start, per rank (logged in console.log by rank 0):
-- a folder that cannot be created, or whose file system refuses flock (Lustre without `flock`,
-  which Inductor's locks need; a soft-lock fallback would leave stale locks behind a killed job),
-  is not used: torch's default folder (/tmp) is, and the job goes on;
-- files a killed or crashed job left broken, which Inductor would load and fail on (a C++ kernel
-  library cut short by a SIGKILL during its build, a truncated Python or JSON file), are removed and
-  listed; damaged pickled entries (FX graph, AOTAutograd, Dynamo's profile) Inductor skips itself;
-- a C++ library that another process is building (its Inductor lock is held) is left alone.
-At the first training step rank 0 logs how many compiled graphs came from the cache.
-
-Inductor loads kernels one by one in the training process until its compile workers are up, so the
-engine starts them right after pointing the caches here, before the model is built
-(start_compile_workers). On an H200 a requeued MapAnything job loaded its warm cache in under 1 s
-with them; what the early start saves on its own was not isolated (docs/mapanything.md).
+At start, per rank (logged in console.log by rank 0), compile_cache_repair.py checks the folder: a
+folder that cannot be used leaves torch's default folder (/tmp) in place and the job goes on; files a
+killed job left broken are removed and listed. At the first training step rank 0 logs how many
+compiled graphs came from the cache. Inductor loads kernels one by one in the training process until
+its compile workers are up, so the engine starts them right after the caches are set
+(start_compile_workers); what that saves is in docs/mapanything.md (Compile cache).
 
 Not used: torch.compiler.save_cache_artifacts/load_cache_artifacts (the "mega cache"). It bundles
 the same entries into one blob that load_cache_artifacts writes back into the cache folder; with
@@ -42,50 +37,82 @@ CPU job would build them again).
 
 from __future__ import annotations
 
-import fcntl
-import json
 import os
 import platform
 import re
-import shutil
-import struct
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from mapanything_ext.cluster import distributed as dist
+from mapanything_ext.train.compile_cache_repair import check_folder, prepare
 
 _ENV = ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")
-# A directory holding this file is a cache (https://bford.info/cachedir/): backup tools skip it, and
-# so do check_ckpt and everything else here that walks a run folder.
-TAG_NAME = "CACHEDIR.TAG"
-_TAG = ("Signature: 8a477f597d28d172789f06886806bc55\n"
-        "# torch.compile caches of mapanything_ext (train_params.compile_cache); delete to clear.\n")
-_ELF_SUFFIXES = (".so", ".cubin", ".hsaco", ".o")
-_JSON_SUFFIXES = (".json", ".best_config")
-# Temporary files of an atomic write (Inductor: .<pid>.<thread>.tmp; Triton: tmp.pid_*): never read;
-# removed once old enough that no live writer can still rename them.
-_TEMPORARY = re.compile(r"^\.\d+\.\d+\.tmp$|^tmp\.pid_")
-_TEMPORARY_AGE_S = 3600
 
 
-@dataclass
 class CompileCache:
-    root: Path  # train_params.compile_cache, resolved
-    folder: Path  # this rank's folder
-    previous_env: dict
-    counters_at_start: dict = field(default_factory=dict)
+    """This rank's cache folder for one job, in use between entering and leaving it as a context;
+    `folder` None: torch's default folder (off, nothing compiles, or the folder cannot be used)."""
 
+    def __init__(self, root: Path | None = None, folder: Path | None = None):
+        self.root, self.folder = root, folder
+        self._previous_env: dict = {}
+        self._counters_at_start: dict = {}
 
-_active: CompileCache | None = None
+    @classmethod
+    def for_run(cls, cfg, info: dist.DistInfo, output_dir: Path) -> "CompileCache":
+        """The job's cache: checked and repaired (every rank, a collective), reported by rank 0; never
+        raises for a bad cache."""
+        root = cache_root(cfg, output_dir)
+        if root is None:
+            return cls()
+        folder = root / device_tag(info.device) / f"rank{info.rank}"
+        report = _check(root, folder, info.rank)
+        reports = dist.all_gather_object(report)
+        if info.rank == 0:
+            try:
+                _print_start(root, folder, reports)
+            except OSError as err:
+                print(f"[compile_cache] {folder}: {err}")
+        return cls(root, folder if report["problem"] is None else None)
 
+    def __enter__(self) -> "CompileCache":
+        if self.folder is not None:
+            self._previous_env = {name: os.environ.get(name) for name in _ENV}
+            if self._previous_env["TORCHINDUCTOR_CACHE_DIR"] != str(self.folder):
+                _restart_compile_workers()
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(self.folder)
+            os.environ["TRITON_CACHE_DIR"] = str(self.folder / "triton")
+            self._counters_at_start = _cache_counters()
+        return self
 
-def is_cache_dir(path: Path) -> bool:
-    """True for a folder this module made (marked with CACHEDIR.TAG)."""
-    return (Path(path) / TAG_NAME).is_file()
+    def __exit__(self, *exc) -> bool:
+        for name, value in self._previous_env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        self._previous_env = {}
+        return False
+
+    def first_step_line(self) -> str | None:
+        """What the cache gave this process so far (printed by rank 0 after the first training step)."""
+        if self.folder is None:
+            return None
+        now, start = _cache_counters(), self._counters_at_start
+        d = {k: now[k] - start.get(k, 0) for k in now}
+        hits, misses = d["fxgraph_cache_hit"], d["fxgraph_cache_miss"]
+        if hits + misses == 0:
+            verdict = "nothing compiled yet"
+        elif misses == 0:
+            verdict = f"all {hits} compiled graphs from the cache"
+        else:
+            verdict = f"{hits} of {hits + misses} compiled graphs from the cache, {misses} compiled now"
+        return (f"[compile_cache] first step: {verdict} (FX graph cache {hits} hits, {misses} misses, "
+                f"{d['fxgraph_cache_bypass']} bypasses; AOTAutograd cache {d['autograd_cache_hit']} hits, "
+                f"{d['autograd_cache_miss']} misses; rank 0){_compile_seconds()}")
 
 
 def cache_root(cfg, output_dir: Path) -> Path | None:
@@ -113,17 +140,9 @@ def device_tag(device: torch.device) -> str:
     return re.sub(r"[^A-Za-z0-9.+_-]+", "_", f"torch{torch.__version__}-{name}")
 
 
-def use_for_run(cfg, info: dist.DistInfo, output_dir: Path) -> CompileCache | None:
-    """Point torch.compile's caches at this rank's folder; call on every rank before anything
-    compiles. Returns None (torch's default folder) when the option is off, nothing compiles, or the
-    folder cannot be used; never raises for a bad cache."""
-    global _active
-    release()
-    root = cache_root(cfg, output_dir)
-    if root is None:
-        return None
-    folder = root / device_tag(info.device) / f"rank{info.rank}"
-    problem = _prepare(root, folder)
+def _check(root: Path, folder: Path, rank: int) -> dict:
+    """This rank's folder made, probed and repaired: what rank 0 reports."""
+    problem = prepare(root, folder)
     started = time.perf_counter()
     files = size = graphs = 0
     removed: list[str] = []
@@ -132,54 +151,8 @@ def use_for_run(cfg, info: dist.DistInfo, output_dir: Path) -> CompileCache | No
             files, size, graphs, removed = check_folder(folder)
         except Exception as err:  # noqa: BLE001 -- a cache that cannot be checked is not used, the job goes on
             problem = f"cannot check it: {type(err).__name__}: {err}"
-    report = {"rank": info.rank, "problem": problem, "files": files, "bytes": size, "graphs": graphs,
-              "removed": removed, "seconds": time.perf_counter() - started}
-    reports = dist.all_gather_object(report)
-    if info.rank == 0:
-        try:
-            _print_start(root, folder, reports)
-        except OSError as err:
-            print(f"[compile_cache] {folder}: {err}")
-    if problem is not None:
-        return None
-    previous_env = {name: os.environ.get(name) for name in _ENV}
-    if previous_env["TORCHINDUCTOR_CACHE_DIR"] != str(folder):
-        _restart_compile_workers()
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder)
-    os.environ["TRITON_CACHE_DIR"] = str(folder / "triton")
-    _active = CompileCache(root, folder, previous_env, _cache_counters())
-    return _active
-
-
-def release() -> None:
-    """Undo use_for_run (the environment), for the next job run in this process."""
-    global _active
-    if _active is None:
-        return
-    for name, value in _active.previous_env.items():
-        if value is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = value
-    _active = None
-
-
-def first_step_line() -> str | None:
-    """What the cache gave this process so far (printed by rank 0 after the first training step)."""
-    if _active is None:
-        return None
-    now, start = _cache_counters(), _active.counters_at_start
-    d = {k: now[k] - start.get(k, 0) for k in now}
-    hits, misses = d["fxgraph_cache_hit"], d["fxgraph_cache_miss"]
-    if hits + misses == 0:
-        verdict = "nothing compiled yet"
-    elif misses == 0:
-        verdict = f"all {hits} compiled graphs from the cache"
-    else:
-        verdict = f"{hits} of {hits + misses} compiled graphs from the cache, {misses} compiled now"
-    return (f"[compile_cache] first step: {verdict} (FX graph cache {hits} hits, {misses} misses, "
-            f"{d['fxgraph_cache_bypass']} bypasses; AOTAutograd cache {d['autograd_cache_hit']} hits, "
-            f"{d['autograd_cache_miss']} misses; rank 0){_compile_seconds()}")
+    return {"rank": rank, "problem": problem, "files": files, "bytes": size, "graphs": graphs, "removed": removed,
+            "seconds": time.perf_counter() - started}
 
 
 # torch's own accounting of where compile time went (torch._dynamo.utils.compile_times), by the
@@ -201,138 +174,6 @@ def _compile_seconds() -> str:
     totals = dict(zip(names, (float(value) for value in seconds)))
     parts = [f"{label} {totals[name]:.1f}" for name, label in _PHASES if name in totals]
     return f"; compile time (s): {', '.join(parts)}" if parts else ""
-
-
-def check_folder(folder: Path) -> tuple[int, int, int, list[str]]:
-    """Walk one rank's folder: (files, bytes, cached graphs, removed) after removing files that would
-    fail when loaded (see the module docstring) and stale temporary files."""
-    files = size = graphs = 0
-    removed = []
-    stale = time.time() - _TEMPORARY_AGE_S
-    for dirpath, dirnames, filenames in os.walk(folder):
-        here = Path(dirpath)
-        for name in [d for d in dirnames if d == "locks" or _TEMPORARY.search(d)]:
-            dirnames.remove(name)
-            if name != "locks" and _mtime(here / name) < stale:
-                shutil.rmtree(here / name, ignore_errors=True)
-        for name in filenames:
-            path = here / name
-            if name.endswith(".lock") or name == TAG_NAME:
-                continue
-            try:
-                stat = path.stat()
-            except FileNotFoundError:  # removed meanwhile (another job sharing the folder)
-                continue
-            if _TEMPORARY.search(name):
-                if stat.st_mtime < stale:
-                    _remove(path)
-                continue
-            problem = _problem(path, stat.st_size)
-            if problem:
-                if name.endswith(".so"):
-                    if not _remove_if_still_broken(folder, path):
-                        continue  # built meanwhile, or being built now, by another process
-                else:
-                    _remove(path)
-                removed.append(f"{path.relative_to(folder)} ({problem})")
-                continue
-            files += 1
-            size += stat.st_size
-            graphs += path.relative_to(folder).parts[0] == "fxgraph"
-    return files, size, graphs, removed
-
-
-def _prepare(root: Path, folder: Path) -> str | None:
-    """Create the folders; None if usable, else why not."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        tag = root / TAG_NAME
-        if not tag.is_file():
-            tag.write_text(_TAG)
-    except OSError as err:
-        return f"cannot create it: {err}"
-    probe = folder / f".flock-probe-{os.getpid()}"
-    try:
-        with open(probe, "w") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            fcntl.flock(handle, fcntl.LOCK_UN)
-    except OSError as err:
-        return f"its file system refuses file locks (flock: {err.strerror or err}), which Inductor's cache needs"
-    finally:
-        probe.unlink(missing_ok=True)
-    return None
-
-
-def _problem(path: Path, size: int) -> str | None:
-    """Why loading this cache file would fail, or None."""
-    name = path.name
-    try:
-        if name.endswith(_ELF_SUFFIXES):
-            return _elf_problem(path, size)
-        if name.endswith(".py"):
-            source = path.read_bytes()
-            if not source:
-                return "empty"
-            compile(source, str(path), "exec", dont_inherit=True)
-        elif name.endswith(_JSON_SUFFIXES):
-            json.loads(path.read_bytes())
-    except (SyntaxError, ValueError) as err:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
-        return f"{type(err).__name__}: {str(err).splitlines()[0][:80]}"
-    return None
-
-
-def _elf_problem(path: Path, size: int) -> str | None:
-    """A shared library or kernel binary cut short: its section table (at the end) lies beyond the file."""
-    with open(path, "rb") as handle:
-        head = handle.read(64)
-    if len(head) < 52 or head[:4] != b"\x7fELF":
-        return "empty" if not head else "not a complete ELF file"
-    order = "<" if head[5] == 1 else ">"
-    if head[4] == 2:
-        (offset,) = struct.unpack_from(order + "Q", head, 0x28)
-        entry, count = struct.unpack_from(order + "HH", head, 0x3A)
-    else:
-        (offset,) = struct.unpack_from(order + "I", head, 0x20)
-        entry, count = struct.unpack_from(order + "HH", head, 0x2E)
-    if offset + entry * count > size:
-        return f"truncated: {size} bytes, its section table ends at byte {offset + entry * count}"
-    return None
-
-
-def _remove_if_still_broken(folder: Path, library: Path) -> bool:
-    """Remove a broken C++ kernel library under Inductor's own lock for it (the one its build holds);
-    False while another process holds that lock, or when the library is whole by now."""
-    lock = folder / "locks" / (library.name.split(".")[0] + ".lock")
-    try:
-        lock.parent.mkdir(exist_ok=True)
-        with open(lock, "a") as handle:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return False
-            try:
-                if not _problem(library, library.stat().st_size):
-                    return False
-                _remove(library)
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
-    except OSError:
-        return False
-    return True
-
-
-def _mtime(path: Path) -> float:
-    try:
-        return path.stat().st_mtime
-    except OSError:
-        return time.time()
-
-
-def _remove(path: Path) -> None:
-    try:
-        path.unlink()
-    except FileNotFoundError:
-        pass
 
 
 def _cache_counters() -> dict:

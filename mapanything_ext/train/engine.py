@@ -35,7 +35,8 @@ from mapanything_ext.cluster.preemption import PreemptionWatcher, StopPoint, res
 from mapanything_ext.models import offline
 from mapanything_ext.run_log import (Scalars, append_epoch_record, read_epoch_records, report_failure,
                                      report_previous_job, tee_console)
-from mapanything_ext.train import compile_cache, state
+from mapanything_ext.train import state
+from mapanything_ext.train.compile_cache import CompileCache, start_compile_workers
 from mapanything_ext.train.build import (StartupClock, build_run, choose_loss_impl, first_sample_views,
                                          settle_ddp_buckets)
 from mapanything_ext.train.epoch import train_one_epoch
@@ -75,7 +76,6 @@ def train(cfg: DictConfig) -> Path:
         _cleanup_after_failure()
         raise
     finally:
-        compile_cache.release()
         if untee is not None:
             untee()
         if lock is not None:
@@ -118,13 +118,19 @@ def _run(cfg: DictConfig, info: dist.DistInfo, output_dir: Path, started_at: flo
     resuming = bool(cfg.train_params.resume) and any(output_dir.glob("checkpoint-*.pth"))
     offline.check(cfg, resuming=resuming)
     # Before anything compiles: torch.compile's caches in the run folder, warm after a requeue.
-    compile_cache.use_for_run(cfg, info, output_dir)
-    compile_cache.start_compile_workers(cfg, info.device)
+    with CompileCache.for_run(cfg, info, output_dir) as cache:
+        start_compile_workers(cfg, info.device)
+        _start_and_train(cfg, info, output_dir, started_at, watcher, cache, resuming)
+    dist.barrier()
+
+
+def _start_and_train(cfg: DictConfig, info: dist.DistInfo, output_dir: Path, started_at: float,
+                     watcher: PreemptionWatcher, cache: CompileCache, resuming: bool) -> None:
     # Verifying the checkpoints reads them in full: rank 0 does it beside the model's build and
     # first (compiling) steps, which do not need the checkpoint's weights.
     chosen = choose_in_background(output_dir) if resuming else None
     clock = StartupClock(started_at, info.rank == 0)
-    run = build_run(cfg, info, output_dir, watcher, clock)
+    run = build_run(cfg, info, output_dir, watcher, clock, compile_cache=cache)
     run.started_at = started_at
     first_views = functools.cache(lambda: first_sample_views(run))  # read once, if at all
     choose_loss_impl(run, first_views, clock)
@@ -146,7 +152,6 @@ def _run(cfg: DictConfig, info: dist.DistInfo, output_dir: Path, started_at: flo
         _train_epochs(run, position)
     finally:
         run.scalars.close()
-    dist.barrier()
 
 
 def _print_header(cfg: DictConfig, output_dir: Path, lock_note: str | None) -> None:

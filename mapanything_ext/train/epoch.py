@@ -18,7 +18,6 @@ from tqdm import tqdm
 
 from mapanything_ext.cluster import faults
 from mapanything_ext.cluster.preemption import StopPoint
-from mapanything_ext.train import compile_cache
 from mapanything_ext.train.data import to_device
 from mapanything_ext.train.optim import logged_lrs, set_lr
 from mapanything_ext.train.saving import stop_here
@@ -121,7 +120,7 @@ class EpochMeter:
         if not run.first_step_reported and run.info.rank == 0:
             # Start-up cost of a (re)started job: what a requeue costs beyond the lost iteration.
             print(f"[mapanything_ext] first training step done {time.monotonic() - run.started_at:.1f}s after start")
-            if cache_line := compile_cache.first_step_line():
+            if cache_line := run.compile_cache.first_step_line():
                 print(cache_line)
         run.first_step_reported = True
         if (step.it + 1) % (int(run.tp.accum_iter) * int(run.tp.print_freq)) == 0:  # MapAnything's cadence

@@ -12,6 +12,7 @@ from omegaconf import DictConfig
 from mapanything_ext.cluster import distributed as dist
 from mapanything_ext.cluster.preemption import PreemptionWatcher
 from mapanything_ext.run_log import Scalars
+from mapanything_ext.train.compile_cache import CompileCache
 from mapanything_ext.train.optim import GroupSchedule
 from mapanything_ext.train_params import TrainParams
 
@@ -33,6 +34,7 @@ class Run:
     test_name: str  # log.txt's and TensorBoard's prefix of the test statistics (MapAnything's test set name)
     watcher: PreemptionWatcher | None
     autocast: torch.dtype | None  # bf16 on a GPU when train_params.amp, else None (full precision)
+    compile_cache: CompileCache  # torch.compile's caches of this job (folder None: torch's default)
     started_at: float = field(default_factory=time.monotonic)  # train() sets it to its own start
     scalars: Scalars | None = None  # opened once the resume position is known
     first_step_reported: bool = False
