@@ -187,12 +187,12 @@ def engine_stepper(cfg, model, criterion, device, variant: str, loss_parts: tupl
 
 def worst_differences(model, criterion, views) -> str:
     """Loss, details and per-tensor gradients of the two criteria on the model's predictions."""
-    from mapanything_ext.losses.loss_selfcheck import evaluate
+    from mapanything_ext.losses.loss_selfcheck import loss_details_gradients
 
     with torch.autocast(views[0]["img"].device.type, dtype=torch.bfloat16):
         preds = [{k: v.detach() if torch.is_tensor(v) else v for k, v in p.items()} for p in model(views)]
-    ref_loss, ref_details, ref_grads = evaluate(criterion.reference, views, preds)
-    loss, details, grads = evaluate(criterion.batched, views, preds)
+    ref_loss, ref_details, ref_grads = loss_details_gradients(criterion.reference, views, preds)
+    loss, details, grads = loss_details_gradients(criterion.batched, views, preds)
     rel = lambda a, b: abs(a - b) / max(abs(b), 1e-6)  # noqa: E731
     detail = max(rel(details.get(k, float("nan")), v) for k, v in ref_details.items())
     grad = max(float((grads[k] - g).norm() / g.norm().clamp_min(1e-30)) for k, g in ref_grads.items())

@@ -116,15 +116,15 @@ def test_a_view_without_valid_pixels_drops_out_of_its_terms_and_averages():
 def test_the_compiled_row_by_row_sums_compute_the_same_loss_details_and_gradients(spec, monkeypatch):
     # Compiled, every sum over pixels runs row by row and the factors are spread over the rows (for
     # the GPU's sake); run that formulation eagerly and compare it with the one-reduction sums.
-    from mapanything_ext.losses.loss_selfcheck import as_dtype, evaluate
+    from mapanything_ext.losses.loss_selfcheck import as_dtype, loss_details_gradients
 
     views = as_dtype(random_views(4, batch=2, seed=5, invalid_views=(2,), metric=[True, False],
                                   synthetic=[True, False]), torch.float64)
     preds = as_dtype(noisy_predictions(views, seed=3), torch.float64)
     criterion = BatchedCriterion(spec)
-    one_reduction = evaluate(criterion.compute, views, preds)
+    one_reduction = loss_details_gradients(criterion.compute, views, preds)
     monkeypatch.setattr(batched_loss, "_compiling", lambda: True)
-    row_by_row = evaluate(criterion.compute, views, preds)
+    row_by_row = loss_details_gradients(criterion.compute, views, preds)
     # float64, but the mask's BCE runs in float32 as MapAnything's does (its target is cast to float).
     assert row_by_row[0] == pytest.approx(one_reduction[0], rel=1e-8)
     assert row_by_row[1].keys() == one_reduction[1].keys()

@@ -74,8 +74,8 @@ def compare(reference, batched, views, preds, tolerance: float = TOLERANCE, dtyp
     """The mismatches (term: reference value vs ours) of the two criteria on these predictions,
     both computed in `dtype`."""
     views, preds = as_dtype(views, dtype), as_dtype(preds, dtype)
-    ref_loss, ref_details, ref_grads = evaluate(reference, views, preds)
-    loss, details, grads = evaluate(batched, views, preds)
+    ref_loss, ref_details, ref_grads = loss_details_gradients(reference, views, preds)
+    loss, details, grads = loss_details_gradients(batched, views, preds)
     found = []
     if not _close(loss, ref_loss, tolerance):
         found.append(f"loss: {ref_loss!r} vs {loss!r}")
@@ -91,7 +91,7 @@ def compare(reference, batched, views, preds, tolerance: float = TOLERANCE, dtyp
     return found
 
 
-def evaluate(criterion, views, preds) -> tuple[float, dict, dict]:
+def loss_details_gradients(criterion, views, preds) -> tuple[float, dict, dict]:
     """(loss, details, {(view, key): gradient of the loss}) with the predictions as fresh leaves."""
     with torch.enable_grad(), torch.autocast(_device_type(preds), enabled=False):
         leaves = [{key: value.detach().clone().requires_grad_(True) if _differentiable(value) else value

@@ -40,7 +40,7 @@ from mapanything_ext.train.compile_cache import CompileCache, start_compile_work
 from mapanything_ext.train.build import (StartupClock, build_run, choose_loss_impl, first_sample_views,
                                          settle_ddp_buckets)
 from mapanything_ext.train.epoch import train_one_epoch
-from mapanything_ext.train.evaluation_loop import evaluate
+from mapanything_ext.train.evaluation_loop import test_statistics
 from mapanything_ext.train.run import Run
 from mapanything_ext.train.saving import ensure_final, save, stop_here
 from mapanything_ext.train.state import Position
@@ -68,7 +68,7 @@ def train(cfg: DictConfig) -> Path:
     lock, lock_note = _lock_run_folder(output_dir, info)
     untee = tee_console(output_dir) if info.rank == 0 else None
     try:
-        _run(cfg, info, output_dir, started_at, lock_note, watcher)
+        _job(cfg, info, output_dir, started_at, lock_note, watcher)
     except SystemExit:
         raise
     except BaseException as err:
@@ -108,7 +108,7 @@ def _cleanup_after_failure() -> None:
         pass
 
 
-def _run(cfg: DictConfig, info: dist.DistInfo, output_dir: Path, started_at: float, lock_note: str | None,
+def _job(cfg: DictConfig, info: dist.DistInfo, output_dir: Path, started_at: float, lock_note: str | None,
          watcher: PreemptionWatcher) -> None:
     if info.rank == 0:
         _print_header(cfg, output_dir, lock_note)
@@ -191,7 +191,7 @@ def _relog_finished_epoch(run: Run, position: Position) -> None:
 def _initial_eval(run: Run, position: Position) -> None:
     """Held-out metrics of the initial model, the baseline a run is judged against."""
     faults.at(StopPoint.INITIAL_EVAL)
-    stats = evaluate(run.module, run.test_criterion, run.test_loader, run.info.device, run.autocast,
+    stats = test_statistics(run.module, run.test_criterion, run.test_loader, run.info.device, run.autocast,
                      between_batches=lambda i: stop_here(run, position, StopPoint.INITIAL_EVAL))
     if run.info.rank == 0:
         (run.output_dir / "initial_eval.json").write_text(json.dumps(stats, indent=1) + "\n")
@@ -244,7 +244,7 @@ def _test_continued_run(run: Run, position: Position) -> None:
     stop from here on resumes from it (checkpoint-best too when the test beat the run's best)."""
     stats = None
     if position.epoch % int(run.tp.eval_freq) == 0:
-        stats = evaluate(run.module, run.test_criterion, run.test_loader, run.info.device, run.autocast)
+        stats = test_statistics(run.module, run.test_criterion, run.test_loader, run.info.device, run.autocast)
     record = {"epoch": position.epoch, **({f"{run.test_name}_{k}": v for k, v in stats.items()} if stats else {}),
               "continued_from": str(run.tp.resume_ckpt)}
     best = stats is not None and stats["loss_med"] < position.best_so_far
@@ -267,7 +267,7 @@ def _train_epochs(run: Run, position: Position) -> None:
         test_stats = None
         if (position.epoch + 1) % int(run.tp.eval_freq) == 0:
             faults.at(StopPoint.EVAL)
-            test_stats = evaluate(run.module, run.test_criterion, run.test_loader, run.info.device, run.autocast,
+            test_stats = test_statistics(run.module, run.test_criterion, run.test_loader, run.info.device, run.autocast,
                                   between_batches=lambda i: stop_here(run, position, StopPoint.EVAL))
             record.update({f"{run.test_name}_{k}": v for k, v in test_stats.items()})
         # Wall time of this process's part of the epoch (a resumed epoch counts from the resume).

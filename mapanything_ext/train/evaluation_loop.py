@@ -25,7 +25,7 @@ _OPTIONAL = ("depth_abs_rel",)
 
 
 @torch.no_grad()
-def evaluate(model, criterion, loader, device, amp_dtype, between_batches=None) -> dict:
+def test_statistics(model, criterion, loader, device, amp_dtype, between_batches=None) -> dict:
     """`<key>_avg` and `<key>_med` of the scaled test loss, its terms and depth AbsRel, over every test
     batch of every rank (ranks may hold one batch more or less). `model` is the plain module (no DDP
     collective in its forward); `between_batches(i)` runs before batch i on every rank alike (the

@@ -19,16 +19,11 @@ register_resolvers()
 warnings.filterwarnings("ignore", message="(?s).*is validated against ConfigStore schema with the same name")
 
 
-def run(cfg: DictConfig):
-    """Train with a composed config (also what the stage pipeline submits)."""
-    from mapanything_ext.train.engine import train
-
-    return train(cfg)
-
-
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
 def main(cfg: DictConfig) -> None:
-    run(cfg)
+    from mapanything_ext.train.engine import train
+
+    train(cfg)
 
 
 if __name__ == "__main__":
