@@ -32,10 +32,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-TINY = ["model.encoder.size=small", "model.encoder.keep_first_n_layers=2", "model.info_sharing.module_args.depth=3",
-        "model.info_sharing.module_args.dim=192", "model.info_sharing.module_args.num_heads=3",
-        "model.info_sharing.module_args.indices=[0,1]", "model.pred_head.feature_head.feature_dim=32",
-        "dataset.resolution_train=[112,84]", "dataset.resolution_test=[112,84]"]
+from gpu_stages import TINY  # noqa: E402  (the tiny MapAnything at 112x84 of the stages bench)
+
 FAST = ["train_params.compile=[encoder,info_sharing,dpt_feature_head,downstream_head]", "loss.compile=true"]
 VARIANTS = {"ours_fast": FAST, "ours_fast_noclip": [*FAST, "train_params.gradient_clip=null"],
             "ours_reference": ["loss.impl=reference"]}

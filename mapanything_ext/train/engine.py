@@ -247,14 +247,7 @@ def _test_continued_run(run: Run, position: Position) -> None:
         stats = test_statistics(run.module, run.test_criterion, run.test_loader, run.info.device, run.autocast)
     record = {"epoch": position.epoch, **({f"{run.test_name}_{k}": v for k, v in stats.items()} if stats else {}),
               "continued_from": str(run.tp.resume_ckpt)}
-    best = stats is not None and stats["loss_med"] < position.best_so_far
-    if best:
-        position.best_so_far = stats["loss_med"]
-    record["best_so_far"] = position.best_so_far
-    if run.info.rank == 0:
-        append_epoch_record(run.output_dir / "log.txt", record)
-        if stats:
-            run.scalars.test(position.epoch, run.test_name, stats)
+    best = _record_epoch(run, position, position.epoch, record, stats)
     save(run, ["checkpoint-last.pth", *(["checkpoint-best.pth"] if best else [])], position)
 
 
@@ -267,8 +260,8 @@ def _train_epochs(run: Run, position: Position) -> None:
         test_stats = None
         if (position.epoch + 1) % int(run.tp.eval_freq) == 0:
             faults.at(StopPoint.EVAL)
-            test_stats = test_statistics(run.module, run.test_criterion, run.test_loader, run.info.device, run.autocast,
-                                  between_batches=lambda i: stop_here(run, position, StopPoint.EVAL))
+            test_stats = test_statistics(run.module, run.test_criterion, run.test_loader, run.info.device,
+                                         run.autocast, between_batches=lambda i: stop_here(run, position, StopPoint.EVAL))
             record.update({f"{run.test_name}_{k}": v for k, v in test_stats.items()})
         # Wall time of this process's part of the epoch (a resumed epoch counts from the resume).
         record.update({"time": time.time(), "epoch_seconds": time.time() - epoch_started,
@@ -286,14 +279,8 @@ def _end_epoch(run: Run, position: Position, record: dict, test_stats: dict | No
     numbered every keep_freq epochs (checkpoint-<e>, e counted from 1), final after the last epoch."""
     done = position.epoch + 1  # epochs trained, MapAnything's count
     last_epoch = done == int(run.tp.epochs)
-    is_best = test_stats is not None and test_stats["loss_med"] < position.best_so_far
-    if is_best:
-        position.best_so_far = test_stats["loss_med"]
-    record["best_so_far"] = position.best_so_far
+    is_best = _record_epoch(run, position, done, record, test_stats)
     if run.info.rank == 0:
-        append_epoch_record(run.output_dir / "log.txt", record)
-        if test_stats is not None:
-            run.scalars.test(done, run.test_name, test_stats)
         # Per-view loss terms (MapAnything's criterion has dozens) stay in log.txt only.
         print(f"[mapanything_ext] epoch {done}: " + ", ".join(
             f"{k}={v:.4g}" for k, v in record.items()
@@ -308,6 +295,20 @@ def _end_epoch(run: Run, position: Position, record: dict, test_stats: dict | No
     if names:
         faults.at(StopPoint.END_OF_EPOCH)
         save(run, names, position)
+
+
+def _record_epoch(run: Run, position: Position, epochs_trained: int, record: dict, test_stats: dict | None) -> bool:
+    """The epoch's line in log.txt and its test statistics in TensorBoard, with best_so_far brought up
+    to date; True when the test loss median is the lowest so far (checkpoint-best's rule)."""
+    is_best = test_stats is not None and test_stats["loss_med"] < position.best_so_far
+    if is_best:
+        position.best_so_far = test_stats["loss_med"]
+    record["best_so_far"] = position.best_so_far
+    if run.info.rank == 0:
+        append_epoch_record(run.output_dir / "log.txt", record)
+        if test_stats is not None:
+            run.scalars.test(epochs_trained, run.test_name, test_stats)
+    return is_best
 
 
 def _memory_record(run: Run) -> dict:
