@@ -42,10 +42,12 @@ def _run(cmd: list[str]) -> None:
 
 
 def before_and_after(output_dir: Path, key: str) -> tuple[float, float]:
-    """A held-out metric of the initial model and after the last epoch."""
+    """A held-out statistic (`loss_med`, `depth_abs_rel_avg`, ...) of the initial model and after the last
+    epoch (log.txt names it `<test set>_<key>`)."""
     initial = json.loads((output_dir / "initial_eval.json").read_text())[key]
-    records = read_epoch_records(output_dir)
-    return initial, [r[f"test_{key}"] for r in records if f"test_{key}" in r][-1]
+    last = [v for r in read_epoch_records(output_dir) for k, v in r.items()
+            if k.endswith(f"_{key}") and not k.startswith("train_")][-1]
+    return initial, last
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,11 +75,11 @@ def main(argv: list[str] | None = None) -> int:
           f"machine.opv2v_depth_root={args.data / 'opv2v_depth'}", "dataset.resolution_test=[112,84]",
           f"output_dir={evaluation}"])
     log = args.out / "log.txt"
-    loss0, loss1 = before_and_after(args.out, "loss")
-    rel0, rel1 = before_and_after(args.out, "depth_abs_rel")
+    loss0, loss1 = before_and_after(args.out, "loss_med")
+    rel0, rel1 = before_and_after(args.out, "depth_abs_rel_avg")
     print(f"\n[demo] done in {time.perf_counter() - started:.0f}s")
-    print(f"[demo] held-out loss        before training {loss0:.4f} -> after {loss1:.4f}")
-    print(f"[demo] held-out depth AbsRel before training {rel0:.4f} -> after {rel1:.4f}")
+    print(f"[demo] held-out loss (median) before training {loss0:.4f} -> after {loss1:.4f}")
+    print(f"[demo] held-out depth AbsRel  before training {rel0:.4f} -> after {rel1:.4f}")
     print(f"[demo] data:        {args.data}")
     print(f"[demo] checkpoints: {args.out}/checkpoint-{{best,last,final}}.pth")
     print(f"[demo] logs:        {log}, {args.out / 'console.log'}, {args.out / 'tensorboard'}")

@@ -253,3 +253,15 @@ def test_a_training_epoch_has_the_configured_size(synthetic_root, tmp_path):
     refused = run_training(tiny_overrides(synthetic_root, tmp_path / "refused", "dataset.train_epoch_size=14",
                                           "train_params.batching=by_view_count"))
     assert refused.returncode != 0 and "train_epoch_size needs train_params.batching=mapanything" in refused.stderr
+
+
+def test_the_demo_reads_the_held_out_statistics_by_their_mapanything_names(tmp_path):
+    from mapanything_ext.demo import before_and_after
+    from mapanything_ext.run_log import append_epoch_record
+
+    (tmp_path / "initial_eval.json").write_text(json.dumps({"loss_med": 3.0, "depth_abs_rel_avg": 0.9}))
+    for epoch, value in ((1, 2.0), (2, 1.5)):
+        append_epoch_record(tmp_path / "log.txt", {"epoch": epoch, "train_loss_med": 9.0,
+                                                   "OPV2VDataset_loss_med": value, "OPV2VDataset_depth_abs_rel_avg": 0.5})
+    assert before_and_after(tmp_path, "loss_med") == (3.0, 1.5)
+    assert before_and_after(tmp_path, "depth_abs_rel_avg") == (0.9, 0.5)
