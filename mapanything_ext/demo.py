@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from mapanything_ext.config import REPO_ROOT
-from mapanything_ext.run_log import read_epoch_records
+from mapanything_ext.run_log import read_epoch_records, test_statistic
 
 # Small images and a short, brisk schedule so the demo finishes in minutes on 2 CPU cores.
 DEMO_TRAIN_OVERRIDES = [
@@ -45,9 +45,8 @@ def before_and_after(output_dir: Path, key: str) -> tuple[float, float]:
     """A held-out statistic (`loss_med`, `depth_abs_rel_avg`, ...) of the initial model and after the last
     epoch (log.txt names it `<test set>_<key>`)."""
     initial = json.loads((output_dir / "initial_eval.json").read_text())[key]
-    last = [v for r in read_epoch_records(output_dir) for k, v in r.items()
-            if k.endswith(f"_{key}") and not k.startswith("train_")][-1]
-    return initial, last
+    values = [test_statistic(record, key) for record in read_epoch_records(output_dir)]
+    return initial, [value for value in values if value is not None][-1]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -118,13 +118,19 @@ class Scalars:
             self._writer.close()
 
 
+def test_statistic(record: dict, stat: str) -> float | None:
+    """`<test set>_<stat>` of a log.txt record (ours or MapAnything's), or None. Loss terms end the same
+    way (`<test set>_depth_loss_med` beside `<test set>_loss_med`): the shortest such key is the
+    statistic itself."""
+    keys = [key for key in record if key.endswith(f"_{stat}") and not key.startswith("train_")]
+    return record[min(keys, key=len)] if keys else None
+
+
 def test_loss_of(record: dict) -> float | None:
     """The test loss checkpoint-best follows (`<test set>_loss_med`) in a log.txt record, if any;
     `test_loss` in records written before the MapAnything recipe."""
-    for key, value in record.items():
-        if key.endswith("_loss_med") and not key.startswith("train_"):
-            return value
-    return record.get("test_loss")
+    value = test_statistic(record, "loss_med")
+    return value if value is not None else record.get("test_loss")
 
 
 def report_failure(output_dir: Path, rank: int, world_size: int, err: BaseException) -> None:

@@ -257,11 +257,13 @@ def test_a_training_epoch_has_the_configured_size(synthetic_root, tmp_path):
 
 def test_the_demo_reads_the_held_out_statistics_by_their_mapanything_names(tmp_path):
     from mapanything_ext.demo import before_and_after
-    from mapanything_ext.run_log import append_epoch_record
+    from mapanything_ext.run_log import append_epoch_record, test_loss_of
 
     (tmp_path / "initial_eval.json").write_text(json.dumps({"loss_med": 3.0, "depth_abs_rel_avg": 0.9}))
     for epoch, value in ((1, 2.0), (2, 1.5)):
-        append_epoch_record(tmp_path / "log.txt", {"epoch": epoch, "train_loss_med": 9.0,
-                                                   "OPV2VDataset_loss_med": value, "OPV2VDataset_depth_abs_rel_avg": 0.5})
-    assert before_and_after(tmp_path, "loss_med") == (3.0, 1.5)
+        append_epoch_record(tmp_path / "log.txt", {"epoch": epoch, "train_loss_med": 9.0, "OPV2VDataset_loss_med": value,
+                                                   "OPV2VDataset_depth_loss_med": 7.0, "OPV2VDataset_depth_abs_rel_avg": 0.5})
+    assert before_and_after(tmp_path, "loss_med") == (3.0, 1.5)  # not the depth term's median
+    assert test_loss_of({"OPV2VDataset_depth_loss_med": 7.0, "OPV2VDataset_loss_med": 1.5}) == 1.5
+    assert test_loss_of({"test_loss": 2.0}) == 2.0  # a log.txt of ours from before the recipe
     assert before_and_after(tmp_path, "depth_abs_rel_avg") == (0.9, 0.5)
