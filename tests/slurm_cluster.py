@@ -58,9 +58,19 @@ def client_command(env: dict, args: list[str]) -> list[str]:
     return ["nsenter", f"--net=/var/run/netns/{env['SLURM_NETNS']}", *args]
 
 
+# A busy controller answers a client with these now and then; the client is then simply asked again.
+TRANSIENT = ("timed out", "Unable to contact slurm controller", "Connection refused")
+
+
 def slurm(env: dict, *args: str) -> str:
-    return subprocess.run(client_command(env, list(args)), env=env, capture_output=True, text=True,
-                          timeout=60).stdout.strip()
+    """stdout of a Slurm client command, asked again (up to 5 times) while the controller is briefly unreachable:
+    an empty answer must mean "no such job", never "the controller was busy"."""
+    for _ in range(5):
+        out = subprocess.run(client_command(env, list(args)), env=env, capture_output=True, text=True, timeout=60)
+        if out.returncode == 0 or not any(text in out.stderr for text in TRANSIENT):
+            return out.stdout.strip()
+        time.sleep(1)
+    raise RuntimeError(f"Slurm controller unreachable for {' '.join(args)}: {out.stderr.strip()}")
 
 
 def node_names(env: dict) -> list[str]:

@@ -83,7 +83,7 @@ class OneView(BaseMultiViewDataset):
     def __len__(self):
         return 1
 
-    def load_raw_views(self, index, rng):
+    def load_raw_views(self, index, rng, num_views=None):
         return [self.raw]
 
 
@@ -111,7 +111,7 @@ def test_views_match_the_plain_formulas(resolution):
 def test_views_of_the_synthetic_dataset_match_the_plain_formulas(synthetic_root):
     ds = OPV2VCoopDataset(synthetic_root / "opv2v", synthetic_root / "opv2v_depth", "train", (98, 84), seed=0,
                           num_views=12, min_num_views=4)
-    raws = ds.load_raw_views(0, ds.sample_rng(0))
+    raws = ds.load_raw_views(0, ds.sample_rng(0), None)
     for view, raw in zip(ds[0], raws):
         assert_view_matches(view, plain_view(raw, (98, 84)))
 
@@ -178,7 +178,7 @@ def test_pillow_can_be_forced():
 class AllCamerasCoop(OPV2VCoopDataset):
     """The cooperative view choice as it was: every camera of a vehicle read, the subset taken afterwards."""
 
-    def load_raw_views(self, index, rng):
+    def load_raw_views(self, index, rng, num_views=None):
         scenario, frame, present = self.samples[index]
         main = self._choose_main_agent(present, rng)
         main_views, main_meta = self.index.raw_views(scenario, main, frame)

@@ -133,7 +133,8 @@ def test_mapanything_batching_shuffles_by_epoch_plus_777_and_drops_the_tail():
     sampler.set_epoch(3)
     order = np.arange(23)
     np.random.default_rng(seed=3 + 777).shuffle(order)
-    assert list(sampler) == [order[i:i + 2].tolist() for i in range(0, 22, 2)]  # 11 whole batches
+    # 11 whole batches; items (index, resolution index, view count: None, the dataset's fixed one)
+    assert list(sampler) == [[(int(j), 0, None) for j in order[i:i + 2]] for i in range(0, 22, 2)]
     two = [DynamicBatchSampler(23, lambda i: 4, 8, rank=r, world_size=2, batch_size=2) for r in (0, 1)]
     for s in two:
         s.set_epoch(3)
@@ -233,7 +234,7 @@ def test_an_epoch_of_n_samples_is_mapanythings_n_at_dataset():
         def set_epoch(self, epoch):
             self.epoch = epoch
 
-        def get(self, index, repetition=0):
+        def get(self, index, repetition=0, resolution_index=0, num_views=None):
             return (index, repetition, self.epoch)
 
     epoch = EpochOfSize(Drawn(), 12)

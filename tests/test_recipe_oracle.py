@@ -50,6 +50,9 @@ CASES = {  # name: (dataset overrides, image budget, accum_iter, train_params pr
     "stage1_accum2_lower_encoder_lr": (["dataset=opv2v_ft"], 4, 2, "lower_encoder_lr"),
     "stage3_mix_freeze_encoder": (["dataset=opv2v_coop_ft"], 10, 1, "freeze_encoder"),
     "stage3_mix_accum2": (["dataset=opv2v_coop_ft"], 10, 2, None),
+    # MapAnything's data options all on: a view count and a resolution drawn per batch (+ transform, aug_crop)
+    "stage3_drawn_views_and_ratios": (["dataset=opv2v_coop_ft", "dataset.train.variable_num_views=true",
+                                       "dataset.resolution_train=[[56,42],[42,56]]"], 4, 1, None),
 }
 
 
@@ -90,8 +93,20 @@ def scalars(folder) -> dict[str, dict[int, float]]:
     return {tag: {e.step: e.value for e in events.Scalars(tag)} for tag in events.Tags()["scalars"]}
 
 
-class _ByFirstIndex(torch.utils.data.Dataset):
-    """Our dataset behind MapAnything's sampler, whose indices are (sample, aspect ratio) tuples."""
+def their_sampler(samplers, dataset, budget, views, resolutions, counts, world=1, rank=0):
+    """MapAnything's training sampler as its EasyDataset.make_sampler builds it for such a dataset."""
+    if counts:
+        pools, scaling, sizes = [resolutions, len(counts)], 1, {i: max(1, budget // n) for i, n in enumerate(counts)}
+    else:
+        pools, scaling, sizes = [resolutions], 0, {0: max(1, budget // views)}
+    return samplers.DynamicBatchedMultiFeatureRandomSampler(
+        dataset, pool_sizes=pools, scaling_feature_idx=scaling, feature_to_batch_size_map=sizes, world_size=world,
+        rank=rank)
+
+
+class _BehindTheirSampler(torch.utils.data.Dataset):
+    """Our dataset behind MapAnything's sampler, whose items are (sample, aspect ratio[, view count
+    index]) tuples; its loop's set_epoch reaches our dataset (new augmentation every epoch)."""
 
     def __init__(self, dataset):
         self.dataset = dataset
@@ -99,8 +114,12 @@ class _ByFirstIndex(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.dataset)
 
-    def __getitem__(self, index):
-        return self.dataset[int(index[0])]
+    def set_epoch(self, epoch):
+        self.dataset.set_epoch(epoch)
+
+    def __getitem__(self, item):
+        counts = self.dataset.view_counts
+        return self.dataset[(int(item[0]), int(item[1]), counts[int(item[2])] if counts else None)]
 
 
 class BesideTheReference(torch.nn.Module):
@@ -138,10 +157,9 @@ class TheirLoop:
         criterion = mapanything_adapter._criterion(cfg.loss.train_criterion, losses)
         self.test_criterion = mapanything_adapter._criterion(cfg.loss.test_criterion, losses)
         dataset = build_dataset(cfg.dataset.train_dataset)  # complete views: its loop moves tensors only
-        batch = max(1, tp.max_num_of_imgs_per_gpu // int(cfg.dataset.num_views))
-        sampler = samplers.DynamicBatchedMultiFeatureRandomSampler(dataset, pool_sizes=[1], scaling_feature_idx=0,
-                                                                   feature_to_batch_size_map={0: batch})
-        self.loader = torch.utils.data.DataLoader(_ByFirstIndex(dataset), batch_sampler=sampler, num_workers=0)
+        sampler = their_sampler(samplers, dataset, tp.max_num_of_imgs_per_gpu, int(cfg.dataset.num_views),
+                                len(dataset.resolutions), dataset.view_counts)
+        self.loader = torch.utils.data.DataLoader(_BehindTheirSampler(dataset), batch_sampler=sampler, num_workers=0)
         groups, self.name_to_idx, self.idx_to_name = self.tools.get_parameter_groups(
             self.model, tp.lr, tp.weight_decay, submodule_configs=tp.submodule_configs)
         self.optimizer = torch.optim.AdamW(groups, lr=tp.lr, betas=(0.9, 0.95))
@@ -295,18 +313,25 @@ def json_lines(path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-@pytest.mark.parametrize("samples,batch,world", [(9, 1, 1), (23, 2, 1), (23, 2, 2), (50, 3, 4), (101, 12, 3)])
-def test_our_sampler_deals_mapanythings_batches(samples, batch, world):
-    """Batch sizes, order and the share of every rank, epoch by epoch, against its own sampler."""
+@pytest.mark.parametrize("samples,budget,views,resolutions,variable,world", [
+    (9, 4, 4, 1, False, 1), (23, 8, 4, 1, False, 1), (23, 8, 4, 1, False, 2), (50, 12, 4, 1, False, 4),
+    (101, 48, 4, 1, False, 3), (33, 8, 4, 6, False, 2), (60, 12, 10, 3, True, 1), (101, 24, 8, 10, True, 3),
+    (40, 8, 4, 1, True, 2)])
+def test_our_sampler_deals_mapanythings_batches(samples, budget, views, resolutions, variable, world):
+    """Batch sizes, order, drawn resolution and view count, and the share of every rank, epoch by epoch,
+    against its own sampler built as its EasyDataset.make_sampler builds it."""
     from mapanything_ext.datasets.batch_sampler import DynamicBatchSampler
 
     samplers = mapanything_adapter.import_mapanything("mapanything.datasets.base.batched_sampler")
+    counts = list(range(2, views + 1)) if variable else None
     for epoch in (0, 1, 5):
         for rank in range(world):
-            theirs = samplers.DynamicBatchedMultiFeatureRandomSampler(
-                range(samples), pool_sizes=[1], feature_to_batch_size_map={0: batch}, world_size=world, rank=rank)
+            theirs = their_sampler(samplers, range(samples), budget, views, resolutions, counts, world, rank)
             theirs.set_epoch(epoch)
-            ours = DynamicBatchSampler(samples, lambda i: 4, 4 * batch, rank=rank, world_size=world, batch_size=batch)
+            ours = DynamicBatchSampler(samples, lambda i: views, budget, rank=rank, world_size=world,
+                                       batch_size=max(1, budget // views), num_resolutions=resolutions,
+                                       view_counts=counts)
             ours.set_epoch(epoch)
-            their_batches = [[int(index[0]) for index in b] for b in theirs]
+            their_batches = [[(int(item[0]), int(item[1]), counts[int(item[2])] if counts else None) for item in b]
+                             for b in theirs]
             assert list(ours) == their_batches and len(ours) == len(theirs), (epoch, rank)

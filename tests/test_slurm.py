@@ -256,6 +256,14 @@ def test_job_with_fewer_ranks_than_the_profile_stops_with_a_clear_message(synthe
     assert "Submitted job triggered an exception" in logs
 
 
+def stage_logs(experiments, ids) -> str:
+    """The end of every stage's console and Slurm logs, for a failure message."""
+    parts = []
+    for log in sorted(experiments.glob("*/console.log")) + sorted(experiments.glob("*/.submitit/*/*.err")):
+        parts.append(f"--- {log}\n{log.read_text(errors='replace')[-1500:]}")
+    return "\n".join(parts) or f"no logs under {experiments} for jobs {ids}"
+
+
 def test_pipeline_chains_three_stages_with_afterok_across_two_nodes(synthetic_root, tmp_path, slurm_env):
     experiments = tmp_path / "experiments"
     # one rank on each node: the cooperative test split holds 3 samples, fewer than 4 ranks need
@@ -271,10 +279,9 @@ def test_pipeline_chains_three_stages_with_afterok_across_two_nodes(synthetic_ro
     assert f"Dependency=afterok:{ids[0]}" in slurm(slurm_env, "scontrol", "show", "job", ids[1])
     assert "--kill-on-bad-exit=1" in (experiments / "opv2v_ft_stage1" / ".submitit" / ids[0] /
                                       f"{ids[0]}_submission.sh").read_text()
-    deadline = time.time() + 400
-    while any(job_state(slurm_env, i)[0] for i in ids):
-        assert time.time() < deadline, "pipeline did not finish"
-        time.sleep(1)
+    # accounting, not the queue: a job absent from squeue for a moment has not necessarily ended
+    states = {job_id: sacct_states(slurm_env, job_id, timeout=400) for job_id in ids}
+    assert all(s[-1:] == ["COMPLETED"] for s in states.values()), (states, stage_logs(experiments, ids))
     for stage, folder, previous in (("stage2", "opv2v_coop_stage2_full", "opv2v_ft_stage1"),
                                     ("stage3", "opv2v_coop_stage3_varviews", "opv2v_coop_stage2_full")):
         console = (experiments / folder / "console.log").read_text()

@@ -123,3 +123,23 @@ def test_tensorboard_after_a_replayed_epoch_has_each_step_once(synthetic_root, t
     assert steps == sorted(set(steps)) == [step for step, _ in first_pass]  # each step once, none lost
     epochs = [step for step, _ in tensorboard_steps(out, "OPV2VDataset_loss_med")]
     assert epochs == [1000, 2000]  # the finished epoch's statistics survive the resume's purge
+
+
+def test_batches_of_drawn_view_counts_and_aspect_ratios_resume_mid_epoch_bitwise(synthetic_root, tmp_path):
+    """MapAnything's data options all on (a view count and a resolution drawn per batch, colour
+    transform, crop zoom): a run stopped mid-epoch and resumed ends as the uninterrupted run."""
+    drawn = ("dataset.train.variable_num_views=true", "dataset.resolution_train=[[56,42],[42,56],[56,28]]",
+             "dataset.train_epoch_size=24", "train_params.max_num_of_imgs_per_gpu=8")
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    assert run(synthetic_root, straight, tmp_path, 1, None, *drawn) == [0]
+    assert run(synthetic_root, stopped, tmp_path, 1, "SIGUSR2@train_step", *drawn) == [3]
+    state = torch.load(stopped / "checkpoint-last.pth", weights_only=True)["resume"]
+    assert state["epoch"] == 0 and 0 < state["consumed"] < 6  # 24 // 4 batches: mid-epoch
+    assert run(synthetic_root, stopped, tmp_path, 1, None, *drawn) == [0]
+    a = torch.load(straight / "checkpoint-final.pth", weights_only=True)["model"]
+    b = torch.load(stopped / "checkpoint-final.pth", weights_only=True)["model"]
+    assert all(torch.equal(a[key], b[key]) for key in a)
+    assert records(stopped)[0]["train_loss"] == records(straight)[0]["train_loss"]
+    assert ("a view count n drawn per batch in 2..4, max(1, 8 // n) samples per batch, one of 3 resolutions drawn "
+            "per batch (MapAnything's batching), 6 steps per epoch") in (straight / "console.log").read_text()
+

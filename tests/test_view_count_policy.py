@@ -20,7 +20,7 @@ class Counted(BaseMultiViewDataset):
     def sample_name(self, index):
         return f"sample-{index}"
 
-    def load_raw_views(self, index, rng):
+    def load_raw_views(self, index, rng, num_views=None):
         view = RawView(Image.new("RGB", (28, 14)), np.full((14, 28), 5.0, np.float32),
                        np.array([[10.0, 0, 14], [0, 10.0, 7], [0, 0, 1]]), np.eye(4), "l", f"{index}", True)
         return [view] * self.counts[index]

@@ -28,12 +28,23 @@ def folder_name(job_num: int, swept: dict[str, str]) -> str:
     return name[:MAX_NAME]
 
 
+def _swept_keys(typed: list[str]) -> set[str]:
+    """Keys whose typed value is a sweep (a comma list, range(...), choice(...)): the values that name a
+    job's folder. (A job's other overrides may read differently from the typed ones, `false` as `False`.)"""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    return {o.get_key_element().lstrip("+~") for o in OverridesParser.create().parse_overrides(typed)
+            if o.is_sweep_override()}
+
+
 def run_folder_overrides(config, job_overrides: list, initial_job_idx: int) -> list[list[str]]:
     """Each job's overrides plus its own output_dir (unchanged for a multirun of one job)."""
     job_overrides = [list(o) for o in job_overrides]
     if len(job_overrides) <= 1 and initial_job_idx == 0:
         return job_overrides
-    given = _pairs(config.hydra.overrides.task)  # as typed, with the sweep's comma lists
+    typed = list(config.hydra.overrides.task)  # as typed, with the sweep's comma lists
+    given = _pairs(typed)
+    varied = _swept_keys(typed)
     base = Path(str(config.output_dir))
     out = []
     for index, overrides in enumerate(job_overrides):
@@ -41,7 +52,7 @@ def run_folder_overrides(config, job_overrides: list, initial_job_idx: int) -> l
         if pairs.get("output_dir", given.get("output_dir")) != given.get("output_dir"):
             out.append(overrides)  # the sweep names the folders itself
             continue
-        swept = {key: value for key, value in pairs.items() if given.get(key) != value}
+        swept = {key: value for key, value in pairs.items() if key.lstrip("+~") in varied}
         name = folder_name(initial_job_idx + index, swept)
         out.append([*overrides, f"output_dir='{base / name}'", "hydra.sweep.subdir=."])
     return out

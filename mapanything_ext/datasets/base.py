@@ -1,10 +1,20 @@
-"""What every multi-view dataset shares: view-count policy, resize/crop, the view dict.
+"""What every multi-view dataset shares: view-count policy, resize/crop, augmentation, the view dict.
 
 A subclass lists its samples and returns, for a sample, a list of RawView (image,
 z-depth, intrinsics, cam2world in the sample's right-handed frame, bookkeeping). This
 class turns them into MapAnything's ground-truth contract (shared/specs/mapanything.md):
-resized and centre-cropped to `resolution` with intrinsics updated, points, rays and
-masks derived from depth + intrinsics + pose, image normalised for the encoder.
+resized and centre-cropped to the resolution with intrinsics updated (aug_crop: a random
+zoom), colours augmented (transform), points, rays and masks derived from depth +
+intrinsics + pose, image normalised for the encoder (datasets/augment.py says how).
+
+What to load (MapAnything's dataset options; the training sampler draws them per batch)
+  resolution          [width, height], or a list of them: MapAnything's aspect ratios. An
+                      item (index, resolution_index, num_views) picks one; a plain index
+                      takes the first.
+  variable_num_views  True: each training batch asks for a view count drawn in 2..num_views
+                      (`view_counts`); a sample gives exactly that many views, a sample with
+                      fewer repeating some of its own (seeded, counted), as MapAnything's
+                      datasets do for scenes short of views.
 
 View-count policy
   allow_variable_view_count=False  a sample must have exactly num_views views; anything
@@ -28,12 +38,14 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from mapanything_ext.datasets.augment import apply_transform, check_transform, crop_margin
 from mapanything_ext.datasets.device_geometry import GEOMETRY_KEY, pack_cameras
 from mapanything_ext.datasets.image_norm import normalise_image
 from mapanything_ext.geometry.projection import pixel_rays, resize_crop_intrinsics
 from mapanything_ext.geometry.rotations import matrix_to_quaternion
 
 _MAX_REPLACEMENTS = 10
+_AUGMENT_STREAM = 1  # the last word of the augmentation generator's seed (datasets/augment.py)
 
 
 class ViewCountError(ValueError):
@@ -59,17 +71,22 @@ class BaseMultiViewDataset(Dataset):
 
     def __init__(self, num_views: int, resolution=(518, 392), seed: int | None = None,
                  allow_variable_view_count: bool = False, min_num_views_allowed: int | None = None,
-                 max_depth_m: float = 250.0):
-        width, height = (int(v) for v in resolution)
-        if width % 14 or height % 14:
-            raise ValueError(f"resolution {width}x{height}: both sides must be multiples of 14 (the patch size)")
+                 max_depth_m: float = 250.0, variable_num_views: bool = False, transform: str = "imgnorm",
+                 aug_crop: int = 0):
         self.num_views = int(num_views)
-        self.resolution = (width, height)
+        self.resolutions = parse_resolutions(resolution)
+        # MapAnything's variable_num_views: the counts a training batch may ask for (None: num_views always)
+        self.view_counts = list(range(2, self.num_views + 1)) if variable_num_views and self.num_views > 2 else None
+        self.transform = check_transform(transform)
+        self.aug_crop = int(aug_crop)
+        if self.aug_crop < 0:
+            raise ValueError(f"aug_crop={aug_crop}: it must be 0 (off) or a positive number of pixels")
         self.seed = 0 if seed is None else int(seed)
         self.allow_variable_view_count = bool(allow_variable_view_count)
         self.min_num_views_allowed = int(min_num_views_allowed or (1 if allow_variable_view_count else num_views))
         self.max_depth_m = float(max_depth_m)
         self.replaced_samples = 0
+        self.filled_samples = 0  # samples short of a requested view count, topped up with repeated views
         self.epoch = 0  # the training set's random choices change with it (set_epoch); a test set stays at 0
 
     # -- subclass interface -------------------------------------------------------------
@@ -79,7 +96,9 @@ class BaseMultiViewDataset(Dataset):
     def sample_name(self, index: int) -> str:
         raise NotImplementedError
 
-    def load_raw_views(self, index: int, rng: np.random.Generator) -> list[RawView]:
+    def load_raw_views(self, index: int, rng: np.random.Generator, num_views: int | None) -> list[RawView]:
+        """The raw views of sample `index`: `num_views` of them where it has that many (None: as the
+        dataset's view-count policy says)."""
         raise NotImplementedError
 
     # -- shared -------------------------------------------------------------------------
@@ -95,23 +114,48 @@ class BaseMultiViewDataset(Dataset):
             return np.random.default_rng([self.seed, index])
         return np.random.default_rng([self.seed, index, self.epoch, repetition])
 
-    def __getitem__(self, index):
-        return self.get(int(index[0] if isinstance(index, (tuple, list)) else index))
+    def augment_rng(self, index: int, repetition: int = 0) -> np.random.Generator:
+        """The generator of a sample's crops, colours and repeated views: a stream apart from its view
+        choice, so turning augmentation on or off changes no view choice."""
+        return np.random.default_rng([self.seed, index, self.epoch, repetition, _AUGMENT_STREAM])
 
-    def get(self, index: int, repetition: int = 0) -> list[dict]:
-        """The views of sample `index`, drawn for its `repetition`-th appearance in the epoch."""
+    def __getitem__(self, item):
+        return self.get(*parse_item(item))
+
+    def get(self, index: int, repetition: int = 0, resolution_index: int = 0,
+            num_views: int | None = None) -> list[dict]:
+        """The views of sample `index`, drawn for its `repetition`-th appearance in the epoch, at
+        resolution `resolution_index`, `num_views` of them (None: the view-count policy's)."""
+        resolution = self.resolutions[resolution_index]
         for attempt in range(_MAX_REPLACEMENTS + 1):
             candidate = (index + attempt) % len(self)
-            raw = self.load_raw_views(candidate, self.sample_rng(candidate, repetition))
-            if self._count_ok(len(raw), candidate):
-                return [self._finalize(view, candidate, i) for i, view in enumerate(raw)]
+            raw = self.load_raw_views(candidate, self.sample_rng(candidate, repetition), num_views)
+            if self._count_ok(len(raw), candidate, num_views):
+                rng = self.augment_rng(candidate, repetition)
+                raw = self._fill_to(raw, num_views, rng)
+                return [self._finalize(view, candidate, i, resolution, rng) for i, view in enumerate(raw)]
             self.replaced_samples += 1
             print(f"[dataset] {self.sample_name(candidate)} has {len(raw)} views, below "
                   f"min_num_views_allowed={self.min_num_views_allowed}: replaced by the next sample "
                   f"({self.replaced_samples} replaced so far in this process)", flush=True)
         raise ViewCountError(f"{_MAX_REPLACEMENTS + 1} consecutive samples from index {index} are short of views")
 
-    def _count_ok(self, count: int, index: int) -> bool:
+    def _fill_to(self, raw: list[RawView], num_views: int | None, rng: np.random.Generator) -> list[RawView]:
+        """`num_views` views: a sample with fewer repeats some of its own (MapAnything repeats views of a
+        scene short of them), so that a batch of it and of fuller samples still stacks."""
+        if num_views is None or len(raw) >= num_views:
+            return raw
+        self.filled_samples += 1
+        if self.filled_samples in (1, 10, 100, 1000):
+            print(f"[dataset] a sample had {len(raw)} of the {num_views} views its batch asks for: some of its views "
+                  f"repeat ({self.filled_samples} such samples so far in this process)", flush=True)
+        return raw + [raw[int(i)] for i in rng.integers(len(raw), size=num_views - len(raw))]
+
+    def _count_ok(self, count: int, index: int, requested: int | None = None) -> bool:
+        if requested is not None:  # the batch's view count; a short sample is filled up (_fill_to)
+            if count > requested:
+                raise ViewCountError(f"{self.sample_name(index)} gave {count} views for a batch of {requested}")
+            return count >= min(self.min_num_views_allowed, requested)
         if not self.allow_variable_view_count:
             if count != self.num_views:
                 raise ViewCountError(
@@ -123,12 +167,14 @@ class BaseMultiViewDataset(Dataset):
             raise ViewCountError(f"{self.sample_name(index)} has {count} views, more than num_views={self.num_views}")
         return count >= self.min_num_views_allowed
 
-    def _finalize(self, raw: RawView, index: int, view_index: int) -> dict:
+    def _finalize(self, raw: RawView, index: int, view_index: int, resolution: tuple[int, int],
+                  rng: np.random.Generator) -> dict:
         # The numbers of the plain float64 formulas (geometry.depth_to_points, pixel_rays, a norm;
         # tests/test_dataset_fast_path.py compares with a copy of them), computed faster: rays
         # cached per intrinsics, the image normalised through a 256-entry table, the rigid
         # transform written out per axis instead of a (H*W, 3) @ (3, 3) matmul.
-        image, depth, intrinsics = self._resize_crop(raw)
+        image, depth, intrinsics = self._resize_crop(raw, resolution, crop_margin(self.aug_crop, rng))
+        image = apply_transform(self.transform, image, rng)
         valid = np.isfinite(depth) & (depth > 0) & (depth <= self.max_depth_m)
         invalid = ~valid
         depth[invalid] = 0.0  # a fresh array from _resize_crop
@@ -177,15 +223,16 @@ class BaseMultiViewDataset(Dataset):
             "idx": (index, view_index),
         }
 
-    def _resize_crop(self, raw: RawView):
-        """Scale so the target is covered, then centre-crop; depth uses nearest neighbour.
+    def _resize_crop(self, raw: RawView, resolution: tuple[int, int], margin: int = 0):
+        """Scale so the target plus `margin` pixels on each side is covered, then centre-crop to the
+        target; depth uses nearest neighbour.
 
         Image: Pillow's LANCZOS resize, then the crop. Depth: the pixels Pillow's NEAREST resize
         + crop would pick (their indices come from Pillow itself, cached per geometry), gathered
         in one pass: float32 values copied, never interpolated. Returns a fresh float32 depth."""
-        width, height = self.resolution
+        width, height = resolution
         w0, h0 = raw.image.size
-        scale = max(width / w0, height / h0)
+        scale = max((width + margin) / w0, (height + margin) / h0)
         new_w, new_h = max(width, round(w0 * scale)), max(height, round(h0 * scale))
         crop_x, crop_y = (new_w - width) // 2, (new_h - height) // 2
         box = (crop_x, crop_y, crop_x + width, crop_y + height)
@@ -195,6 +242,33 @@ class BaseMultiViewDataset(Dataset):
                         _nearest_source_index(depth_w, depth_h, new_w, new_h, box))
         intrinsics = resize_crop_intrinsics(raw.intrinsics, new_w / w0, new_h / h0, crop_x, crop_y)
         return image, depth, intrinsics
+
+
+def parse_resolutions(resolution) -> list[tuple[int, int]]:
+    """[width, height] or a list of them (MapAnything's aspect ratios) -> [(width, height), ...]."""
+    pairs = [resolution] if len(resolution) == 2 and all(isinstance(v, (int, float)) for v in resolution) \
+        else list(resolution)
+    if not pairs:
+        raise ValueError("resolution: give [width, height] or a list of [width, height] pairs")
+    out = []
+    for pair in pairs:
+        if len(pair) != 2:
+            raise ValueError(f"resolution {pair!r}: expected [width, height]")
+        width, height = (int(v) for v in pair)
+        if width % 14 or height % 14 or width <= 0 or height <= 0:
+            raise ValueError(f"resolution {width}x{height}: both sides must be positive multiples of 14 (the patch "
+                             f"size)")
+        out.append((width, height))
+    return out
+
+
+def parse_item(item) -> tuple[int, int, int, int | None]:
+    """(index, repetition, resolution_index, num_views) of a loader item: a plain index, or a training
+    sampler's (index, resolution_index, num_views) with num_views None for the policy's count."""
+    if isinstance(item, (tuple, list)):
+        index, resolution_index, num_views = (list(item) + [0, None])[:3]
+        return int(index), 0, int(resolution_index), None if num_views is None else int(num_views)
+    return int(item), 0, 0, None
 
 
 def _rigid_transform_f32(points: np.ndarray, pose: np.ndarray) -> np.ndarray:

@@ -2,13 +2,17 @@
 
 Two ways to cut an epoch into batches (`train_params.batching`):
 
-  mapanything    MapAnything's training sampler (`DynamicBatchedMultiFeatureRandomSampler` with a
-                 fixed view count): the samples are shuffled by a generator seeded with
-                 epoch + 777 (not train_params.seed), and cut into batches of
-                 max(1, max_num_of_imgs_per_gpu // num_views) samples, num_views being the
-                 dataset's configured count whatever a sample really has (a sample over the image
-                 budget is accepted); the last partial batch is dropped, and an epoch has
-                 (num_samples // batch) // world_size steps per rank. Default: a stage sees the
+  mapanything    MapAnything's training sampler (`DynamicBatchedMultiFeatureRandomSampler`): the
+                 samples are shuffled by a generator seeded with epoch + 777 (not
+                 train_params.seed); then, batch after batch, the same generator draws the batch's
+                 resolution index (of the dataset's `resolutions`) and, with variable_num_views,
+                 its view count n (of `view_counts`, 2..num_views), and the batch takes the next
+                 max(1, max_num_of_imgs_per_gpu // n) samples, n being the configured num_views
+                 when fixed, whatever a sample really has (a sample over the image budget is
+                 accepted; with a fixed count, a batch of any resolution but the first takes one
+                 sample, as in MapAnything's sampler). A batch that would run past the end is dropped, and an epoch has
+                 (num_samples // largest batch) batches, (that // world_size) steps per rank.
+                 Its items are (index, resolution_index, n or None). Default: a stage sees the
                  batches and the number of steps of MapAnything's loop.
   by_view_count  ours: samples bucketed by their actual view count, each bucket shuffled and cut
                  into batches of max_num_of_imgs_per_gpu // views samples (no step over the budget,
@@ -64,9 +68,12 @@ class DynamicBatchSampler(Sampler[list[int]]):
         max_steps: int | None = None,
         lockstep: bool = True,
         batch_size: int | None = None,
+        num_resolutions: int = 1,
+        view_counts: list[int] | None = None,
     ):
         """batch_size: MapAnything's batching with that many samples per batch; None: by view count
-        under the image budget."""
+        under the image budget. num_resolutions, view_counts: what MapAnything's training batches draw
+        (the dataset's resolutions and variable_num_views counts); lockstep (training) only."""
         if num_samples <= 0:
             raise ValueError("the dataset is empty: no sample to batch (check the data roots and split)")
         self.num_samples = num_samples
@@ -78,13 +85,18 @@ class DynamicBatchSampler(Sampler[list[int]]):
         self.world_size = world_size
         self.max_steps = int(max_steps) if max_steps else None
         self.lockstep = lockstep
+        self.num_resolutions = int(num_resolutions)
+        self.view_counts = [int(n) for n in view_counts] if view_counts else None
+        if (self.num_resolutions > 1 or self.view_counts) and not (self.batch_size and lockstep):
+            raise ValueError("several resolutions or variable_num_views need MapAnything's batching of a training "
+                             "set (train_params.batching=mapanything); a test set takes one resolution and num_views")
         self.epoch = 0
         self.consumed = 0  # batches of this epoch's global list used before the next pass
         self._counts = np.array([views_of(i) for i in range(num_samples)], dtype=np.int64)
         self._uniform = len(np.unique(self._counts)) == 1
         if not self.batch_size:
             self._check_budget()
-        elif lockstep:
+        elif lockstep and not self.view_counts:  # (with a drawn view count every sample gives that many)
             self._check_batches_collate()
         if lockstep and self.epoch_batches() < world_size:
             raise ValueError(
@@ -95,6 +107,19 @@ class DynamicBatchSampler(Sampler[list[int]]):
     @property
     def batching(self) -> str:
         return "mapanything" if self.batch_size else "by_view_count"
+
+    def describe(self) -> str:
+        """How this sampler cuts batches, for the start-up line."""
+        if not self.batch_size:
+            return f"batches of at most {self.max_imgs} images (by view count)"
+        if self.view_counts:
+            text = (f"a view count n drawn per batch in {self.view_counts[0]}..{self.view_counts[-1]}, "
+                    f"max(1, {self.max_imgs} // n) samples per batch")
+        else:
+            text = f"{self.batch_size} sample(s) per batch"
+        if self.num_resolutions > 1:
+            text += f", one of {self.num_resolutions} resolutions drawn per batch"
+        return text + " (MapAnything's batching)"
 
     def _describe_size(self) -> str:
         return (f"{self.batch_size} sample(s)" if self.batch_size
@@ -124,23 +149,45 @@ class DynamicBatchSampler(Sampler[list[int]]):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def _global_batches(self) -> list[list[int]]:
+    def _global_batches(self) -> list[list]:
         """This epoch's batches, in order, before they are dealt to ranks (uncut)."""
-        if self.batch_size and (self._uniform or self.batch_size == 1):
-            batches = self._fixed_size_batches()
-        else:  # (an evaluation of mixed view counts with MapAnything's batch size: stacked by count)
+        if self.batch_size and self.lockstep:
+            batches = self._mapanything_batches()
+        elif self.batch_size and (self._uniform or self.batch_size == 1):
+            batches = self._in_order_batches()
+        else:  # by view count (also an evaluation of mixed view counts with MapAnything's batch size)
             batches = self._view_count_batches()
         if self.max_steps:
             batches = batches[:self.max_steps * self.world_size]
         return batches
 
-    def _fixed_size_batches(self) -> list[list[int]]:
+    def _mapanything_batches(self) -> list[list[tuple]]:
+        """MapAnything's training batches of this epoch: items (index, resolution_index, view count or None)."""
+        rng = np.random.default_rng(seed=self.epoch + MAPANYTHING_SEED_OFFSET)
         order = np.arange(self.num_samples)
-        if self.shuffle:  # MapAnything's order: a generator seeded with epoch + 777 shuffles arange(N)
-            np.random.default_rng(seed=self.epoch + MAPANYTHING_SEED_OFFSET).shuffle(order)
+        if self.shuffle:
+            rng.shuffle(order)
+        pools = [self.num_resolutions] + ([len(self.view_counts)] if self.view_counts else [])
+        sizes = {n: mapanything_batch_size(self.max_imgs, n) for n in self.view_counts or ()}
+        limit = self.num_samples // max(sizes.values(), default=self.batch_size)  # its sampler's length
+        batches, start = [], 0
+        while len(batches) < limit:
+            drawn = [int(rng.integers(pool)) for pool in pools]
+            count = self.view_counts[drawn[1]] if self.view_counts else None
+            # MapAnything keys a fixed view count's batch size by the resolution index ({0: size}, default
+            # 1): the first resolution's batches take `batch_size` samples, the others' one. Kept, so the
+            # batches are its loop's.
+            size = sizes[count] if count else (self.batch_size if drawn[0] == 0 else 1)
+            if self.num_samples - start < size:
+                break
+            batches.append([(int(i), drawn[0], count) for i in order[start:start + size]])
+            start += size
+        return batches
+
+    def _in_order_batches(self) -> list[list[int]]:
+        """An evaluation's batches: the samples in order, the last batch possibly short."""
         size = self.batch_size
-        whole = len(order) // size if self.lockstep else -(-len(order) // size)  # training drops the tail
-        return [order[i * size:(i + 1) * size].tolist() for i in range(whole)]
+        return [list(range(start, min(start + size, self.num_samples))) for start in range(0, self.num_samples, size)]
 
     def _view_count_batches(self) -> list[list[int]]:
         rng = np.random.default_rng([self.seed, self.epoch])
@@ -180,18 +227,22 @@ class DynamicBatchSampler(Sampler[list[int]]):
         return {"epoch": self.epoch, "consumed": self.consumed if consumed is None else int(consumed),
                 "batching": self.batching, "batch_size": self.batch_size, "seed": self.seed,
                 "shuffle": self.shuffle, "world_size": self.world_size, "max_steps": self.max_steps,
-                "max_num_of_imgs_per_gpu": self.max_imgs, "num_samples": self.num_samples}
+                "max_num_of_imgs_per_gpu": self.max_imgs, "num_samples": self.num_samples,
+                "num_resolutions": self.num_resolutions, "view_counts": self.view_counts}
 
     # What a saved position means, and the setting that decides it (a change is refused).
     _MEANING = (("batching", "train_params.batching"),
                 ("batch_size", "the batch size (train_params.max_num_of_imgs_per_gpu // dataset.num_views)"),
                 ("max_num_of_imgs_per_gpu", "train_params.max_num_of_imgs_per_gpu"),
                 ("num_samples", "the training dataset's length"), ("shuffle", "shuffling"),
-                ("max_steps", "train_params.max_steps_per_epoch"))
+                ("max_steps", "train_params.max_steps_per_epoch"),
+                ("num_resolutions", "the number of training resolutions (dataset.resolution_train)"),
+                ("view_counts", "the view counts a batch may draw (dataset.variable_num_views, num_views)"))
 
     def load_state_dict(self, state: dict) -> str | None:
         """Continue at the saved position; returns a note when the world size changed, else None."""
-        state = {"batching": "by_view_count", "batch_size": None, **state}  # written before batching existed
+        # positions written before these settings existed
+        state = {"batching": "by_view_count", "batch_size": None, "num_resolutions": 1, "view_counts": None, **state}
         ours = self.state_dict()
         meanings = self._MEANING + ((("seed", "train_params.seed"),) if self.batching == "by_view_count" else ())
         for key, meaning in meanings:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from mapanything_ext.datasets.base import parse_item
 from mapanything_ext.datasets.batch_sampler import MAPANYTHING_SEED_OFFSET
 
 
@@ -31,9 +32,9 @@ class EpochOfSize:
         self._repetition = np.repeat(np.arange(repetitions), len(self.dataset))[:self.size]
         self.dataset.set_epoch(epoch)
 
-    def __getitem__(self, index):
-        index = int(index[0] if isinstance(index, (tuple, list)) else index)
-        return self.dataset.get(int(self._samples[index]), repetition=int(self._repetition[index]))
+    def __getitem__(self, item):
+        index, _, resolution_index, num_views = parse_item(item)
+        return self.dataset.get(int(self._samples[index]), int(self._repetition[index]), resolution_index, num_views)
 
     def num_views_of(self, index: int) -> int:
         views_of = getattr(self.dataset, "num_views_of", None)

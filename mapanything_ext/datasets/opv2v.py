@@ -168,8 +168,10 @@ class OPV2VDataset(BaseMultiViewDataset):
     dataset_name = "OPV2V"
 
     def __init__(self, root, depth_root, split: str = "train", resolution=(518, 392), seed: int | None = None,
-                 num_views: int = 4, max_depth_m: float = 250.0):
-        super().__init__(num_views=num_views, resolution=resolution, seed=seed, max_depth_m=max_depth_m)
+                 num_views: int = 4, max_depth_m: float = 250.0, variable_num_views: bool = False,
+                 transform: str = "imgnorm", aug_crop: int = 0):
+        super().__init__(num_views=num_views, resolution=resolution, seed=seed, max_depth_m=max_depth_m,
+                         variable_num_views=variable_num_views, transform=transform, aug_crop=aug_crop)
         if self.num_views != NUM_CAMERAS:
             raise ValueError(f"OPV2VDataset has exactly {NUM_CAMERAS} views per sample, got num_views={num_views}")
         self.index = _OPV2VIndex(root, depth_root, split)
@@ -182,8 +184,12 @@ class OPV2VDataset(BaseMultiViewDataset):
         scenario, cav, frame = self.samples[index]
         return f"{self.index.split}/{scenario}/{cav}/{frame}"
 
-    def load_raw_views(self, index: int, rng: np.random.Generator) -> list[RawView]:
-        return self.index.raw_views(*self.samples[index])[0]
+    def load_raw_views(self, index: int, rng: np.random.Generator, num_views: int | None) -> list[RawView]:
+        """All 4 cameras, or a seeded random subset of `num_views` of them (in camera order)."""
+        cameras = range(NUM_CAMERAS)
+        if num_views is not None and num_views < NUM_CAMERAS:
+            cameras = [int(k) for k in sorted(rng.choice(NUM_CAMERAS, size=num_views, replace=False))]
+        return self.index.raw_views(*self.samples[index], cameras=cameras)[0]
 
 
 class OPV2VCoopDataset(BaseMultiViewDataset):
@@ -198,7 +204,9 @@ class OPV2VCoopDataset(BaseMultiViewDataset):
     main_agent_mode    'fixed': main_agent, falling back to the lowest non-negative vehicle id
                        present when main_agent is absent from the frame; 'first': the lowest
                        id present; 'random': a seeded choice per sample among the vehicles present
-    View choice above the cap: the main vehicle's 4 cameras always stay; the other vehicles
+    variable_num_views, transform, aug_crop: MapAnything's options (datasets/base.py); a
+                       training batch's view count is drawn in 2..min(num_views, max_num_views)
+    View choice above the cap (the batch's view count where it asks for one): the main vehicle's 4 cameras always stay; the other vehicles
     are taken in a seeded random order, all 4 cameras each while room remains, and the last
     one contributes a seeded random subset of its cameras.
     Vehicles whose folders lack a frame that others have are simply absent from that
@@ -210,14 +218,18 @@ class OPV2VCoopDataset(BaseMultiViewDataset):
     def __init__(self, root, depth_root, split: str = "train", resolution=(518, 392), seed: int | None = None,
                  num_views: int = 10, min_num_views: int = 4, max_num_views: int | None = None,
                  coop_min_agents: int = 1, main_agent: str = "641", main_agent_mode: str = "fixed",
-                 max_depth_m: float = 250.0):
+                 max_depth_m: float = 250.0, variable_num_views: bool = False, transform: str = "imgnorm",
+                 aug_crop: int = 0):
         super().__init__(num_views=num_views, resolution=resolution, seed=seed, allow_variable_view_count=True,
-                         min_num_views_allowed=min_num_views, max_depth_m=max_depth_m)
+                         min_num_views_allowed=min_num_views, max_depth_m=max_depth_m,
+                         variable_num_views=variable_num_views, transform=transform, aug_crop=aug_crop)
         if main_agent_mode not in ("fixed", "first", "random"):
             raise ValueError(f"main_agent_mode must be fixed, first or random, got {main_agent_mode!r}")
         if max_num_views is not None and int(max_num_views) < int(min_num_views):
             raise ValueError(f"max_num_views={max_num_views} is below min_num_views={min_num_views}")
         self.cap = min(self.num_views, int(max_num_views) if max_num_views is not None else self.num_views)
+        if self.view_counts and self.cap > 2:  # a batch never asks for more views than the cap allows
+            self.view_counts = list(range(2, self.cap + 1))
         self.coop_min_agents = int(coop_min_agents)
         self.main_agent = str(main_agent)
         self.main_agent_mode = main_agent_mode
@@ -267,17 +279,18 @@ class OPV2VCoopDataset(BaseMultiViewDataset):
             return eligible[0]
         return eligible[int(rng.integers(len(eligible)))]
 
-    def load_raw_views(self, index: int, rng: np.random.Generator) -> list[RawView]:
+    def load_raw_views(self, index: int, rng: np.random.Generator, num_views: int | None) -> list[RawView]:
         scenario, frame, present = self.samples[index]
+        cap = self.cap if num_views is None else min(self.cap, num_views)
         main = self._choose_main_agent(present, rng)
         # Only the cameras that end up in the sample are decoded; the random draws are the same
         # (and in the same order) as when every camera was read and the subset taken afterwards.
-        main_views, main_meta = self.index.raw_views(scenario, main, frame, cameras=range(min(self.cap, NUM_CAMERAS)))
+        main_views, main_meta = self.index.raw_views(scenario, main, frame, cameras=range(min(cap, NUM_CAMERAS)))
         reference = body_frame(main_meta)
         views = list(main_views)
         others = [present[i] for i in rng.permutation(len(present)) if present[i] != main]
         for cav in others:
-            room = self.cap - len(views)
+            room = cap - len(views)
             if room <= 0:
                 break
             cameras = range(NUM_CAMERAS)
@@ -285,7 +298,7 @@ class OPV2VCoopDataset(BaseMultiViewDataset):
                 cameras = [int(i) for i in sorted(rng.choice(NUM_CAMERAS, size=room, replace=False))]
             cav_views, _ = self.index.raw_views(scenario, cav, frame, reference, cameras=cameras)
             views.extend(cav_views)
-        return views[:self.cap]
+        return views[:cap]
 
 
 def _cav_order(cav: str):

@@ -102,10 +102,9 @@ def _describe(cfg, module, optimizer, train_ds, test_ds, train_loader, info) -> 
     trained = sum(p.numel() for g in optimizer.param_groups for p in g["params"])
     frozen = f" ({n_params - trained:,} frozen by train_params.submodule_configs)" if trained < n_params else ""
     sampler = train_loader.batch_sampler
-    batches = (f"{sampler.batch_size} sample(s) per batch (MapAnything's batching)" if sampler.batch_size
-               else f"batches of at most {sampler.max_imgs} images (by view count)")
     print(f"[mapanything_ext] model {cfg.model.name}: {n_params:,} parameters{frozen}; {len(train_ds)} train / "
-          f"{len(test_ds)} test samples; {batches}, {sampler.epoch_batches() // info.world_size} steps per epoch; "
+          f"{len(test_ds)} test samples; {sampler.describe()}, {sampler.epoch_batches() // info.world_size} steps "
+          f"per epoch; "
           f"world size {info.world_size}{' (DDP)' if info.distributed else ''}")
 
 

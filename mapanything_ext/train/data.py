@@ -33,10 +33,18 @@ def batch_size_of(dataset, tp: TrainParams, train: bool) -> int | None:
 def build_loader(dataset, tp: TrainParams, train: bool, rank: int, world_size: int, num_workers: int) -> DataLoader:
     """The training loader (shuffled, ranks in lockstep, max_steps_per_epoch) or the test loader
     (in order, every batch once over all ranks, max_eval_steps)."""
+    resolutions, view_counts = len(dataset.resolutions), dataset.view_counts
+    if (resolutions > 1 or view_counts) and not (train and tp.batching == "mapanything"):
+        raise ValueError(
+            f"the {'training' if train else 'test'} set has {resolutions} resolution(s) and variable_num_views="
+            f"{bool(view_counts)}: several resolutions and a variable view count are MapAnything's training "
+            f"options and need train_params.batching=mapanything; a test set takes one resolution and "
+            f"variable_num_views false")
     sampler = DynamicBatchSampler(len(dataset), views_counter(dataset), tp.max_num_of_imgs_per_gpu, shuffle=train,
                                   seed=int(tp.seed), rank=rank, world_size=world_size, lockstep=train,
                                   max_steps=tp.max_steps_per_epoch if train else tp.max_eval_steps,
-                                  batch_size=batch_size_of(dataset, tp, train))
+                                  batch_size=batch_size_of(dataset, tp, train), num_resolutions=resolutions,
+                                  view_counts=view_counts)
     seed = int(tp.seed)
     return DataLoader(
         dataset,
