@@ -10,6 +10,8 @@ import socket
 import sys
 from pathlib import Path
 
+from mapanything_ext.console import say
+
 
 class _Tee:
     """Writes to the original stream and to console.log (line-buffered, so a kill loses little)."""
@@ -164,6 +166,5 @@ def report_previous_job(output_dir: Path) -> None:
     for log in sorted(jobs[-1].glob("*_log.*")):
         lines += [m.group(0).strip() for m in map(_SLURM_ERROR.search, log.read_text(errors="replace").splitlines()) if m]
     if lines:
-        print(f"[mapanything_ext] previous job {jobs[-1].name} of this run ended with:")
-        for line in dict.fromkeys(lines):
-            print(f"  {line}")
+        say("mapanything_ext", f"previous job {jobs[-1].name} of this run ended with:\n" +
+            "\n".join(f"  {line}" for line in dict.fromkeys(lines)))

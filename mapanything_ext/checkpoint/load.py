@@ -7,6 +7,8 @@ from pathlib import Path
 
 import torch
 
+from mapanything_ext.console import say
+
 
 class ForeignCheckpointError(RuntimeError):
     """A file that needs full unpickling was given without the trust switch."""
@@ -26,5 +28,5 @@ def load_checkpoint(path, map_location="cpu", trust_foreign: bool = False, mmap:
                 f"OmegaConf config), which can run arbitrary code. If you trust this file, set "
                 f"trust_foreign_checkpoints=true. ({str(err).splitlines()[0]})"
             ) from err
-    print(f"[checkpoint] loading {path} with full unpickling (trust_foreign_checkpoints=true)", flush=True)
+    say("checkpoint", f"loading {path} with full unpickling (trust_foreign_checkpoints=true)")
     return torch.load(path, map_location=map_location, weights_only=False)

@@ -16,13 +16,13 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import sys
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 
 from mapanything_ext.checkpoint.verify import CheckResult, verify_checkpoint
 from mapanything_ext.cluster import distributed as dist
+from mapanything_ext.console import say
 
 _NAMES = re.compile(r"^checkpoint-(last|final|best|\d+)\.pth$")
 # Among files of the same position, the one we name first (they hold the same state).
@@ -38,7 +38,7 @@ def quarantine(path: Path, reason: str, output_dir: Path, stamp: str | None = No
     shutil.move(str(path), target)  # a rename of this one name: other hard links keep the file
     record = {"file": str(path), "moved_to": str(target), "reason": reason, "utc": stamp}
     (folder / f"{path.name}.reason.json").write_text(json.dumps(record, indent=1) + "\n")
-    print(f"[checkpoint] quarantined {path.name}: {reason} -> {target}", file=sys.stderr, flush=True)
+    say("checkpoint", f"quarantined {path.name}: {reason} -> {target}", stderr=True)
     return target
 
 
@@ -92,9 +92,8 @@ def choose_resume_point(output_dir: Path, valid: dict[str, CheckResult]) -> Path
     (step, complete), _, name = max(candidates)
     passed = [f"{other} (step {key[0]}{', epoch finished' if key[1] else ''})"
               for key, _, other in sorted(candidates, reverse=True) if other != name and key != (step, complete)]
-    print(f"[checkpoint] resuming from {name}: newest valid position, global step {step}"
-          f"{', epoch finished' if complete else ''}" + (f"; older: {', '.join(passed)}" if passed else ""),
-          flush=True)
+    say("checkpoint", f"resuming from {name}: newest valid position, global step {step}"
+          f"{', epoch finished' if complete else ''}" + (f"; older: {', '.join(passed)}" if passed else ""))
     return output_dir / name
 
 
@@ -125,9 +124,9 @@ def choose_in_background(output_dir) -> Future | None:
 
 def _sweep_and_choose(output_dir: Path) -> Path | None:
     if not output_dir.is_dir():
-        print(f"[checkpoint] *** {output_dir} does not exist yet: starting from scratch ***", flush=True)
+        say("checkpoint", f"*** {output_dir} does not exist yet: starting from scratch ***")
         return None
     choice = choose_resume_point(output_dir, sweep(output_dir))
     if choice is None:
-        print(f"[checkpoint] *** no valid checkpoint in {output_dir}: starting from scratch ***", flush=True)
+        say("checkpoint", f"*** no valid checkpoint in {output_dir}: starting from scratch ***")
     return choice

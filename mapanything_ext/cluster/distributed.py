@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as tdist
 
+from mapanything_ext.console import say
 from mapanything_ext.readback import HostCopy
 
 DEFAULT_TIMEOUT_S = 7200
@@ -129,7 +130,7 @@ def init_distributed_mode(world_size_expected=None, timeout_s=None, backend=None
         torch.cuda.set_device(local_rank % torch.cuda.device_count())
     device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
     if rank == 0:
-        print(f"[distributed] rank 0 of {world_size}; collective timeout {timeout:.0f}s "
+        say("distributed", f"rank 0 of {world_size}; collective timeout {timeout:.0f}s "
               f"({'TORCH_DIST_TIMEOUT' if os.environ.get('TORCH_DIST_TIMEOUT') else 'profile/default'})")
     launched = env is not None
     if launched and not tdist.is_initialized():

@@ -25,6 +25,7 @@ import signal
 
 from mapanything_ext.cluster import distributed as dist
 from mapanything_ext.cluster.preemption import StopPoint
+from mapanything_ext.console import say
 
 PHASES = tuple(point.value for point in StopPoint)
 _fired: set[str] = set()
@@ -46,5 +47,5 @@ def at(point: StopPoint) -> None:
     signum, wanted, rank = _parse(spec)
     if phase == wanted and rank == dist.get_rank() and phase not in _fired:
         _fired.add(phase)
-        print(f"[faults] rank {rank}: sending itself {signal.Signals(signum).name} at {phase}", flush=True)
+        say("faults", f"rank {rank}: sending itself {signal.Signals(signum).name} at {phase}", every_rank=True)
         os.kill(os.getpid(), signum)

@@ -34,6 +34,7 @@ import time
 import torch
 
 from mapanything_ext.cluster import distributed as dist
+from mapanything_ext.console import say
 
 EXIT_PREEMPTED = 3
 # Order matters: when ranks saw different signals, the stronger (later) one wins. A time-limit
@@ -130,9 +131,8 @@ class PreemptionWatcher:
         signum = self.agreed
         source = "this rank" if self.received == signum else "another rank"
         waited = f", {time.time() - self.agreed_at:.2f}s after the signal" if self.agreed_at else ""
-        if dist.get_rank() == 0:
-            print(f"[preemption] {signal.Signals(signum).name} (received by {source}): {what_was_saved}"
-                  f"{waited}; leaving for requeue", flush=True)
+        say("preemption", f"{signal.Signals(signum).name} (received by {source}): {what_was_saved}{waited}; leaving "
+            f"for requeue")
         code, refused = EXIT_PREEMPTED, None
         submitit_handler = self._previous.get(signal.SIGUSR2)
         if signum == signal.SIGUSR2 and dist.get_rank() == 0 and _is_submitit_handler(submitit_handler):
@@ -145,10 +145,9 @@ class PreemptionWatcher:
         # Nobody leaves before rank 0 has handed the requeue to Slurm (or learnt it is refused).
         refused = dist.broadcast_object(refused)
         if refused:
-            if dist.get_rank() == 0:
-                print(f"[preemption] not requeued: {refused} (machine.slurm.max_num_timeout). The job runs on until "
-                      f"Slurm ends it at its time limit (TIMEOUT); the newest checkpoint holds this position: "
-                      f"resubmit the same command to continue.", flush=True)
+            say("preemption", f"not requeued: {refused} (machine.slurm.max_num_timeout). The job runs on until Slurm "
+                f"ends it at its time limit (TIMEOUT); the newest checkpoint holds this position: resubmit the same "
+                f"command to continue.")
             self.received = self.received_at = self.agreed = self.agreed_at = None
             return
         dist.cleanup()

@@ -38,6 +38,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from mapanything_ext.console import say
 from mapanything_ext.datasets.augment import apply_transform, check_transform, crop_margin
 from mapanything_ext.datasets.device_geometry import GEOMETRY_KEY, pack_cameras
 from mapanything_ext.datasets.image_norm import normalise_image
@@ -135,9 +136,9 @@ class BaseMultiViewDataset(Dataset):
                 raw = self._fill_to(raw, num_views, rng)
                 return [self._finalize(view, candidate, i, resolution, rng) for i, view in enumerate(raw)]
             self.replaced_samples += 1
-            print(f"[dataset] {self.sample_name(candidate)} has {len(raw)} views, below "
+            say("dataset", f"{self.sample_name(candidate)} has {len(raw)} views, below "
                   f"min_num_views_allowed={self.min_num_views_allowed}: replaced by the next sample "
-                  f"({self.replaced_samples} replaced so far in this process)", flush=True)
+                  f"({self.replaced_samples} replaced so far in this process)")
         raise ViewCountError(f"{_MAX_REPLACEMENTS + 1} consecutive samples from index {index} are short of views")
 
     def _fill_to(self, raw: list[RawView], num_views: int | None, rng: np.random.Generator) -> list[RawView]:
@@ -147,8 +148,8 @@ class BaseMultiViewDataset(Dataset):
             return raw
         self.filled_samples += 1
         if self.filled_samples in (1, 10, 100, 1000):
-            print(f"[dataset] a sample had {len(raw)} of the {num_views} views its batch asks for: some of its views "
-                  f"repeat ({self.filled_samples} such samples so far in this process)", flush=True)
+            say("dataset", f"a sample had {len(raw)} of the {num_views} views its batch asks for: some of its views "
+                  f"repeat ({self.filled_samples} such samples so far in this process)")
         return raw + [raw[int(i)] for i in rng.integers(len(raw), size=num_views - len(raw))]
 
     def _count_ok(self, count: int, index: int, requested: int | None = None) -> bool:

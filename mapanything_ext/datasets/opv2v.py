@@ -19,6 +19,7 @@ import numpy as np
 import yaml
 from PIL import Image
 
+from mapanything_ext.console import say
 from mapanything_ext.datasets.base import BaseMultiViewDataset, RawView
 from mapanything_ext.datasets.depth_codec import decode_depth
 from mapanything_ext.datasets.png_io import read_rgb
@@ -123,13 +124,13 @@ class _OPV2VIndex:
         self.synthetic: dict[str, bool] = {}
         for scenario_dir in sorted(p for p in split_dir.iterdir() if p.is_dir()):
             if (split, scenario_dir.name) in KNOWN_BAD_SCENARIOS:
-                print(f"[opv2v] skipping {scenario_dir}: known broken in the release (no camera3 images)")
+                say("opv2v", f"skipping {scenario_dir}: known broken in the release (no camera3 images)")
                 continue
             cavs = {}
             for cav_dir in sorted(p for p in scenario_dir.iterdir() if p.is_dir()):
                 frames = sorted(p.stem for p in cav_dir.glob("*.yaml"))
                 if not frames:
-                    print(f"[opv2v] skipping {cav_dir}: vehicle folder without frame YAML")
+                    say("opv2v", f"skipping {cav_dir}: vehicle folder without frame YAML")
                     continue
                 cavs[cav_dir.name] = frames
             if cavs:
@@ -236,7 +237,7 @@ class OPV2VCoopDataset(BaseMultiViewDataset):
         self.index = _OPV2VIndex(root, depth_root, split)
         self.samples, skipped = self._build_samples()
         if skipped:
-            print(f"[opv2v-coop] {split}: left out {skipped} timestamps with fewer than coop_min_agents="
+            say("opv2v-coop", f"{split}: left out {skipped} timestamps with fewer than coop_min_agents="
                   f"{self.coop_min_agents} vehicles or min_num_views={min_num_views} views")
         if not self.samples:
             raise ValueError(f"no timestamp in {self.index.root / split} has at least {self.coop_min_agents} "
@@ -256,7 +257,7 @@ class OPV2VCoopDataset(BaseMultiViewDataset):
                     continue
                 samples.append((scenario, frame, present))
             if partial:
-                print(f"[opv2v-coop] {self.index.split}/{scenario}: {partial} of {len(all_frames)} timestamps lack "
+                say("opv2v-coop", f"{self.index.split}/{scenario}: {partial} of {len(all_frames)} timestamps lack "
                       f"some vehicle's files (vehicles' timestamps do not match); those vehicles are left out there")
         return samples, skipped
 

@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mapanything_ext.console import warn
 from mapanything_ext.geometry.rotations import quaternion_multiply, quaternion_to_matrix
 from mapanything_ext.readback import HostCopy
 
@@ -131,8 +132,8 @@ class BatchedCriterion(nn.Module):
         except torch._dynamo.exc.BackendCompilerFailed as err:
             self._eager_shapes.add(shape)
             first_line = str(err).strip().splitlines()[0][:300]
-            print(f"[mapanything_ext] WARNING: compiling the batched criterion for {shape[0]} views of "
-                  f"{tuple(shape[1])} failed ({type(err).__name__}: {first_line}); that shape runs eagerly", flush=True)
+            warn("mapanything_ext", f"compiling the batched criterion for {shape[0]} views of "
+                  f"{tuple(shape[1])} failed ({type(err).__name__}: {first_line}); that shape runs eagerly")
             return self.compute(views, preds)
 
     def compute(self, views: list[dict], preds: list[dict]):

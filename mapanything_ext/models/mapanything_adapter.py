@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from mapanything_ext.console import say
 from mapanything_ext.losses.loss_strings import build_loss
 
 INSTALL_HINT = (
@@ -38,11 +39,11 @@ def import_mapanything(module: str = "mapanything"):
 
 def build_mapanything_model(model_cfg: DictConfig):
     models = import_mapanything("mapanything.models")
-    print(f"[mapanything] building {model_cfg.model_str} (encoder {model_cfg.encoder.name}, "
+    say("mapanything", f"building {model_cfg.model_str} (encoder {model_cfg.encoder.name}, "
           f"info sharing depth {model_cfg.info_sharing.module_args.depth}, gradient checkpointing "
           f"encoder={model_cfg.encoder.gradient_checkpointing} "
           f"info_sharing={model_cfg.info_sharing.module_args.gradient_checkpointing} "
-          f"pred_head={model_cfg.pred_head.gradient_checkpointing})", flush=True)
+          f"pred_head={model_cfg.pred_head.gradient_checkpointing})")
     return models.init_model(model_cfg.model_str, model_cfg.model_config,
                              torch_hub_force_reload=bool(model_cfg.torch_hub_force_reload))
 

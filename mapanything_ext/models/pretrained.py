@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from mapanything_ext.checkpoint import load_checkpoint, verify_checkpoint
+from mapanything_ext.console import say
 
 MIN_MATCHED_FRACTION = 0.5
 
@@ -82,11 +83,11 @@ def load_pretrained(model: nn.Module, path, trust_foreign: bool = False) -> dict
     with torch.no_grad():
         model.load_state_dict(usable, strict=False)
     everything = not (report["missing"] or report["unexpected"] or report["shape_mismatch"])
-    print(f"[pretrained] {path}: loaded {report['loaded']}/{len(groups)} tensors"
+    say("pretrained", f"{path}: loaded {report['loaded']}/{len(groups)} tensors"
           f"{' (every entry matched)' if everything else ''}; {report['aliases']} more names are aliases of "
           f"loaded tensors; missing {len(report['missing'])} {_names(report['missing'])}; unexpected "
           f"{len(report['unexpected'])} {_names(report['unexpected'])}; shape mismatch "
-          f"{len(report['shape_mismatch'])} {_names(report['shape_mismatch'])}", flush=True)
+          f"{len(report['shape_mismatch'])} {_names(report['shape_mismatch'])}")
     return report
 
 

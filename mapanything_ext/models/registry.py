@@ -12,6 +12,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from mapanything_ext.console import warn
 from mapanything_ext.losses.compact_loss import CompactLoss
 from mapanything_ext.models.compact import CompactMapAnything
 
@@ -42,9 +43,9 @@ def build_model_on(model_cfg: DictConfig, device: torch.device) -> nn.Module:
         with torch.device(device):
             return build_model(model_cfg).to(device)
     except (RuntimeError, TypeError) as err:  # e.g. a tensor of the model's __init__ sent through numpy
-        print(f"[mapanything_ext] WARNING: model.name={model_cfg.get('name')} could not be built on {device} "
+        warn("mapanything_ext", f"model.name={model_cfg.get('name')} could not be built on {device} "
               f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); building it on the CPU "
-              f"and moving it (slower start)", flush=True)
+              f"and moving it (slower start)")
         return build_model(model_cfg).to(device)
 
 

@@ -14,6 +14,7 @@ from torch.utils.data import default_collate
 from mapanything_ext import train_params as params
 from mapanything_ext.cluster import distributed as dist
 from mapanything_ext.cluster.preemption import PreemptionWatcher
+from mapanything_ext.console import say
 from mapanything_ext.datasets.base import BaseMultiViewDataset
 from mapanything_ext.datasets.build import build_dataset
 from mapanything_ext.datasets.epoch_size import EpochOfSize
@@ -39,7 +40,7 @@ class StartupClock:
     def done(self, what: str) -> None:
         now = time.monotonic()
         if self.prints:
-            print(f"[startup] {what}: {now - self.last:.1f}s ({now - self.started_at:.1f}s since start)", flush=True)
+            say("startup", f"{what}: {now - self.last:.1f}s ({now - self.started_at:.1f}s since start)")
         self.last = now
 
 
@@ -102,10 +103,9 @@ def _describe(cfg, module, optimizer, train_ds, test_ds, train_loader, info) -> 
     trained = sum(p.numel() for g in optimizer.param_groups for p in g["params"])
     frozen = f" ({n_params - trained:,} frozen by train_params.submodule_configs)" if trained < n_params else ""
     sampler = train_loader.batch_sampler
-    print(f"[mapanything_ext] model {cfg.model.name}: {n_params:,} parameters{frozen}; {len(train_ds)} train / "
-          f"{len(test_ds)} test samples; {sampler.describe()}, {sampler.epoch_batches() // info.world_size} steps "
-          f"per epoch; "
-          f"world size {info.world_size}{' (DDP)' if info.distributed else ''}")
+    say("mapanything_ext", f"model {cfg.model.name}: {n_params:,} parameters{frozen}; {len(train_ds)} train / "
+        f"{len(test_ds)} test samples; {sampler.describe()}, {sampler.epoch_batches() // info.world_size} steps per "
+        f"epoch; world size {info.world_size}{' (DDP)' if info.distributed else ''}")
 
 
 def first_sample_views(run: Run) -> list[dict]:
@@ -135,8 +135,7 @@ def choose_loss_impl(run: Run, first_views, clock: StartupClock | None = None) -
 
     for criterion in criteria:
         line = criterion.self_check(views, preds, everyone_agrees)
-        if run.info.rank == 0:
-            print(f"[mapanything_ext] loss: {line}", flush=True)
+        say("mapanything_ext", f"loss: {line}")
     if clock is not None:
         clock.done("loss self-check: both criteria compared in float64")
 

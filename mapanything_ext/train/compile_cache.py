@@ -2,7 +2,7 @@
 compile again.
 
     with CompileCache.for_run(cfg, info, output_dir) as cache:   # every rank, before anything compiles
-        ...                                                       # cache.first_step_line() after a step
+        ...                                                       # cache.report_first_step() after a step
 
 Where: `<train_params.compile_cache>/<torch version>-<device>/rank<N>/`; a relative compile_cache
 (the default, `compile_cache`) lies in output_dir, an absolute one anywhere (a machine profile may
@@ -47,6 +47,7 @@ from pathlib import Path
 import torch
 
 from mapanything_ext.cluster import distributed as dist
+from mapanything_ext.console import say, warn
 from mapanything_ext.train.compile_cache_repair import check_folder, prepare
 
 _ENV = ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")
@@ -75,7 +76,7 @@ class CompileCache:
             try:
                 _print_start(root, folder, reports)
             except OSError as err:
-                print(f"[compile_cache] {folder}: {err}")
+                say("compile_cache", f"{folder}: {err}")
         return cls(root, folder if report["problem"] is None else None)
 
     def __enter__(self) -> "CompileCache":
@@ -97,10 +98,10 @@ class CompileCache:
         self._previous_env = {}
         return False
 
-    def first_step_line(self) -> str | None:
-        """What the cache gave this process so far (printed by rank 0 after the first training step)."""
+    def report_first_step(self) -> None:
+        """Say what the cache gave this process so far (rank 0's line, after the first training step)."""
         if self.folder is None:
-            return None
+            return
         now, start = _cache_counters(), self._counters_at_start
         d = {k: now[k] - start.get(k, 0) for k in now}
         hits, misses = d["fxgraph_cache_hit"], d["fxgraph_cache_miss"]
@@ -110,14 +111,14 @@ class CompileCache:
             verdict = f"all {hits} compiled graphs from the cache"
         else:
             verdict = f"{hits} of {hits + misses} compiled graphs from the cache, {misses} compiled now"
-        return (f"[compile_cache] first step: {verdict} (FX graph cache {hits} hits, {misses} misses, "
-                f"{d['fxgraph_cache_bypass']} bypasses; AOTAutograd cache {d['autograd_cache_hit']} hits, "
-                f"{d['autograd_cache_miss']} misses; rank 0){_compile_seconds()}")
+        say("compile_cache", f"first step: {verdict} (FX graph cache {hits} hits, {misses} misses, "
+            f"{d['fxgraph_cache_bypass']} bypasses; AOTAutograd cache {d['autograd_cache_hit']} hits, "
+            f"{d['autograd_cache_miss']} misses; rank 0){_compile_seconds()}")
 
 
 def cache_root(cfg, output_dir: Path) -> Path | None:
     """The folder train_params.compile_cache names, or None when it is off (null/false) or nothing compiles."""
-    value = cfg.train_params.get("compile_cache", "compile_cache")
+    value = cfg.train_params.compile_cache  # (the train_params schema gives every key its default)
     if value is None or value is False or str(value).strip().lower() in ("", "none", "null", "false"):
         return None
     if not compiles(cfg):
@@ -128,7 +129,7 @@ def cache_root(cfg, output_dir: Path) -> Path | None:
 
 def compiles(cfg) -> bool:
     """Whether the job compiles anything: model parts (train_params.compile) or the loss (loss.compile)."""
-    return bool(cfg.train_params.get("compile") or (cfg.get("loss") or {}).get("compile"))
+    return bool(cfg.train_params.compile or (cfg.get("loss") or {}).get("compile"))
 
 
 def device_tag(device: torch.device) -> str:
@@ -197,7 +198,7 @@ def start_compile_workers(cfg, device: torch.device) -> None:
 
         maybe_warm_pool()
     except Exception as err:  # noqa: BLE001 -- only start-up time is at stake
-        print(f"[compile_cache] compile workers not started early ({type(err).__name__}: {err})")
+        say("compile_cache", f"compile workers not started early ({type(err).__name__}: {err})")
 
 
 def _restart_compile_workers() -> None:
@@ -214,25 +215,25 @@ def _restart_compile_workers() -> None:
 def _print_start(root: Path, folder: Path, reports: list[dict]) -> None:
     mine = reports[0]
     if mine["problem"]:
-        print(f"[compile_cache] WARNING: not using {folder}: {mine['problem']}; torch.compile uses its default "
+        warn("compile_cache", f"not using {folder}: {mine['problem']}; torch.compile uses its default "
               f"cache folder (in /tmp) instead")
     else:
         state = (f"warm: {mine['graphs']} compiled graphs, {mine['files']} files, {mine['bytes'] / 1e6:.1f} MB"
                  if mine["graphs"] else f"cold: no compiled graph yet ({mine['files']} files)")
         ranks = (f"; ranks with a warm cache: {sum(1 for r in reports if r['graphs'] and not r['problem'])} of "
                  f"{len(reports)}" if len(reports) > 1 else "")
-        print(f"[compile_cache] torch.compile cache: {folder} ({state}, checked in {mine['seconds']:.1f}s{ranks}); "
+        say("compile_cache", f"torch.compile cache: {folder} ({state}, checked in {mine['seconds']:.1f}s{ranks}); "
               f"one folder per rank; delete {root} to clear it")
     for report in reports[1:]:
         if report["problem"]:
-            print(f"[compile_cache] WARNING: rank {report['rank']} does not use its folder: {report['problem']}")
+            warn("compile_cache", f"rank {report['rank']} does not use its folder: {report['problem']}")
     for report in reports:
         if report["removed"]:
             shown = ", ".join(report["removed"][:5]) + (" ..." if len(report["removed"]) > 5 else "")
-            print(f"[compile_cache] rank {report['rank']}: removed {len(report['removed'])} broken file(s) "
+            say("compile_cache", f"rank {report['rank']}: removed {len(report['removed'])} broken file(s) "
                   f"a killed job left behind: {shown}")
     others = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name != folder.parent.name) \
         if root.is_dir() else []
     if others:
-        print(f"[compile_cache] {root} also holds caches of other torch builds or devices, not used by this job: "
+        say("compile_cache", f"{root} also holds caches of other torch builds or devices, not used by this job: "
               f"{', '.join(others)} (delete them to free their space)")

@@ -19,37 +19,32 @@ from __future__ import annotations
 import functools
 import json
 import os
-import re
 import time
-from concurrent.futures import Future
 from pathlib import Path
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from mapanything_ext import train_params as params
-from mapanything_ext.checkpoint import choose_in_background, prepare_resume
+from mapanything_ext.checkpoint import choose_in_background
 from mapanything_ext.cluster import distributed as dist
 from mapanything_ext.cluster import faults, run_lock
 from mapanything_ext.cluster.preemption import PreemptionWatcher, StopPoint, restarts_so_far
+from mapanything_ext.console import say, warn
 from mapanything_ext.models import offline
-from mapanything_ext.run_log import (Scalars, append_epoch_record, read_epoch_records, report_failure,
+from mapanything_ext.run_log import (Scalars, report_failure,
                                      report_previous_job, tee_console)
-from mapanything_ext.train import state
 from mapanything_ext.train.compile_cache import CompileCache, start_compile_workers
 from mapanything_ext.train.build import (StartupClock, build_run, choose_loss_impl, first_sample_views,
                                          settle_ddp_buckets)
+from mapanything_ext.train import epoch_end, start
 from mapanything_ext.train.epoch import train_one_epoch
 from mapanything_ext.train.evaluation_loop import test_statistics
 from mapanything_ext.train.run import Run
-from mapanything_ext.train.saving import ensure_final, save, stop_here
+from mapanything_ext.train.saving import ensure_final, stop_here
 from mapanything_ext.train.state import Position
 from mapanything_ext.train.step import LossInstability
 
 __all__ = ["LossInstability", "train"]
-
-_PER_VIEW = re.compile(r"_view\d+_(avg|med)$|_view\d+$")
-
 
 def train(cfg: DictConfig) -> Path:
     """Run the training job described by cfg; returns the output directory."""
@@ -136,15 +131,15 @@ def _start_and_train(cfg: DictConfig, info: dist.DistInfo, output_dir: Path, sta
     choose_loss_impl(run, first_views, clock)
     if settle_ddp_buckets(run, first_views):
         clock.done("DDP gradient buckets settled (one step on the first sample)")
-    position, continued = _restore_or_start(run, chosen)
+    position, continued = start.restore_or_start(run, chosen)
     if resuming or cfg.model.get("pretrained"):
         clock.done("checkpoint chosen, verified and loaded (the rest of it)" if resuming
                    else "model.pretrained verified and loaded")
-    run.scalars = Scalars(output_dir, info.rank == 0, resume_x=_epoch_1000x(run, position))
-    _relog_finished_epoch(run, position)
+    run.scalars = Scalars(output_dir, info.rank == 0, resume_x=start.epoch_1000x(run, position))
+    start.relog_finished_epoch(run, position)
     try:
         if continued:
-            _test_continued_run(run, position)
+            start.test_continued_run(run, position)
         faults.at(StopPoint.STARTUP)
         stop_here(run, position, StopPoint.STARTUP)
         if run.tp.eval_before_training and position.global_step == 0:
@@ -156,99 +151,27 @@ def _start_and_train(cfg: DictConfig, info: dist.DistInfo, output_dir: Path, sta
 
 def _print_header(cfg: DictConfig, output_dir: Path, lock_note: str | None) -> None:
     if lock_note:
-        print(f"[mapanything_ext] {lock_note}")
+        say("mapanything_ext", lock_note)
     restarts = restarts_so_far()
     if restarts:
-        print(f"[mapanything_ext] Slurm restart {restarts} of job {os.environ.get('SLURM_JOB_ID')} "
-              f"(preemptions, requeues and time-outs together)")
+        say("mapanything_ext", f"Slurm restart {restarts} of job {os.environ.get('SLURM_JOB_ID')} "
+            f"(preemptions, requeues and time-outs together)")
     report_previous_job(output_dir)
-    print(f"[mapanything_ext] output_dir: {output_dir}")
+    say("mapanything_ext", f"output_dir: {output_dir}")
     print(OmegaConf.to_yaml(cfg, resolve=True))
     warning = params.load(cfg.train_params).warmup_warning()
     if warning:
-        print(f"[mapanything_ext] WARNING: {warning}")
-
-
-def _epoch_1000x(run: Run, position: Position) -> int:
-    """TensorBoard's x of a position: the fractional epoch x 1000 (MapAnything's epoch_1000x)."""
-    sampler = run.train_loader.batch_sampler
-    return int((position.epoch + position.consumed / max(sampler.epoch_batches(), 1)) * 1000)
-
-
-def _relog_finished_epoch(run: Run, position: Position) -> None:
-    """Resumed at an epoch's start: the test statistics of the epoch before share its x in TensorBoard
-    (1000 x epochs trained), which the resume's purge hid; they come back from log.txt."""
-    if run.info.rank != 0 or position.consumed or not position.epoch or not (run.output_dir / "log.txt").exists():
-        return
-    prefix = f"{run.test_name}_"
-    for record in read_epoch_records(run.output_dir):
-        if record.get("epoch") == position.epoch:
-            stats = {k[len(prefix):]: v for k, v in record.items() if k.startswith(prefix)}
-            if stats:
-                run.scalars.test(position.epoch, run.test_name, stats)
+        warn("mapanything_ext", warning)
 
 
 def _initial_eval(run: Run, position: Position) -> None:
     """Held-out metrics of the initial model, the baseline a run is judged against."""
     faults.at(StopPoint.INITIAL_EVAL)
     stats = test_statistics(run.module, run.test_criterion, run.test_loader, run.info.device, run.autocast,
-                     between_batches=lambda i: stop_here(run, position, StopPoint.INITIAL_EVAL))
+                            between_batches=lambda i: stop_here(run, position, StopPoint.INITIAL_EVAL))
     if run.info.rank == 0:
         (run.output_dir / "initial_eval.json").write_text(json.dumps(stats, indent=1) + "\n")
-        print("[mapanything_ext] before training: " + ", ".join(
-            f"{run.test_name}_{k}={v:.4g}" for k, v in stats.items() if not _PER_VIEW.search(k)))
-
-
-def _restore_or_start(run: Run, chosen: Future | None = None) -> tuple[Position, bool]:
-    """Resume from the newest proven-good checkpoint (chosen: choose_in_background's answer in the
-    making), else continue a run of MapAnything's own loop (train_params.resume_ckpt), else initialise
-    from model.pretrained. Returns the position and whether it continues MapAnything's run."""
-    resume_from = prepare_resume(run.output_dir, chosen) if run.tp.resume else None
-    trust = bool(run.cfg.get("trust_foreign_checkpoints"))
-    if resume_from is None and run.tp.resume_ckpt:
-        position, notes = state.continue_mapanything_run(run, _outside_run_folder(run, run.tp.resume_ckpt), trust)
-        if run.info.rank == 0:
-            for note in notes:
-                print(f"[mapanything_ext] {note}")
-        return position, True
-    if resume_from is None:
-        pretrained = run.cfg.model.get("pretrained")
-        if pretrained:
-            from mapanything_ext.models.pretrained import load_pretrained
-
-            load_pretrained(run.module, pretrained, trust_foreign=trust)
-        return Position(), False
-    position, notes = state.restore(run, resume_from)
-    run.saved_step = position.global_step
-    if run.info.rank == 0:
-        print(f"[mapanything_ext] resumed from {resume_from}: epoch {position.epoch + 1}, "
-              f"{position.consumed} batches of it done, global step {position.global_step}")
-        for note in notes:
-            print(f"[mapanything_ext] resume: {note}")
-    return position, False
-
-
-def _outside_run_folder(run: Run, path: str) -> Path:
-    """A foreign checkpoint inside the run folder would be swept into quarantine as not ours."""
-    path = Path(path).resolve()
-    if path.parent == run.output_dir.resolve():
-        raise state.ContinuationError(
-            f"train_params.resume_ckpt={path} lies in this run's output_dir, whose *.pth files must be ours: "
-            f"give the continued run a new output_dir")
-    return path
-
-
-def _test_continued_run(run: Run, position: Position) -> None:
-    """As MapAnything's loop does when it resumes: the test of the epochs trained so far (its checkpoint
-    was written before that test), logged for that epoch; then the state is saved in our format, so a
-    stop from here on resumes from it (checkpoint-best too when the test beat the run's best)."""
-    stats = None
-    if position.epoch % int(run.tp.eval_freq) == 0:
-        stats = test_statistics(run.module, run.test_criterion, run.test_loader, run.info.device, run.autocast)
-    record = {"epoch": position.epoch, **({f"{run.test_name}_{k}": v for k, v in stats.items()} if stats else {}),
-              "continued_from": str(run.tp.resume_ckpt)}
-    best = _record_epoch(run, position, position.epoch, record, stats)
-    save(run, ["checkpoint-last.pth", *(["checkpoint-best.pth"] if best else [])], position)
+    say("mapanything_ext", "before training: " + epoch_end.summary(f"{run.test_name}_", stats))
 
 
 def _train_epochs(run: Run, position: Position) -> None:
@@ -256,7 +179,8 @@ def _train_epochs(run: Run, position: Position) -> None:
     while position.epoch < epochs:
         epoch_started = time.time()
         stats = train_one_epoch(run, position)
-        record = {"epoch": position.epoch + 1, **{f"train_{k}": v for k, v in stats.items()}, **_memory_record(run)}
+        record = {"epoch": position.epoch + 1, **{f"train_{k}": v for k, v in stats.items()},
+                  **epoch_end.memory_record(run)}
         test_stats = None
         if (position.epoch + 1) % int(run.tp.eval_freq) == 0:
             faults.at(StopPoint.EVAL)
@@ -266,57 +190,10 @@ def _train_epochs(run: Run, position: Position) -> None:
         # Wall time of this process's part of the epoch (a resumed epoch counts from the resume).
         record.update({"time": time.time(), "epoch_seconds": time.time() - epoch_started,
                        "global_step": position.global_step})
-        _end_epoch(run, position, record, test_stats)
+        epoch_end.end_epoch(run, position, record, test_stats)
         stop_here(run, position, StopPoint.END_OF_EPOCH)
         position.next_epoch()
     ensure_final(run, epochs)
-    if run.info.rank == 0:
-        print(f"[mapanything_ext] training done: {run.output_dir / 'checkpoint-final.pth'}")
+    say("mapanything_ext", f"training done: {run.output_dir / 'checkpoint-final.pth'}")
 
 
-def _end_epoch(run: Run, position: Position, record: dict, test_stats: dict | None) -> None:
-    """Log the epoch, then save it once under every name due: last, best (lowest test loss_med),
-    numbered every keep_freq epochs (checkpoint-<e>, e counted from 1), final after the last epoch."""
-    done = position.epoch + 1  # epochs trained, MapAnything's count
-    last_epoch = done == int(run.tp.epochs)
-    is_best = _record_epoch(run, position, done, record, test_stats)
-    if run.info.rank == 0:
-        # Per-view loss terms (MapAnything's criterion has dozens) stay in log.txt only.
-        print(f"[mapanything_ext] epoch {done}: " + ", ".join(
-            f"{k}={v:.4g}" for k, v in record.items()
-            if isinstance(v, float) and not _PER_VIEW.search(k) and k != "time"))
-    position.epoch_complete = True
-    names = [name for name, due in (
-        ("checkpoint-last.pth", int(run.tp.save_freq) > 0 and done % int(run.tp.save_freq) == 0 or last_epoch),
-        ("checkpoint-best.pth", is_best),
-        (f"checkpoint-{done}.pth", int(run.tp.keep_freq) > 0 and done % int(run.tp.keep_freq) == 0),
-        ("checkpoint-final.pth", last_epoch),
-    ) if due]
-    if names:
-        faults.at(StopPoint.END_OF_EPOCH)
-        save(run, names, position)
-
-
-def _record_epoch(run: Run, position: Position, epochs_trained: int, record: dict, test_stats: dict | None) -> bool:
-    """The epoch's line in log.txt and its test statistics in TensorBoard, with best_so_far brought up
-    to date; True when the test loss median is the lowest so far (checkpoint-best's rule)."""
-    is_best = test_stats is not None and test_stats["loss_med"] < position.best_so_far
-    if is_best:
-        position.best_so_far = test_stats["loss_med"]
-    record["best_so_far"] = position.best_so_far
-    if run.info.rank == 0:
-        append_epoch_record(run.output_dir / "log.txt", record)
-        if test_stats is not None:
-            run.scalars.test(epochs_trained, run.test_name, test_stats)
-    return is_best
-
-
-def _memory_record(run: Run) -> dict:
-    """Peak GPU memory of this rank since the last record (GiB), then reset."""
-    if run.info.device.type != "cuda":
-        return {}
-    gib = 2 ** 30
-    record = {"peak_mem_allocated_gib": torch.cuda.max_memory_allocated() / gib,
-              "peak_mem_reserved_gib": torch.cuda.max_memory_reserved() / gib}
-    torch.cuda.reset_peak_memory_stats()
-    return record

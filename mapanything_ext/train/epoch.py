@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from mapanything_ext.cluster import faults
 from mapanything_ext.cluster.preemption import StopPoint
+from mapanything_ext.console import say, warn
 from mapanything_ext.train.data import to_device
 from mapanything_ext.train.optim import logged_lrs, set_lr
 from mapanything_ext.train.saving import stop_here
@@ -117,11 +118,10 @@ class EpochMeter:
         self.bar.set_postfix(loss=f"{values.loss:.4f}", img_s=f"{rate:.1f}", lr=f"{step.lrs['lr']:.2e}",
                              refresh=False)
         self.bar.update(1)
-        if not run.first_step_reported and run.info.rank == 0:
+        if not run.first_step_reported:
             # Start-up cost of a (re)started job: what a requeue costs beyond the lost iteration.
-            print(f"[mapanything_ext] first training step done {time.monotonic() - run.started_at:.1f}s after start")
-            if cache_line := run.compile_cache.first_step_line():
-                print(cache_line)
+            say("mapanything_ext", f"first training step done {time.monotonic() - run.started_at:.1f}s after start")
+            run.compile_cache.report_first_step()
         run.first_step_reported = True
         if (step.it + 1) % (int(run.tp.accum_iter) * int(run.tp.print_freq)) == 0:  # MapAnything's cadence
             run.scalars.train_step(step.epoch_f, values, step.lrs)
@@ -131,9 +131,8 @@ class EpochMeter:
         counters = self.position.counters
         if values.skipped:
             counters["skipped_steps"] = counters.get("skipped_steps", 0) + 1
-            if self.run.info.rank == 0:
-                print(f"[mapanything_ext] WARNING: non-finite gradient (norm {values.grad_norm}): optimizer step "
-                      f"skipped, as MapAnything's loss scaler skips it", flush=True)
+            warn("mapanything_ext", f"non-finite gradient (norm {values.grad_norm}): optimizer step skipped, as "
+                 f"MapAnything's loss scaler skips it")
         elif values.grad_norm is not None:
             counters["grad_norm_sum"] = counters.get("grad_norm_sum", 0.0) + values.grad_norm
             counters["optimizer_steps"] = counters.get("optimizer_steps", 0) + 1

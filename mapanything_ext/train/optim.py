@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from mapanything_ext.console import warn
 from mapanything_ext.train_params import TrainParams
 
 
@@ -43,7 +44,7 @@ def param_groups(model: nn.Module, tp: TrainParams) -> tuple[list[dict], list[Gr
             continue
         submodule = tp.submodule_of(name)
         if submodule is None and tp.warn_not_in_submodule and tp.submodule_configs:
-            print(f"[optim] WARNING: parameter {name} is in no train_params.submodule_configs entry")
+            warn("optim", f"parameter {name} is in no train_params.submodule_configs entry")
         lr = float(tp.setting(submodule, "lr"))
         if lr == 0:
             param.requires_grad_(False)

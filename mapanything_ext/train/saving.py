@@ -13,6 +13,7 @@ import time
 from mapanything_ext.checkpoint import link_on_master, save_on_master
 from mapanything_ext.cluster import distributed as dist
 from mapanything_ext.cluster.preemption import StopPoint
+from mapanything_ext.console import say
 from mapanything_ext.train.state import Position, checkpoint_of
 
 
@@ -29,8 +30,8 @@ def save(run, names: list[str], position: Position) -> None:
     if run.info.rank == 0:
         size = first.stat().st_size / 1e9
         links = f" (linked as {', '.join(names[1:])})" if len(names) > 1 else ""
-        print(f"[mapanything_ext] saved {names[0]}{links} (epoch {position.epoch}, {position.consumed} batches done, "
-              f"{size:.2f} GB) in {time.perf_counter() - started:.2f}s")
+        say("mapanything_ext", f"saved {names[0]}{links} (epoch {position.epoch}, {position.consumed} batches done, "
+            f"{size:.2f} GB) in {time.perf_counter() - started:.2f}s")
 
 
 def ensure_final(run, epochs: int) -> None:

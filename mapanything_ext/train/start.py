@@ -1,0 +1,87 @@
+"""Where a job starts training from: its own newest proven-good checkpoint, a run of MapAnything's
+own loop (train_params.resume_ckpt), or model.pretrained; and the TensorBoard x it continues at.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future
+from pathlib import Path
+
+from mapanything_ext.checkpoint import prepare_resume
+from mapanything_ext.console import say
+from mapanything_ext.run_log import read_epoch_records
+from mapanything_ext.train import state
+from mapanything_ext.train.epoch_end import record_epoch
+from mapanything_ext.train.evaluation_loop import test_statistics
+from mapanything_ext.train.run import Run
+from mapanything_ext.train.saving import save
+from mapanything_ext.train.state import Position
+
+
+def restore_or_start(run: Run, chosen: Future | None = None) -> tuple[Position, bool]:
+    """Resume from the newest proven-good checkpoint (chosen: choose_in_background's answer in the
+    making), else continue a run of MapAnything's own loop (train_params.resume_ckpt), else initialise
+    from model.pretrained. Returns the position and whether it continues MapAnything's run."""
+    resume_from = prepare_resume(run.output_dir, chosen) if run.tp.resume else None
+    trust = bool(run.cfg.get("trust_foreign_checkpoints"))
+    if resume_from is None and run.tp.resume_ckpt:
+        position, notes = state.continue_mapanything_run(run, _outside_run_folder(run, run.tp.resume_ckpt), trust)
+        for note in notes:
+            say("mapanything_ext", note)
+        return position, True
+    if resume_from is None:
+        pretrained = run.cfg.model.get("pretrained")
+        if pretrained:
+            from mapanything_ext.models.pretrained import load_pretrained
+
+            load_pretrained(run.module, pretrained, trust_foreign=trust)
+        return Position(), False
+    position, notes = state.restore(run, resume_from)
+    run.saved_step = position.global_step
+    say("mapanything_ext", f"resumed from {resume_from}: epoch {position.epoch + 1}, {position.consumed} batches of "
+        f"it done, global step {position.global_step}")
+    for note in notes:
+        say("mapanything_ext", f"resume: {note}")
+    return position, False
+
+
+def _outside_run_folder(run: Run, path: str) -> Path:
+    """A foreign checkpoint inside the run folder would be swept into quarantine as not ours."""
+    path = Path(path).resolve()
+    if path.parent == run.output_dir.resolve():
+        raise state.ContinuationError(
+            f"train_params.resume_ckpt={path} lies in this run's output_dir, whose *.pth files must be ours: "
+            f"give the continued run a new output_dir")
+    return path
+
+
+def test_continued_run(run: Run, position: Position) -> None:
+    """As MapAnything's loop does when it resumes: the test of the epochs trained so far (its checkpoint
+    was written before that test), logged for that epoch; then the state is saved in our format, so a
+    stop from here on resumes from it (checkpoint-best too when the test beat the run's best)."""
+    stats = None
+    if position.epoch % int(run.tp.eval_freq) == 0:
+        stats = test_statistics(run.module, run.test_criterion, run.test_loader, run.info.device, run.autocast)
+    record = {"epoch": position.epoch, **({f"{run.test_name}_{k}": v for k, v in stats.items()} if stats else {}),
+              "continued_from": str(run.tp.resume_ckpt)}
+    best = record_epoch(run, position, position.epoch, record, stats)
+    save(run, ["checkpoint-last.pth", *(["checkpoint-best.pth"] if best else [])], position)
+
+
+def epoch_1000x(run: Run, position: Position) -> int:
+    """TensorBoard's x of a position: the fractional epoch x 1000 (MapAnything's epoch_1000x)."""
+    sampler = run.train_loader.batch_sampler
+    return int((position.epoch + position.consumed / max(sampler.epoch_batches(), 1)) * 1000)
+
+
+def relog_finished_epoch(run: Run, position: Position) -> None:
+    """Resumed at an epoch's start: the test statistics of the epoch before share its x in TensorBoard
+    (1000 x epochs trained), which the resume's purge hid; they come back from log.txt."""
+    if run.info.rank != 0 or position.consumed or not position.epoch or not (run.output_dir / "log.txt").exists():
+        return
+    prefix = f"{run.test_name}_"
+    for record in read_epoch_records(run.output_dir):
+        if record.get("epoch") == position.epoch:
+            stats = {k[len(prefix):]: v for k, v in record.items() if k.startswith(prefix)}
+            if stats:
+                run.scalars.test(position.epoch, run.test_name, stats)
