@@ -250,3 +250,66 @@ def test_check_ckpt_exit_codes_json_and_quarantine(tmp_path):
     assert run_tool(run_dir).returncode == 0  # quarantine/ folders are skipped
     assert run_tool(tmp_path / "missing").returncode == 2
     assert run_tool("--bogus-flag", run_dir).returncode == 2
+
+
+UNDER_ULIMIT_V = """
+import resource, sys
+from pathlib import Path
+from mapanything_ext.checkpoint import prepare_resume, verify_checkpoint
+import mapanything_ext.checkpoint.verify as verify
+verify.time.sleep = lambda s: None  # (the retries' pause)
+with open("/proc/self/status") as status:  # the address space in use now, plus 20 MB: the mmap cannot fit
+    used = next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmSize:"))
+resource.setrlimit(resource.RLIMIT_AS, (used + 20_000_000, resource.RLIM_INFINITY))
+folder = Path(sys.argv[1])
+print("VERDICT", verify_checkpoint(folder / "checkpoint-last.pth"))
+prepare_resume(folder)
+"""
+
+
+def test_a_read_error_of_the_machine_moves_nothing_and_stops_the_job_naming_file_and_errno(tmp_path):
+    """A real ENOMEM: the job's address space is capped (ulimit -v, Slurm's VSizeFactor) below the mmap
+    of an 80 MB checkpoint. The file is good; it must stay where it is, and the job must say why it stops."""
+    save_on_master(positioned(2, 30), tmp_path / "checkpoint-best.pth")
+    save_on_master({**positioned(3, 35, complete=False), "model": {"w": torch.ones(20_000_000)}},
+                   tmp_path / "checkpoint-last.pth")
+    link_on_master(tmp_path / "checkpoint-last.pth", tmp_path / "checkpoint-final.pth")
+    proc = subprocess.run([sys.executable, "-c", UNDER_ULIMIT_V, str(tmp_path)], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "read_error=True" in proc.stdout and "Cannot allocate memory" in proc.stdout, proc.stdout
+    assert "CheckpointReadError: cannot read the run's checkpoints, so the job stops without moving any" in proc.stderr
+    assert str(tmp_path / "checkpoint-last.pth") in proc.stderr and "ulimit -v" in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "quarantine").exists()
+    assert verify_checkpoint(tmp_path / "checkpoint-last.pth").valid  # unlimited again: the file was good
+    assert prepare_resume(tmp_path) == tmp_path / "checkpoint-last.pth"
+
+
+def test_the_resume_sweep_touches_only_our_checkpoint_names(tmp_path):
+    save_on_master(positioned(1, 10), tmp_path / "checkpoint-last.pth")
+    official = tmp_path / "facebook_map-anything.pth"
+    torch.save({"model": {"w": torch.ones(3)}}, official)  # a user's weights file: not one of ours
+    (tmp_path / "notes.tmp").write_text("a user's file")
+    (tmp_path / "broken.pth").write_bytes(b"not even a zip")
+    assert prepare_resume(tmp_path) == tmp_path / "checkpoint-last.pth"
+    assert official.is_file() and (tmp_path / "notes.tmp").is_file() and (tmp_path / "broken.pth").is_file()
+    assert not (tmp_path / "quarantine").exists()
+
+
+def test_a_damaged_checkpoint_of_ours_is_never_used_as_weights(tmp_path):
+    """model.pretrained and evaluate take an earlier stage's checkpoint-best: a flipped byte in it must
+    stop them with the fault, not load a changed weight."""
+    from mapanything_ext.checkpoint.load import DamagedCheckpointError, load_verified
+    from mapanything_ext.models.pretrained import load_pretrained
+
+    path = save_on_master(state(fill=7.0), tmp_path / "checkpoint-best.pth")
+    assert torch.equal(load_verified(path)["model"]["w"], torch.full((1000,), 7.0))
+    corrupt(path, "flipped")
+    with pytest.raises(DamagedCheckpointError, match="fails verification and is not used: integrity mismatch"):
+        load_verified(path)
+    model = torch.nn.Linear(1000, 1)
+    with pytest.raises(DamagedCheckpointError, match=str(path)):
+        load_pretrained(model, path)
+    foreign = tmp_path / "their.pth"  # a whole archive not in our format still loads (trusted or not needed)
+    torch.save({"model": {"weight": torch.ones(1, 1000), "bias": torch.zeros(1)}}, foreign)
+    assert load_pretrained(model, foreign)["loaded"] == 2

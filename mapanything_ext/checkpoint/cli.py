@@ -6,9 +6,10 @@ usage: check_ckpt PATH [PATH ...] [--quarantine] [--json]
 PATH is a checkpoint file or an experiment directory (searched recursively for *.pth
 and *.tmp, skipping quarantine/ folders and caches such as compile_cache/). Names of one
 file (hard links: last, best, final) are read once. One line per file: status, epoch, size,
-reason; or one JSON document with --json. --quarantine moves every invalid file and
-*.tmp leftover into <its directory>/quarantine/<UTC timestamp>/ with a reason file,
-exactly as a resuming job does. Exit status: 0 all valid, 1 something invalid,
+reason (status OK, BAD, or ERR: the machine could not read it, an OS or memory error that
+proves nothing about the file); or one JSON document with --json. --quarantine moves every
+BAD file and *.tmp leftover into <its directory>/quarantine/<UTC timestamp>/ with a reason
+file, exactly as a resuming job does (never an ERR file). Exit status: 0 all valid, 1 something invalid,
 2 usage error. Needs no GPU; tensors are memory-mapped, never loaded twice.
 """
 
@@ -81,11 +82,11 @@ def main(argv=None) -> int:
     for path in files:
         result = checked[path]
         entry = result.to_dict()
-        if args.quarantine and not result.valid:
+        if args.quarantine and not result.valid and not result.read_error:  # a read error proves no fault
             entry["moved_to"] = str(quarantine(path, result.reason, path.parent, stamp))
         results.append(entry)
         if not args.json:
-            status = "OK " if result.valid else "BAD"
+            status = "OK " if result.valid else "ERR" if result.read_error else "BAD"
             epoch = "-" if result.epoch is None else result.epoch
             print(f"{status} epoch={epoch:<4} size={result.size:>12,d}  {path}  ({result.reason})")
     if args.json:

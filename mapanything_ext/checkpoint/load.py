@@ -14,6 +14,27 @@ class ForeignCheckpointError(RuntimeError):
     """A file that needs full unpickling was given without the trust switch."""
 
 
+class DamagedCheckpointError(RuntimeError):
+    """A checkpoint that fails verification for a fault of its content: never used."""
+
+
+def load_verified(path, trust_foreign: bool = False) -> dict:
+    """A checkpoint to take weights from (model.pretrained, evaluate): one of ours only once verified
+    (tensors memory-mapped), a foreign one (MapAnything's) as load_checkpoint loads it; a damaged file
+    or one the machine cannot read is refused, naming the fault."""
+    from mapanything_ext.checkpoint.verify import CheckpointReadError, verify_checkpoint
+
+    result = verify_checkpoint(path)
+    if result.valid:
+        return load_checkpoint(path, mmap=True)
+    if result.read_error:
+        raise CheckpointReadError(f"{path}: {result.reason}")
+    if not result.foreign:
+        raise DamagedCheckpointError(f"{path} fails verification and is not used: {result.reason} "
+                                     f"(check_ckpt {path} says the same; use another checkpoint of that run)")
+    return load_checkpoint(path, trust_foreign=trust_foreign)
+
+
 def load_checkpoint(path, map_location="cpu", trust_foreign: bool = False, mmap: bool = False) -> dict:
     """mmap=True leaves tensors on disk until used (a 15 GB file: read only what is taken from it)."""
     path = Path(path)

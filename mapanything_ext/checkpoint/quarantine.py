@@ -20,11 +20,14 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 
-from mapanything_ext.checkpoint.verify import CheckResult, verify_checkpoint
+from mapanything_ext.checkpoint.verify import CheckpointReadError, CheckResult, verify_checkpoint
 from mapanything_ext.cluster import distributed as dist
 from mapanything_ext.console import say
 
+# Our checkpoint names, and the temporary files of their interrupted saves: the only files a resume
+# sweeps (an official weights file or a user's .pth in the run folder is never touched).
 _NAMES = re.compile(r"^checkpoint-(last|final|best|\d+)\.pth$")
+_OUR_TEMPORARY = re.compile(r"^checkpoint-(last|final|best|\d+)\.pth\..+\.tmp$")
 # Among files of the same position, the one we name first (they hold the same state).
 _PREFERENCE = ("last", "final", "numbered", "best")
 
@@ -59,10 +62,17 @@ def verify_all(paths: list[Path]) -> dict[Path, CheckResult]:
 def sweep(output_dir: Path, stamp: str | None = None) -> dict[str, CheckResult]:
     """Quarantine leftovers and invalid checkpoints in output_dir; returns results of the valid ones."""
     stamp = stamp or datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
-    for leftover in sorted(output_dir.glob("*.tmp")):
+    for leftover in sorted(p for p in output_dir.glob("*.tmp") if _OUR_TEMPORARY.match(p.name)):
         quarantine(leftover, "leftover temporary file of an interrupted save", output_dir, stamp)
     valid = {}
-    for candidate, result in verify_all(sorted(output_dir.glob("*.pth"))).items():
+    results = verify_all(sorted(p for p in output_dir.glob("*.pth") if _NAMES.match(p.name)))
+    unread = [result for result in results.values() if result.read_error]
+    if unread:  # nothing is moved: the machine failed, not the files
+        raise CheckpointReadError("cannot read the run's checkpoints, so the job stops without moving any: " +
+                                  "; ".join(f"{r.path}: {r.reason}" for r in unread) +
+                                  ". Check the file system or the job's memory limit (ulimit -v, Slurm's "
+                                  "VSizeFactor), then resubmit.")
+    for candidate, result in results.items():
         if result.valid:
             valid[candidate.name] = result
         else:

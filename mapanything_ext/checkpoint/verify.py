@@ -6,11 +6,19 @@ rot, a flipped byte, a torn write); loads with weights_only=True and mmap=True (
 pickle that would run code is refused here, never executed; tensors stay on disk);
 is one of our checkpoints (required keys, format version); the tensor manifest
 matches; every floating tensor is finite; epoch and position are in range.
+
+Only such a proven content fault makes a file invalid. An error of the machine while reading (an
+OSError such as EIO or ESTALE on NFS, ENOMEM from mmap under `ulimit -v` or Slurm's VSizeFactor, a
+MemoryError) says nothing about the file: it is retried (READ_ATTEMPTS, a second apart), then the
+result says `read_error` (valid False), and nothing may quarantine the file for it.
 """
 
 from __future__ import annotations
 
+import errno
+import os
 import pickle
+import time
 import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,6 +38,10 @@ class CheckResult:
     # The position it resumes at (None for files without one): newer = larger (global_step, epoch_complete).
     global_step: int | None = None
     epoch_complete: bool | None = None
+    # The machine failed to read it (OS or memory error), which proves nothing about its content.
+    read_error: bool = False
+    # A whole archive that is not in our format (MapAnything's own checkpoints, a plain state dict).
+    foreign: bool = False
 
     def position_key(self) -> tuple:
         return (self.global_step if self.global_step is not None else -1, bool(self.epoch_complete))
@@ -38,8 +50,42 @@ class CheckResult:
         return asdict(self)
 
 
+READ_ATTEMPTS = 3
+# torch reports some OS errors of a load (mmap) inside a RuntimeError's text only.
+_OS_ERROR_TEXTS = tuple(os.strerror(code) for code in (errno.ENOMEM, errno.EIO, errno.ESTALE, errno.EAGAIN,
+                                                       errno.EINTR, errno.ENOBUFS, errno.ETIMEDOUT))
+
+
+class CheckpointReadError(OSError):
+    """The machine could not read the file (not a fault of the file): never a reason to quarantine it."""
+
+
 def verify_checkpoint(path) -> CheckResult:
-    path = Path(path)
+    """The file's verdict; a read error of the machine is retried, then reported as `read_error`."""
+    for attempt in range(READ_ATTEMPTS):
+        try:
+            return _verify_once(Path(path))
+        except CheckpointReadError as err:
+            failure = err
+            if attempt + 1 < READ_ATTEMPTS:
+                time.sleep(1.0)
+    size = Path(path).stat().st_size if Path(path).is_file() else 0
+    return CheckResult(str(path), False, f"read error (not a fault of the file; {READ_ATTEMPTS} attempts): "
+                                         f"{failure}", size=size, read_error=True)
+
+
+def _read_failure(err: BaseException) -> CheckpointReadError | None:
+    """err as a read failure of the machine, or None when it speaks about the file's content."""
+    if isinstance(err, MemoryError):
+        return CheckpointReadError(f"MemoryError: {_first_line(err) or 'out of memory'}")
+    if isinstance(err, OSError) and err.errno is not None:
+        return CheckpointReadError(f"{errno.errorcode.get(err.errno, err.errno)}: {err.strerror or err}")
+    if isinstance(err, RuntimeError) and any(text in str(err) for text in _OS_ERROR_TEXTS):
+        return CheckpointReadError(_first_line(err))
+    return None
+
+
+def _verify_once(path: Path) -> CheckResult:
     if not path.is_file():
         return CheckResult(str(path), False, "unreadable: no such file")
     size = path.stat().st_size
@@ -51,15 +97,21 @@ def verify_checkpoint(path) -> CheckResult:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as err:
-        return CheckResult(str(path), False, f"not a checkpoint we wrote: refuses weights_only loading ({_first_line(err)})", size=size)
+        return CheckResult(str(path), False, f"not a checkpoint we wrote: refuses weights_only loading ({_first_line(err)})", size=size,
+                           foreign=True)
     except Exception as err:  # torch raises RuntimeError/EOFError/... for damaged archives
+        if failure := _read_failure(err):
+            raise failure from err
         return CheckResult(str(path), False, f"unreadable: {_first_line(err)}", size=size)
+    except MemoryError as err:
+        raise _read_failure(err) from err
     problem = _content_problem(ckpt)
+    foreign = not isinstance(ckpt, dict) or "format_version" not in ckpt or "integrity" not in ckpt
     epoch = ckpt.get("epoch") if isinstance(ckpt, dict) else None
     resume = ckpt.get("resume") if isinstance(ckpt, dict) else None
     resume = resume if isinstance(resume, dict) else {}
     return CheckResult(str(path), problem is None, problem or "ok", epoch if isinstance(epoch, int) else None, size,
-                       resume.get("global_step"), resume.get("epoch_complete"))
+                       resume.get("global_step"), resume.get("epoch_complete"), foreign=foreign)
 
 
 def archive_problem(path: Path) -> str | None:
@@ -69,7 +121,11 @@ def archive_problem(path: Path) -> str | None:
             bad = archive.testzip()  # reads every record in chunks and checks its CRC-32
     except zipfile.BadZipFile:
         return "truncated or not a checkpoint: not a torch zip archive (torn write, text or legacy file)"
-    except (OSError, EOFError) as err:
+    except (OSError, MemoryError) as err:
+        if failure := _read_failure(err):
+            raise failure from err
+        return f"unreadable: {err}"
+    except EOFError as err:
         return f"unreadable: {err}"
     if bad is not None:
         return f"integrity mismatch: CRC-32 of record {bad!r} does not match (corrupted bytes)"

@@ -8,7 +8,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import default_collate
 
-from mapanything_ext.checkpoint import load_checkpoint
+from mapanything_ext.checkpoint.load import load_verified
 from mapanything_ext.models.pretrained import load_pretrained
 from mapanything_ext.models.registry import build_model
 
@@ -17,7 +17,7 @@ def load_model(path, model_cfg: DictConfig, device: torch.device, trust_foreign:
     """Our checkpoints rebuild the architecture they were trained with (their `args.model`);
     anything else (official MapAnything weights) is loaded into `model_cfg`'s architecture."""
     path = Path(path)
-    ckpt = load_checkpoint(path, trust_foreign=trust_foreign)
+    ckpt = load_verified(path, trust_foreign)
     own_args = ckpt.get("args", {}).get("model") if isinstance(ckpt.get("args"), dict) else None
     if own_args is not None and "model" in ckpt:
         cfg = OmegaConf.create({**own_args, "pretrained": None})

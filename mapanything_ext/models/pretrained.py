@@ -1,7 +1,8 @@
 """`model.pretrained`: initialise a model from an earlier stage or from published weights.
 
 Accepted:
-  our checkpoints (checkpoint-best.pth of an earlier stage)  weights_only load, verified first
+  our checkpoints (checkpoint-best.pth of an earlier stage)  weights_only load, verified first (a damaged one
+                                                              is refused, naming its fault)
   MapAnything-style .pth ({"model": state_dict, "args": ...})  full unpickling: needs
                                                               trust_foreign_checkpoints=true
   a Hugging Face model folder or a model.safetensors file     needs the `safetensors` package
@@ -21,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mapanything_ext.checkpoint import load_checkpoint, verify_checkpoint
+from mapanything_ext.checkpoint.load import load_verified
 from mapanything_ext.console import say
 
 MIN_MATCHED_FRACTION = 0.5
@@ -43,9 +44,7 @@ def read_state_dict(path, trust_foreign: bool = False) -> dict:
         except ImportError:
             raise PretrainedLoadError(f"{path}: reading .safetensors needs `pip install safetensors`") from None
         return load_file(str(path))
-    if verify_checkpoint(path).valid:  # one of ours: proven good before use; its optimizer state stays on disk
-        return load_checkpoint(path, mmap=True)["model"]
-    ckpt = load_checkpoint(path, trust_foreign=trust_foreign)
+    ckpt = load_verified(path, trust_foreign)  # ours: proven good first, its optimizer state left on disk
     return ckpt.get("model", ckpt) if isinstance(ckpt, dict) else ckpt
 
 
