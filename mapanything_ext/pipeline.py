@@ -155,17 +155,25 @@ def run_local(steps, nproc_per_node: int | None = None, export: bool = False) ->
             export_stage(output_dir)
 
 
-def wait_for_jobs(job_ids: list[str], poll_s: float = 5.0) -> None:
-    """Until every job has ended; PipelineError naming those that did not complete."""
+def wait_for_jobs(job_ids: list[str], poll_s: float = 5.0, unreadable_s: float = 600.0) -> None:
+    """Until every job has ended; PipelineError naming those that did not complete, or when Slurm has
+    not answered about a job for unreadable_s (the jobs go on; `status` or sacct tells their end)."""
     from mapanything_ext.cluster.slurm_jobs import job_state
 
     ended: dict[str, str] = {}
+    last_answer = time.monotonic()
     while len(ended) < len(job_ids):
         for job in job_ids:
             if job in ended:
                 continue
             found = job_state(job)
-            if found is not None and not found.active:
+            if found is None:
+                if time.monotonic() - last_answer > unreadable_s:
+                    raise PipelineError(f"no Slurm controller has answered about job {job} for {unreadable_s:.0f}s "
+                                        f"(sacct and scontrol failed): stopped waiting; the jobs themselves go on")
+                continue
+            last_answer = time.monotonic()
+            if not found.active:
                 ended[job] = found.state or "GONE (forgotten by Slurm)"
                 print(f"[pipeline] Slurm job {job}: {ended[job]}", flush=True)
         if len(ended) < len(job_ids):

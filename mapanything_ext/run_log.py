@@ -52,6 +52,22 @@ def tee_console(output_dir: Path):
     return stop
 
 
+def write_hydra_record(output_dir: Path, cfg) -> None:
+    """<output_dir>/.hydra/{config,overrides,hydra}.yaml, as Hydra's output_subdir would write them, by
+    the job that holds the run folder's lock (Hydra itself writes nothing there: configs/train.yaml)."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    if not HydraConfig.initialized():  # train() called from Python: no Hydra run to record
+        return
+    hydra_cfg = HydraConfig.get()
+    folder = Path(output_dir) / ".hydra"
+    folder.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, folder / "config.yaml")
+    OmegaConf.save(OmegaConf.create(list(hydra_cfg.overrides.task)), folder / "overrides.yaml")
+    OmegaConf.save(OmegaConf.create({"hydra": hydra_cfg}), folder / "hydra.yaml")
+
+
 def read_epoch_records(run: Path) -> list[dict]:
     """The epoch records of a run's log.txt (a run folder, or the log file itself: ours or one written
     by MapAnything's own loop), oldest first."""

@@ -92,3 +92,25 @@ def test_temporary_names_are_unique_per_writer(tmp_path):
                             f"import temp_path_for; print(temp_path_for(Path({str(target)!r})).name)"],
                            cwd=REPO, capture_output=True, text=True).stdout.strip()
     assert other and other != here
+
+
+def test_a_run_refused_for_a_busy_folder_writes_nothing_there(synthetic_root, tmp_path):
+    out = tmp_path / "live"
+    out.mkdir()
+    (out / ".hydra").mkdir()
+    (out / ".hydra" / "overrides.yaml").write_text("- the live run's overrides\n")
+    (out / run_lock.LOCK_NAME).write_text(json.dumps({**run_lock.me(), "pid": os.getpid()}))  # alive: this test
+    before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.rglob("*") if p.is_file()}
+    proc = run_training(tiny_overrides(synthetic_root, out, "train_params.epochs=1", "train_params.lr=5e-3"))
+    assert proc.returncode != 0 and "RunFolderBusy" in proc.stderr, proc.stderr[-2000:]
+    after = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.rglob("*") if p.is_file()}
+    assert after == before
+
+
+def test_a_run_records_its_hydra_config_once_it_holds_the_folder(synthetic_root, tmp_path):
+    out = tmp_path / "run"
+    proc = run_training(tiny_overrides(synthetic_root, out, "train_params.epochs=1", "train_params.lr=5e-3"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "train_params.lr=5e-3" in (out / ".hydra" / "overrides.yaml").read_text()
+    assert "lr: 0.005" in (out / ".hydra" / "config.yaml").read_text()
+    assert (out / ".hydra" / "hydra.yaml").is_file()

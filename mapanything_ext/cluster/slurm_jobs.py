@@ -10,9 +10,16 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 
-# States in which a job has not ended yet (it may still run, or run again after a requeue).
+# Every job state of Slurm's documentation (squeue(1) and sacct(1), JOB STATE CODES; tests compare with
+# the installed man pages), in two classes. ACTIVE: the job has not ended: it runs, waits, is held, or may
+# run again after a requeue (SPECIAL_EXIT: requeued and held until released).
 ACTIVE = frozenset({"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "REQUEUED", "REQUEUE_HOLD",
-                    "REQUEUE_FED", "RESIZING", "PREEMPTED"})
+                    "REQUEUE_FED", "RESIZING", "SIGNALING", "STAGE_OUT", "STOPPED", "RESV_DEL_HOLD",
+                    "SPECIAL_EXIT"})
+# ENDED: final. PREEMPTED is final too: a requeued job's latest record is PENDING or RUNNING again, so a
+# job whose latest record says PREEMPTED was cancelled by the preemption (PreemptMode=CANCEL).
+ENDED = frozenset({"BOOT_FAIL", "CANCELLED", "COMPLETED", "DEADLINE", "FAILED", "NODE_FAIL", "OUT_OF_MEMORY",
+                   "PREEMPTED", "REVOKED", "TIMEOUT"})
 
 
 @dataclass
@@ -22,7 +29,8 @@ class JobState:
 
     @property
     def active(self) -> bool:
-        return self.state in ACTIVE
+        """Not ended; a state Slurm adds after these lists counts as not ended (never judged dead)."""
+        return self.state in ACTIVE or (self.state != "" and self.state not in ENDED)
 
 
 def job_state(job_id: str) -> JobState | None:

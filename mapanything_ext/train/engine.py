@@ -31,8 +31,7 @@ from mapanything_ext.cluster import faults, run_lock
 from mapanything_ext.cluster.preemption import PreemptionWatcher, StopPoint, restarts_so_far
 from mapanything_ext.console import say, warn
 from mapanything_ext.models import offline
-from mapanything_ext.run_log import (Scalars, report_failure,
-                                     report_previous_job, tee_console)
+from mapanything_ext.run_log import Scalars, report_failure, report_previous_job, tee_console, write_hydra_record
 from mapanything_ext.train.compile_cache import CompileCache, start_compile_workers
 from mapanything_ext.train.build import (StartupClock, build_run, choose_loss_impl, first_sample_views,
                                          settle_ddp_buckets)
@@ -62,6 +61,8 @@ def train(cfg: DictConfig) -> Path:
     output_dir = Path(cfg.output_dir)
     lock, lock_note = _lock_run_folder(output_dir, info)
     untee = tee_console(output_dir) if info.rank == 0 else None
+    if info.rank == 0:
+        write_hydra_record(output_dir, cfg)
     try:
         _job(cfg, info, output_dir, started_at, lock_note, watcher)
     except SystemExit:
