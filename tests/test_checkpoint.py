@@ -313,3 +313,20 @@ def test_a_damaged_checkpoint_of_ours_is_never_used_as_weights(tmp_path):
     foreign = tmp_path / "their.pth"  # a whole archive not in our format still loads (trusted or not needed)
     torch.save({"model": {"weight": torch.ones(1, 1000), "bias": torch.zeros(1)}}, foreign)
     assert load_pretrained(model, foreign)["loaded"] == 2
+
+
+def test_check_ckpt_quarantines_nothing_in_a_folder_a_live_job_writes(tmp_path):
+    from mapanything_ext.cluster import run_lock
+
+    save_on_master(state(), tmp_path / "checkpoint-last.pth")
+    being_written = tmp_path / "checkpoint-last.pth.node1-77.tmp"  # the live job's save in progress
+    being_written.write_bytes(b"half of the next checkpoint")
+    (tmp_path / run_lock.LOCK_NAME).write_text(json.dumps({**run_lock.me(), "pid": os.getpid()}))
+    cmd = [sys.executable, str(REPO / "tools" / "check_ckpt.py"), str(tmp_path), "--quarantine"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 2 and f"{tmp_path} is in use by pid {os.getpid()}" in proc.stderr, proc.stderr
+    assert being_written.is_file() and not (tmp_path / "quarantine").exists()
+    (tmp_path / run_lock.LOCK_NAME).unlink()  # the job has stopped
+    assert subprocess.run(cmd, cwd=REPO, capture_output=True, text=True).returncode == 1
+    assert not being_written.exists() and (tmp_path / "quarantine").is_dir()
+

@@ -69,6 +69,7 @@ def save_on_master(obj: dict, path) -> Path | None:
     tmp = temp_path_for(path)
     # The zip records' CRC-32 is our integrity record: make sure torch computes it.
     serialization_config.save.compute_crc32 = True
+    retired = None
     try:
         with open(tmp, "wb") as handle:
             torch.save(stamp(obj), handle)
@@ -77,8 +78,10 @@ def save_on_master(obj: dict, path) -> Path | None:
         retired = _retire(path)
         os.replace(tmp, path)
         _fsync_dir(path.parent)
-    except (OSError, RuntimeError) as err:
+    except (OSError, RuntimeError) as err:  # leave nothing of ours behind: the temp file, the retired name
         _remove_quietly(tmp)
+        if retired is not None:
+            _remove_quietly(retired)
         raise CheckpointWriteError(
             f"could not write checkpoint {path}: {err}. The previous file at that path (if any) is untouched."
         ) from err
@@ -95,6 +98,7 @@ def link_on_master(source, path) -> Path | None:
         return None
     source, path = Path(source), Path(path)
     tmp = temp_path_for(path)
+    retired = None
     try:
         _remove_quietly(tmp)
         try:
@@ -108,6 +112,8 @@ def link_on_master(source, path) -> Path | None:
         _fsync_dir(path.parent)
     except OSError as err:
         _remove_quietly(tmp)
+        if retired is not None:
+            _remove_quietly(retired)
         raise CheckpointWriteError(f"could not give checkpoint {source} the name {path}: {err}. The previous file "
                                    f"at that path (if any) is untouched.") from err
     if retired is not None:

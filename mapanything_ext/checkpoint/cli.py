@@ -9,8 +9,10 @@ file (hard links: last, best, final) are read once. One line per file: status, e
 reason (status OK, BAD, or ERR: the machine could not read it, an OS or memory error that
 proves nothing about the file); or one JSON document with --json. --quarantine moves every
 BAD file and *.tmp leftover into <its directory>/quarantine/<UTC timestamp>/ with a reason
-file, exactly as a resuming job does (never an ERR file). Exit status: 0 all valid, 1 something invalid,
-2 usage error. Needs no GPU; tensors are memory-mapped, never loaded twice.
+file, exactly as a resuming job does (never an ERR file), and nothing at all while a live job
+holds one of the run folders (its lock: the .tmp may be its save in progress). Exit status: 0 all
+valid, 1 something invalid, 2 usage error or a live run folder with --quarantine. Needs no GPU;
+tensors are memory-mapped, never loaded twice.
 """
 
 from __future__ import annotations
@@ -77,6 +79,11 @@ def main(argv=None) -> int:
         print(f"check_ckpt: {err}", file=sys.stderr)
         return 2
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+    if args.quarantine and (busy := live_writers(files)):
+        print(f"check_ckpt: not quarantining anything: {'; '.join(busy)}. A running job writes its checkpoints "
+              f"(and their .tmp files) there; run --quarantine once it has stopped (a resume quarantines by itself).",
+              file=sys.stderr)
+        return 2
     results = []
     checked = check_all(files)
     for path in files:
@@ -94,6 +101,18 @@ def main(argv=None) -> int:
     elif not files:
         print("no checkpoint found")
     return 0 if all(r["valid"] for r in results) else 1
+
+
+def live_writers(files: list[Path]) -> list[str]:
+    """The run folders among files' folders whose lock a live job holds (cluster/run_lock.py)."""
+    from mapanything_ext.cluster import run_lock
+
+    busy = []
+    for folder in sorted({path.parent for path in files}):
+        lock = folder / run_lock.LOCK_NAME
+        if lock.exists() and run_lock.judge(holder := run_lock.read_holder(lock)) == "alive":
+            busy.append(f"{folder} is in use by {run_lock.describe(holder)}")
+    return busy
 
 
 if __name__ == "__main__":

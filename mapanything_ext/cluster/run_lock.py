@@ -51,11 +51,11 @@ def acquire(folder) -> tuple[Path, str | None]:
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
-            holder = _read(path)
+            holder = read_holder(path)
             verdict = judge(holder)
             if verdict == "alive":
                 raise RunFolderBusy(
-                    f"run folder {folder} is in use by {_describe(holder)}: one job writes a run folder at a time. "
+                    f"run folder {folder} is in use by {describe(holder)}: one job writes a run folder at a time. "
                     f"Stop that job, or give this one another output_dir. If it is certainly dead, delete {path}."
                 ) from None
             stale = path.with_name(f"{LOCK_NAME}.stale-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}")
@@ -63,7 +63,7 @@ def acquire(folder) -> tuple[Path, str | None]:
                 os.rename(path, stale)
             except FileNotFoundError:  # another job took it over first; try again
                 continue
-            note = (f"took over the lock of {folder} from {_describe(holder)} ({verdict}); "
+            note = (f"took over the lock of {folder} from {describe(holder)} ({verdict}); "
                     f"its lock file is kept as {stale.name}")
             continue
         with os.fdopen(fd, "w") as handle:
@@ -76,7 +76,7 @@ def acquire(folder) -> tuple[Path, str | None]:
 
 def release(path: Path) -> None:
     """Give the lock back, if it is still ours."""
-    holder = _read(path)
+    holder = read_holder(path)
     if holder.get("host") == socket.gethostname() and holder.get("pid") == os.getpid():
         try:
             path.unlink()
@@ -110,14 +110,14 @@ def _by_pid(holder: dict) -> str:
     return "alive"
 
 
-def _read(path: Path) -> dict:
+def read_holder(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
 
 
-def _describe(holder: dict) -> str:
+def describe(holder: dict) -> str:
     if not holder:
         return "a job whose lock file is empty (it may be starting right now)"
     slurm = f", Slurm job {holder['slurm_job_id']}" if holder.get("slurm_job_id") else ""
