@@ -87,7 +87,9 @@ class TrainParams:
     keep_freq: int = 10
     # Steps between progress scalars (TensorBoard) and console lines.
     print_freq: int = 20
-    resume: bool = True
+    # Resume from output_dir's newest good checkpoint: true; false: start over; force: resume even where
+    # settings that change what is trained differ from the checkpoint's (train/settings_check.py).
+    resume: Any = True
     # A training checkpoint of MapAnything's own loop (its checkpoint-last.pth) to continue as this run
     # when output_dir has no checkpoint of ours yet: same epoch, optimizer moments and LR position. Its
     # args are pickled, so it needs trust_foreign_checkpoints=true. Give this run a new output_dir.
@@ -116,6 +118,8 @@ class TrainParams:
                 yield f"train_params schedule_type {schedule!r} ({name}) is not implemented: use {SCHEDULES[0]}"
             if sub.lr is not None and sub.lr < 0:
                 yield f"train_params lr of {name} is {sub.lr}: it must be >= 0 (0 freezes a submodule)"
+        if self.resume not in (True, False, "force"):
+            yield f"train_params.resume={self.resume!r}: true, false or force"
         if self.accum_iter < 1:
             yield f"train_params.accum_iter={self.accum_iter}: it must be >= 1"
         if self.max_num_of_imgs_per_gpu < 1:

@@ -39,6 +39,7 @@ class Run:
     scalars: Scalars | None = None  # opened once the resume position is known
     first_step_reported: bool = False
     saved_step: int = 0  # global step of the newest state on disk (a fresh start: 0, nothing to save)
+    pretrained_fingerprint: str | None = None  # content of the model.pretrained file the run started from
 
 
 def autocast_dtype(tp: TrainParams, device: torch.device) -> torch.dtype | None:

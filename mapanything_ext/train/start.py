@@ -10,7 +10,7 @@ from pathlib import Path
 from mapanything_ext.checkpoint import prepare_resume
 from mapanything_ext.console import say
 from mapanything_ext.run_log import read_epoch_records
-from mapanything_ext.train import state
+from mapanything_ext.train import settings_check, state
 from mapanything_ext.train.epoch_end import record_epoch
 from mapanything_ext.train.evaluation_loop import test_statistics
 from mapanything_ext.train.run import Run
@@ -35,6 +35,7 @@ def restore_or_start(run: Run, chosen: Future | None = None) -> tuple[Position, 
             from mapanything_ext.models.pretrained import load_pretrained
 
             load_pretrained(run.module, pretrained, trust_foreign=trust)
+            run.pretrained_fingerprint = settings_check.fingerprint(pretrained)
         return Position(), False
     position, notes = state.restore(run, resume_from)
     run.saved_step = position.global_step

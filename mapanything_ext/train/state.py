@@ -18,7 +18,7 @@ from pathlib import Path
 from mapanything_ext.checkpoint import load_checkpoint
 from mapanything_ext.cluster import distributed as dist
 from mapanything_ext.config import to_plain
-from mapanything_ext.train import rng_state
+from mapanything_ext.train import rng_state, settings_check
 
 
 @dataclass
@@ -58,7 +58,8 @@ def checkpoint_of(run, position: Position) -> dict:
         "args": to_plain(run.cfg),
         "resume": {"epoch": position.epoch, "consumed": position.consumed, "epoch_complete": position.epoch_complete,
                    "global_step": position.global_step, "sampler": sampler, "rng": rng,
-                   "sums": dict(position.sums), "count": position.count, "counters": dict(position.counters)},
+                   "sums": dict(position.sums), "count": position.count, "counters": dict(position.counters),
+                   "pretrained_fingerprint": run.pretrained_fingerprint},
     }
 
 
@@ -66,6 +67,8 @@ def restore(run, path: Path) -> tuple[Position, list[str]]:
     """Model, optimizer, RNG and sampler of `run` as the checkpoint at `path` left them; returns the
     position and notes for the console (a changed world size, say)."""
     ckpt = load_checkpoint(path, map_location="cpu", mmap=True)
+    run.pretrained_fingerprint = ckpt["resume"].get("pretrained_fingerprint")
+    changes = settings_check.compare(ckpt["args"], run.cfg, run.pretrained_fingerprint, run.tp.resume == "force")
     try:
         run.module.load_state_dict(ckpt["model"])
     except RuntimeError as err:
@@ -92,7 +95,7 @@ def restore(run, path: Path) -> tuple[Position, list[str]]:
     else:
         sampler_state = {**state["sampler"], "consumed": position.consumed, "epoch": position.epoch}
         notes.append(run.train_loader.batch_sampler.load_state_dict(sampler_state))
-    return position, [note for note in notes if note]
+    return position, [note for note in changes + notes if note]
 
 
 class ContinuationError(RuntimeError):
