@@ -98,3 +98,16 @@ def test_evaluation_deals_every_batch_once_whatever_the_world_size(world):
                                        lockstep=False)) for r in range(world)]
     assert sorted(tuple(b) for share in shares for b in share) == everything  # nothing dropped, nothing twice
     assert max(map(len, shares)) - min(map(len, shares)) <= 1
+
+
+def test_a_world_size_change_under_max_steps_uses_every_batch_of_the_epoch_once():
+    two = [DynamicBatchSampler(40, lambda i: 4, 8, rank=r, world_size=2, batch_size=2, max_steps=3) for r in (0, 1)]
+    for sampler in two:
+        sampler.set_epoch(1)
+    epoch = [batch for pair in zip(*map(list, two)) for batch in pair]
+    assert len(epoch) == 6  # 3 steps x 2 ranks
+    one = DynamicBatchSampler(40, lambda i: 4, 8, rank=0, world_size=1, batch_size=2, max_steps=3)
+    one.load_state_dict(two[0].state_dict(consumed=2))  # one step done at world size 2
+    assert list(one) == epoch[2:]  # the 4 batches left, none skipped
+    one.set_epoch(2)  # the next epoch has max_steps at the new world size
+    assert len(one) == 3

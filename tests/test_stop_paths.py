@@ -112,13 +112,14 @@ def test_tensorboard_after_a_replayed_epoch_has_each_step_once(synthetic_root, t
     assert run(synthetic_root, out, tmp_path, 1, None, "train_params.epochs=1", *extra) == [0]
     kept = tmp_path / "epoch0.pth"
     kept.write_bytes((out / "checkpoint-last.pth").read_bytes())
-    assert run(synthetic_root, out, tmp_path, 1, None, "train_params.epochs=2", *extra) == [0]
+    longer = ("train_params.epochs=2", "train_params.resume=force")  # the run extended: a changed schedule
+    assert run(synthetic_root, out, tmp_path, 1, None, *longer, *extra) == [0]
     first_pass = tensorboard_steps(out, "train_loss")
     # as if the process had died after logging epoch 1 but before any checkpoint of it
     for name in ("checkpoint-last.pth", "checkpoint-best.pth", "checkpoint-final.pth"):
         (out / name).unlink(missing_ok=True)
     (out / "checkpoint-last.pth").write_bytes(kept.read_bytes())
-    assert run(synthetic_root, out, tmp_path, 1, None, "train_params.epochs=2", *extra) == [0]
+    assert run(synthetic_root, out, tmp_path, 1, None, *longer, *extra) == [0]
     steps = [step for step, _ in tensorboard_steps(out, "train_loss")]
     assert steps == sorted(set(steps)) == [step for step, _ in first_pass]  # each step once, none lost
     epochs = [step for step, _ in tensorboard_steps(out, "OPV2VDataset_loss_med")]

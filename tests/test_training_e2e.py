@@ -42,9 +42,9 @@ def test_stage1_learns_and_writes_everything(synthetic_root, tmp_path):
     assert again.returncode == 0 and "resumed from" in again.stdout and "saved" not in again.stdout
     assert "[startup] checkpoint chosen, verified and loaded (the rest of it): " in again.stdout
     assert len(records(out)) == 8
-    # resuming with a different model is refused with a message, not a tensor-shape traceback
+    # resuming with a different model is refused with a message naming the change, not a tensor-shape traceback
     other = run_training(overrides + ["model.dim=32"])
-    assert other.returncode != 0 and "different model configuration" in other.stderr
+    assert other.returncode != 0 and "SettingsChanged" in other.stderr and "model.dim: 64 -> 32" in other.stderr
 
 
 def test_loss_instability_stops_without_writing_checkpoints(synthetic_root, tmp_path):

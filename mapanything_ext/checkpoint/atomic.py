@@ -59,8 +59,10 @@ def check_free_space(obj: dict, path: Path) -> int:
     return needed
 
 
-def save_on_master(obj: dict, path) -> Path | None:
-    """Write obj atomically to path on global rank 0; other ranks do nothing (and return None)."""
+def save_on_master(obj: dict, path, keep_previous_as=None) -> Path | None:
+    """Write obj atomically to path on global rank 0; other ranks do nothing (and return None).
+    keep_previous_as: the file path held before keeps this name (a hard link: no copy), so one older
+    state survives a damaged new one; without hard links it is not kept."""
     if dist.get_rank() != 0:
         return None
     path = Path(path)
@@ -85,7 +87,10 @@ def save_on_master(obj: dict, path) -> Path | None:
         raise CheckpointWriteError(
             f"could not write checkpoint {path}: {err}. The previous file at that path (if any) is untouched."
         ) from err
-    if retired is not None:
+    if retired is not None and keep_previous_as is not None:
+        os.replace(retired, keep_previous_as)
+        _fsync_dir(path.parent)
+    elif retired is not None:
         # Freeing a multi-GB file's blocks takes ~1 s on some filesystems: do it off the training path.
         threading.Thread(target=_remove_quietly, args=(retired,), daemon=True).start()
     return path

@@ -26,10 +26,10 @@ from mapanything_ext.console import say
 
 # Our checkpoint names, and the temporary files of their interrupted saves: the only files a resume
 # sweeps (an official weights file or a user's .pth in the run folder is never touched).
-_NAMES = re.compile(r"^checkpoint-(last|final|best|\d+)\.pth$")
-_OUR_TEMPORARY = re.compile(r"^checkpoint-(last|final|best|\d+)\.pth\..+\.tmp$")
+_NAMES = re.compile(r"^checkpoint-(last|final|best|previous|\d+)\.pth$")
+_OUR_TEMPORARY = re.compile(r"^checkpoint-(last|final|best|previous|\d+)\.pth\..+\.tmp$")
 # Among files of the same position, the one we name first (they hold the same state).
-_PREFERENCE = ("last", "final", "numbered", "best")
+_PREFERENCE = ("last", "final", "numbered", "best", "previous")
 
 
 def quarantine(path: Path, reason: str, output_dir: Path, stamp: str | None = None) -> Path:

@@ -92,6 +92,9 @@ class DynamicBatchSampler(Sampler[list[int]]):
                              "set (train_params.batching=mapanything); a test set takes one resolution and num_views")
         self.epoch = 0
         self.consumed = 0  # batches of this epoch's global list used before the next pass
+        # (epoch, global batches) of an epoch resumed at another world size under max_steps: the epoch
+        # keeps the length it had when it started (max_steps x the world size then)
+        self._resumed_cut: tuple[int, int] | None = None
         self._counts = np.array([views_of(i) for i in range(num_samples)], dtype=np.int64)
         self._uniform = len(np.unique(self._counts)) == 1
         if not self.batch_size:
@@ -158,7 +161,8 @@ class DynamicBatchSampler(Sampler[list[int]]):
         else:  # by view count (also an evaluation of mixed view counts with MapAnything's batch size)
             batches = self._view_count_batches()
         if self.max_steps:
-            batches = batches[:self.max_steps * self.world_size]
+            resumed = self._resumed_cut and self._resumed_cut[0] == self.epoch
+            batches = batches[:self._resumed_cut[1] if resumed else self.max_steps * self.world_size]
         return batches
 
     def _mapanything_batches(self) -> list[list[tuple]]:
@@ -255,6 +259,8 @@ class DynamicBatchSampler(Sampler[list[int]]):
         self.epoch, self.consumed = int(state["epoch"]), int(state["consumed"])
         saved_world = int(state.get("world_size", self.world_size))
         if saved_world != self.world_size:
+            if self.max_steps:
+                self._resumed_cut = (self.epoch, self.max_steps * saved_world)
             return (f"world size changed from {saved_world} to {self.world_size}: epoch {self.epoch} continues at "
                     f"global batch {self.consumed} of {self.epoch_batches()}, each remaining batch once")
         return None

@@ -7,14 +7,17 @@ lowest so far, checkpoint-<e> every keep_freq, checkpoint-final after the last e
 
 from __future__ import annotations
 
+import os
 import re
+from pathlib import Path
 
 import torch
 
 from mapanything_ext.cluster import faults
 from mapanything_ext.cluster.preemption import StopPoint
 from mapanything_ext.console import say
-from mapanything_ext.run_log import append_epoch_record
+from mapanything_ext.checkpoint import link_on_master
+from mapanything_ext.run_log import append_epoch_record, read_epoch_records
 from mapanything_ext.train.run import Run
 from mapanything_ext.train.saving import save
 from mapanything_ext.train.state import Position
@@ -33,19 +36,43 @@ def end_epoch(run: Run, position: Position, record: dict, test_stats: dict | Non
     """Log the epoch, then save it once under every name due: last, best (lowest test loss_med),
     numbered every keep_freq epochs (checkpoint-<e>, e counted from 1), final after the last epoch."""
     done = position.epoch + 1  # epochs trained, MapAnything's count
-    last_epoch = done == int(run.tp.epochs)
     is_best = record_epoch(run, position, done, record, test_stats)
     say("mapanything_ext", f"epoch {done}: " + summary("", record))
     position.epoch_complete = True
-    names = [name for name, due in (
+    names = names_due(run, done, is_best)
+    if names:
+        faults.at(StopPoint.END_OF_EPOCH)
+        save(run, names, position)
+
+
+def names_due(run: Run, done: int, is_best: bool) -> list[str]:
+    """The names the state at the end of epoch `done` (counted from 1) is saved under."""
+    last_epoch = done == int(run.tp.epochs)
+    return [name for name, due in (
         ("checkpoint-last.pth", int(run.tp.save_freq) > 0 and done % int(run.tp.save_freq) == 0 or last_epoch),
         ("checkpoint-best.pth", is_best),
         (f"checkpoint-{done}.pth", int(run.tp.keep_freq) > 0 and done % int(run.tp.keep_freq) == 0),
         ("checkpoint-final.pth", last_epoch),
     ) if due]
-    if names:
-        faults.at(StopPoint.END_OF_EPOCH)
-        save(run, names, position)
+
+
+def repair_names(run: Run, position: Position, source: Path) -> list[str]:
+    """Resumed at the end of epoch `position.epoch`: give its state (the file `source`) every name that
+    epoch's saves were due to give it, where a job killed between those saves left a name missing or on
+    an older state (a stale checkpoint-best would start the next stage from the wrong weights). Returns
+    the names given again (rank 0 links; the others return [])."""
+    done = position.epoch
+    if position.consumed or done == 0 or run.info.rank != 0:
+        return []
+    record = next((r for r in read_epoch_records(run.output_dir) if r.get("epoch") == done), {})
+    was_best = record.get(f"{run.test_name}_loss_med") == position.best_so_far
+    repaired = []
+    for name in names_due(run, done, was_best):
+        target = run.output_dir / name
+        if not (target.exists() and os.path.samefile(target, source)):
+            link_on_master(source, target)
+            repaired.append(name)
+    return repaired
 
 
 def record_epoch(run: Run, position: Position, epochs_trained: int, record: dict, test_stats: dict | None) -> bool:

@@ -22,7 +22,10 @@ def save(run, names: list[str], position: Position) -> None:
     ckpt = checkpoint_of(run, position)
     started = time.perf_counter()
     first = run.output_dir / names[0]
-    save_on_master(ckpt, first)
+    # The state checkpoint-last held stays as checkpoint-previous: a damaged new file (one flipped bit in
+    # last, best and final when they are one file) then costs one save, never the run.
+    previous = run.output_dir / "checkpoint-previous.pth" if names[0] == "checkpoint-last.pth" else None
+    save_on_master(ckpt, first, keep_previous_as=previous)
     for name in names[1:]:
         link_on_master(first, run.output_dir / name)
     dist.barrier()

@@ -10,8 +10,7 @@ from pathlib import Path
 from mapanything_ext.checkpoint import prepare_resume
 from mapanything_ext.console import say
 from mapanything_ext.run_log import read_epoch_records
-from mapanything_ext.train import settings_check, state
-from mapanything_ext.train.epoch_end import record_epoch
+from mapanything_ext.train import epoch_end, settings_check, state
 from mapanything_ext.train.evaluation_loop import test_statistics
 from mapanything_ext.train.run import Run
 from mapanything_ext.train.saving import save
@@ -38,6 +37,10 @@ def restore_or_start(run: Run, chosen: Future | None = None) -> tuple[Position, 
             run.pretrained_fingerprint = settings_check.fingerprint(pretrained)
         return Position(), False
     position, notes = state.restore(run, resume_from)
+    repaired = epoch_end.repair_names(run, position, resume_from)
+    if repaired:
+        notes.append(f"{', '.join(repaired)} given the state of epoch {position.epoch}'s end again (a job stopped "
+                     f"between that epoch's saves had left them missing or on an older state)")
     run.saved_step = position.global_step
     say("mapanything_ext", f"resumed from {resume_from}: epoch {position.epoch + 1}, {position.consumed} batches of "
         f"it done, global step {position.global_step}")
@@ -65,7 +68,7 @@ def test_continued_run(run: Run, position: Position) -> None:
         stats = test_statistics(run.module, run.test_criterion, run.test_loader, run.info.device, run.autocast)
     record = {"epoch": position.epoch, **({f"{run.test_name}_{k}": v for k, v in stats.items()} if stats else {}),
               "continued_from": str(run.tp.resume_ckpt)}
-    best = record_epoch(run, position, position.epoch, record, stats)
+    best = epoch_end.record_epoch(run, position, position.epoch, record, stats)
     save(run, ["checkpoint-last.pth", *(["checkpoint-best.pth"] if best else [])], position)
 
 
