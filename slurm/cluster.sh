@@ -49,7 +49,31 @@ need() {
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
-running() { [ -f "$STATE/$1.pid" ] && kill -0 "$(cat "$STATE/$1.pid")" 2>/dev/null; }
+running() { [ -f "$STATE/$1.pid" ] && ours "$(cat "$STATE/$1.pid")"; }
+
+# A pid is ours when that process runs with this state folder in its command line or environment
+# (every daemon here is started so): a pid file can name any process, and stop must kill only ours.
+ours() { [ -n "$1" ] && kill -0 "$1" 2>/dev/null && grep -qaF -- "$STATE" "/proc/$1/cmdline" "/proc/$1/environ" 2>/dev/null; }
+
+# The state folder holds the munge key and the database password, and its pid files say what stop
+# kills: it must be this user's alone. Refuse one reached through a symbolic link, owned by someone
+# else, or writable by group or others, and a munge key this script did not make (ours: mode 400).
+check_state_dir() {
+  [ -e "$STATE" ] || [ -L "$STATE" ] || return 0
+  local why="" key=$STATE/munge/munge.key
+  if [ -L "$STATE" ]; then why="it is a symbolic link"
+  elif [ "$(stat -c %u "$STATE")" != "$(id -u)" ]; then why="it belongs to uid $(stat -c %u "$STATE"), not to you"
+  elif [ $((0$(stat -c %a "$STATE") & 022)) -ne 0 ]; then why="group or others may write it (mode $(stat -c %a "$STATE"))"
+  elif [ -f "$MARK" ] && [ "$(stat -c %u "$MARK")" != "$(id -u)" ]; then why="its marker file is not yours"
+  elif [ -e "$key" ] && { [ -L "$key" ] || [ "$(stat -c %u "$key")" != "$(id -u)" ] || [ "$(stat -c %a "$key")" != 400 ]; }; then
+    why="its munge key was not made by this script (owner $(stat -c %U "$key"), mode $(stat -c %a "$key"))"
+  fi
+  if [ -n "$why" ]; then
+    echo "cluster.sh: refusing the state folder $STATE: $why. Remove it (as its owner) or set" \
+         "MAPANYTHING_EXT_SLURM_DIR to a new folder." >&2
+    exit 1
+  fi
+}
 
 nodes_of() { [ -f "$STATE/nodes" ] && cat "$STATE/nodes" || echo 1; }
 
@@ -303,6 +327,7 @@ stop() {
                  "$STATE/munged.pid"; do
     [ -f "$pidfile" ] || continue
     pid=$(cat "$pidfile")
+    if ! ours "$pid"; then rm -f "$pidfile"; continue; fi  # gone, or not a process of this cluster
     kill "$pid" 2>/dev/null || true
     for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
     kill -9 "$pid" 2>/dev/null || true
@@ -326,6 +351,7 @@ status() {
 
 cmd=${1:-}
 shift || true
+check_state_dir
 case "$cmd" in
   start) start "$@" ;;
   stop) stop ;;

@@ -330,3 +330,20 @@ def test_check_ckpt_quarantines_nothing_in_a_folder_a_live_job_writes(tmp_path):
     assert subprocess.run(cmd, cwd=REPO, capture_output=True, text=True).returncode == 1
     assert not being_written.exists() and (tmp_path / "quarantine").is_dir()
 
+
+
+def test_the_quarantine_keeps_torn_temporary_files_of_its_newest_two_batches_only(tmp_path, capsys):
+    from mapanything_ext.checkpoint.quarantine import KEPT_TEMPORARY_BATCHES
+
+    for batch in range(4):
+        torn = tmp_path / f"checkpoint-last.pth.node1-{batch}.tmp"
+        with open(torn, "wb") as handle:  # sparse: the size of a torn 2 GB save, no disk used
+            handle.truncate(2_000_000_000)
+        quarantine(torn, "leftover temporary file of an interrupted save", tmp_path, f"2026120{batch}T000000Z")
+    bad = save_on_master(state(), tmp_path / "checkpoint-3.pth")
+    quarantine(bad, "integrity mismatch", tmp_path, "20261201T000001Z")  # an old batch's checkpoint: kept
+    left = sorted(p.relative_to(tmp_path / "quarantine").as_posix() for p in (tmp_path / "quarantine").rglob("*.tmp"))
+    assert KEPT_TEMPORARY_BATCHES == 2 and left == ["20261202T000000Z/checkpoint-last.pth.node1-2.tmp",
+                                                    "20261203T000000Z/checkpoint-last.pth.node1-3.tmp"]
+    assert (tmp_path / "quarantine" / "20261201T000001Z" / "checkpoint-3.pth").is_file()
+    assert "deleted 1 torn temporary file(s) of older quarantines (2.00 GB" in capsys.readouterr().err

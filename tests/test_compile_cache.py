@@ -235,3 +235,37 @@ def test_a_damaged_cache_is_repaired_not_loaded(requeued_run, synthetic_root, tm
     assert not (out / "compile_cache").exists()
     (_, hits, misses), = first_step_lines(out)
     assert hits + misses > 0 and "checkpoint-last.pth written at stop point train_step" in console
+
+
+@pytest.mark.parametrize("how", ["group_writable", "another_user", "symlink"])
+def test_a_cache_folder_others_could_write_code_into_is_not_used(tmp_path, how, capsys):
+    if os.geteuid() != 0 and how == "another_user":
+        pytest.skip("giving a folder to another user needs root")
+    root = tmp_path / "compile_cache"
+    if how == "symlink":
+        (tmp_path / "elsewhere").mkdir(mode=0o700)
+        root.symlink_to(tmp_path / "elsewhere")
+    else:
+        root.mkdir()
+        if how == "group_writable":
+            root.chmod(0o775)
+        else:
+            os.chown(root, 4242, 4242)
+    before = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    with CompileCache.for_run(cfg_of(), CPU, tmp_path) as cache:
+        assert cache.folder is None and os.environ.get("TORCHINDUCTOR_CACHE_DIR") == before
+    out = capsys.readouterr().out
+    reason = {"group_writable": "writable by group or others (mode 0o775)", "another_user": "belongs to uid 4242",
+              "symlink": "is a symbolic link"}[how]
+    assert f"[compile_cache] WARNING: not using {root}" in out and reason in out, out
+
+
+def test_a_cache_folder_the_job_makes_is_its_users_alone(tmp_path):
+    old = os.umask(0o002)  # a umask that would leave new folders group-writable
+    try:
+        with CompileCache.for_run(cfg_of(), CPU, tmp_path) as cache:
+            assert cache.folder is not None
+    finally:
+        os.umask(old)
+    for path in (tmp_path / "compile_cache", cache.folder.parent, cache.folder):
+        assert path.stat().st_mode & 0o777 == 0o700, path

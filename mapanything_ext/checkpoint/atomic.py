@@ -109,6 +109,7 @@ def link_on_master(source, path) -> Path | None:
         try:
             os.link(source, tmp)
         except OSError:  # no hard links here (some network filesystems): a full copy, fsynced
+            _check_room_for_copy(source, tmp)
             shutil.copyfile(source, tmp)
             with open(tmp, "rb+") as handle:
                 os.fsync(handle.fileno())
@@ -124,6 +125,14 @@ def link_on_master(source, path) -> Path | None:
     if retired is not None:
         threading.Thread(target=_remove_quietly, args=(retired,), daemon=True).start()
     return path
+
+
+def _check_room_for_copy(source: Path, tmp: Path) -> None:
+    needed = int(source.stat().st_size * (1 + SIZE_MARGIN_FRACTION)) + SIZE_MARGIN_BYTES
+    free = shutil.disk_usage(tmp.parent).free
+    if free < needed:
+        raise OSError(f"no hard links on this file system, and a copy of {source.name} needs about {needed:,} bytes "
+                      f"while {free:,} are free")
 
 
 def _retire(path: Path) -> Path | None:

@@ -42,7 +42,28 @@ def quarantine(path: Path, reason: str, output_dir: Path, stamp: str | None = No
     record = {"file": str(path), "moved_to": str(target), "reason": reason, "utc": stamp}
     (folder / f"{path.name}.reason.json").write_text(json.dumps(record, indent=1) + "\n")
     say("checkpoint", f"quarantined {path.name}: {reason} -> {target}", stderr=True)
+    _bound(Path(output_dir) / "quarantine")
     return target
+
+
+# Torn temporary files (a killed save leaves one as large as a checkpoint, 15 GB for MapAnything) are
+# kept from the newest KEPT_TEMPORARY_BATCHES quarantines only; older ones are deleted (said so), so a
+# run killed in many saves cannot fill its disk. Invalid checkpoints (.pth) are always kept.
+KEPT_TEMPORARY_BATCHES = 2
+
+
+def _bound(folder: Path) -> None:
+    batches = sorted(p for p in folder.iterdir() if p.is_dir())
+    old = [p for batch in batches[:-KEPT_TEMPORARY_BATCHES] for p in batch.iterdir() if p.name.endswith(".tmp")]
+    if not old:
+        return
+    freed = 0
+    for path in old:
+        freed += path.stat().st_size
+        path.unlink()
+        path.with_name(f"{path.name}.reason.json").unlink(missing_ok=True)
+    say("checkpoint", f"quarantine: deleted {len(old)} torn temporary file(s) of older quarantines ({freed / 1e9:.2f} "
+        f"GB; the newest {KEPT_TEMPORARY_BATCHES} quarantines keep theirs)", stderr=True)
 
 
 def verify_all(paths: list[Path]) -> dict[Path, CheckResult]:

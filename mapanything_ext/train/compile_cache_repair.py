@@ -79,13 +79,20 @@ def check_folder(folder: Path) -> tuple[int, int, int, list[str]]:
 
 def prepare(root: Path, folder: Path) -> str | None:
     """Create the folders (the root tagged as a cache); None if usable, else why not."""
+    parts = folder.relative_to(root).parts
+    chain = [root] + [root.joinpath(*parts[:i]) for i in range(1, len(parts) + 1)]  # root down to folder
+    made = [path for path in chain if not path.exists() and not path.is_symlink()]
     try:
         folder.mkdir(parents=True, exist_ok=True)
+        for path in made:  # ours, made now: nobody else may write code into them
+            path.chmod(0o700)
         tag = root / TAG_NAME
         if not tag.is_file():
             tag.write_text(_TAG)
     except OSError as err:
         return f"cannot create it: {err}"
+    if problem := unsafe(chain):
+        return problem
     probe = folder / f".flock-probe-{os.getpid()}"
     try:
         with open(probe, "w") as handle:
@@ -95,6 +102,22 @@ def prepare(root: Path, folder: Path) -> str | None:
         return f"its file system refuses file locks (flock: {err.strerror or err}), which Inductor's cache needs"
     finally:
         probe.unlink(missing_ok=True)
+    return None
+
+
+def unsafe(paths: list[Path]) -> str | None:
+    """Why code must not be loaded from these folders (Inductor and Triton import what they find there):
+    a symbolic link, a folder of another user, or one that group or others may write; else None."""
+    for path in paths:
+        if path.is_symlink():
+            return f"{path} is a symbolic link: the cache runs code from it, so it must be a folder of yours"
+        status = path.stat()
+        if status.st_uid != os.geteuid():
+            return (f"{path} belongs to uid {status.st_uid}, not to you (uid {os.geteuid()}): the cache runs code "
+                    f"from it")
+        if status.st_mode & 0o022:
+            return (f"{path} is writable by group or others (mode {oct(status.st_mode & 0o777)}): the cache runs "
+                    f"code from it; chmod go-w it if only you write there")
     return None
 
 
