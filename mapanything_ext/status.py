@@ -31,8 +31,12 @@ from mapanything_ext.run_log import read_epoch_records
 STAGES = ("stage1", "stage2", "stage3")
 _SLURM_STATES = {"PENDING": "queued", "CONFIGURING": "running", "RUNNING": "running", "COMPLETING": "running",
                  "COMPLETED": "done", "FAILED": "failed", "TIMEOUT": "failed", "CANCELLED": "failed",
-                 "NODE_FAIL": "failed", "OUT_OF_MEMORY": "failed", "PREEMPTED": "requeued", "REQUEUED": "requeued",
-                 "BOOT_FAIL": "failed", "DEADLINE": "failed"}
+                 "NODE_FAIL": "failed", "OUT_OF_MEMORY": "failed", "REQUEUED": "requeued", "REQUEUE_FED": "requeued",
+                 "BOOT_FAIL": "failed", "DEADLINE": "failed", "REVOKED": "failed", "SIGNALING": "running",
+                 "STAGE_OUT": "running", "RESIZING": "running", "SUSPENDED": "suspended", "STOPPED": "stopped by Slurm",
+                 "REQUEUE_HOLD": "queued (held)", "SPECIAL_EXIT": "queued (held)", "RESV_DEL_HOLD": "queued (held)",
+                 # a requeued job's latest record is PENDING/RUNNING again: PREEMPTED is a preemption that cancelled
+                 "PREEMPTED": "stopped (preempted by Slurm, not requeued; resubmit the command to resume)"}
 
 
 @dataclass
@@ -79,8 +83,10 @@ def status_of(name: str, folder: Path, epochs: int | None, verify: bool = False)
         status.notes.append(f"Slurm job {status.job}: {state}")
     elif (folder / "checkpoint-final.pth").exists():
         status.state = "done"
-    elif " FAILED: " in text:
+    elif " FAILED: " in (latest := _latest_attempt(text)):
         status.state = "failed"
+    elif "[preemption] SIGINT (Ctrl-C" in latest:
+        status.state = "interrupted (Ctrl-C; rerun the command to resume)"
     elif text:
         status.state = "stopped (no job known to Slurm; rerun the command to resume)"
     if status.failed:
@@ -88,6 +94,13 @@ def status_of(name: str, folder: Path, epochs: int | None, verify: bool = False)
         if lines:
             status.notes.append(lines[-1].strip()[:200])
     return status
+
+
+def _latest_attempt(text: str) -> str:
+    """console.log from the start of its latest job (each starts with its `output_dir:` line): an earlier
+    failure of a folder that has been rerun since is history, not its state."""
+    marker = "[mapanything_ext] output_dir: "
+    return text[text.rfind(marker):] if marker in text else text
 
 
 def _progress(status: StageStatus, folder: Path, epochs: int | None, verify: bool) -> None:

@@ -5,14 +5,16 @@ resumed after each stop, and must end bitwise equal to an uninterrupted run (dro
 missed RNG restore shows). Also: a resume with another world size, a rank whose data is broken.
 """
 
+import os
 import re
 import shutil
+import signal
 
 import pytest
 import torch
 
 from mapanything_ext.run_log import read_epoch_records as records
-from tests.training_runs import start_ranks, tiny_overrides, wait_all
+from tests.training_runs import start_ranks, tiny_overrides, wait_all, wait_for_text
 
 pytestmark = pytest.mark.slow
 
@@ -144,3 +146,32 @@ def test_batches_of_drawn_view_counts_and_aspect_ratios_resume_mid_epoch_bitwise
     assert ("a view count n drawn per batch in 2..4, max(1, 8 // n) samples per batch, one of 3 resolutions drawn "
             "per batch (MapAnything's batching), 6 steps per epoch") in (straight / "console.log").read_text()
 
+
+
+def test_ctrl_c_saves_the_position_says_so_in_one_line_and_a_rerun_resumes_exactly(synthetic_root, tmp_path):
+    """A terminal's Ctrl-C reaches every rank and their data-loader workers: the job stops as for a
+    preemption, exit code 130, no traceback, `status` says interrupted, the rerun ends as an uninterrupted run."""
+    import subprocess
+    import sys
+
+    straight, stopped, logs = tmp_path / "straight", tmp_path / "stopped", tmp_path / "logs"
+    logs.mkdir()
+    assert run(synthetic_root, straight, tmp_path) == [0, 0]
+    procs = start_ranks(tiny_overrides(synthetic_root, stopped, *SETTINGS, "machine.num_workers=1"), 2, logs)
+    wait_for_text(stopped / "console.log", "first training step done")
+    for proc in procs:
+        children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+        for pid in [proc.pid, *map(int, children)]:
+            os.kill(pid, signal.SIGINT)
+    assert wait_all(procs) == [130, 130]
+    console = (stopped / "console.log").read_text()
+    assert "[preemption] SIGINT (Ctrl-C, received by this rank): " in console
+    assert "interrupted: rerun the same command to resume" in console
+    assert "Traceback" not in (logs / "rank0.log").read_text() + (logs / "rank1.log").read_text()
+    status = subprocess.run([sys.executable, "-m", "mapanything_ext.status", str(stopped)], capture_output=True,
+                            text=True)
+    assert "interrupted (Ctrl-C; rerun the command to resume)" in status.stdout, status.stdout
+    assert run(synthetic_root, stopped, tmp_path) == [0, 0]
+    a = torch.load(straight / "checkpoint-final.pth", weights_only=True)["model"]
+    b = torch.load(stopped / "checkpoint-final.pth", weights_only=True)["model"]
+    assert all(torch.equal(a[key], b[key]) for key in a)

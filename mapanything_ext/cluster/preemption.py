@@ -6,6 +6,9 @@
             on training from its fresh checkpoint and Slurm ends it at the limit, state TIMEOUT).
   SIGTERM   Slurm preempts the job or `scontrol requeue` was run: Slurm requeues the job itself
             (no budget of ours; Slurm counts every restart in SLURM_RESTART_COUNT).
+  SIGINT    Ctrl-C (a terminal sends it to every rank of a torchrun job): the first one stops the job
+            like a preemption, with the exact position saved, and exits EXIT_INTERRUPTED with one line
+            saying how to resume; a second one leaves at once (KeyboardInterrupt).
 
 Handlers only record the signal (they may interrupt anything, a checkpoint write too). The
 engine asks `stop_requested()` at its stop points (`StopPoint`, below: the one list of them); after
@@ -37,9 +40,10 @@ from mapanything_ext.cluster import distributed as dist
 from mapanything_ext.console import say
 
 EXIT_PREEMPTED = 3
+EXIT_INTERRUPTED = 130  # the shell's code for a process ended by Ctrl-C
 # Order matters: when ranks saw different signals, the stronger (later) one wins. A time-limit
-# warning anywhere needs submitit's requeue even if another rank also saw a SIGTERM.
-_SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
+# warning anywhere needs submitit's requeue even if another rank also saw a SIGTERM or a Ctrl-C.
+_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2)
 
 
 class StopPoint(enum.Enum):
@@ -92,6 +96,11 @@ class PreemptionWatcher:
 
     def _record(self, signum, frame) -> None:
         # Only a flag: the handler may interrupt anything, even a checkpoint write.
+        if signum == signal.SIGINT and self.received == signal.SIGINT:
+            raise KeyboardInterrupt("a second Ctrl-C: leaving at once")
+        if signum == signal.SIGINT and self.received is None:
+            sys.stderr.write("\n[preemption] Ctrl-C: stopping at the next stop point with the position saved "
+                             "(Ctrl-C again to leave at once)\n")
         if self.received is None or _SIGNALS.index(signum) > _SIGNALS.index(self.received):
             self.received = signum
         if self.received_at is None:
@@ -131,6 +140,11 @@ class PreemptionWatcher:
         signum = self.agreed
         source = "this rank" if self.received == signum else "another rank"
         waited = f", {time.time() - self.agreed_at:.2f}s after the signal" if self.agreed_at else ""
+        if signum == signal.SIGINT:
+            say("preemption", f"SIGINT (Ctrl-C, received by {source}): {what_was_saved}{waited}; interrupted: "
+                f"rerun the same command to resume")
+            dist.cleanup()
+            sys.exit(EXIT_INTERRUPTED)
         say("preemption", f"{signal.Signals(signum).name} (received by {source}): {what_was_saved}{waited}; leaving "
             f"for requeue")
         code, refused = EXIT_PREEMPTED, None

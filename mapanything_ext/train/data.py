@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import signal
 
 import numpy as np
 import torch
@@ -62,6 +63,9 @@ def build_loader(dataset, tp: TrainParams, train: bool, rank: int, world_size: i
 
 
 def _seed_worker(worker_id: int) -> None:
+    # A terminal's Ctrl-C reaches the workers too: they must not die of it (the job stops at its next
+    # stop point with the position saved, cluster/preemption.py), so they leave SIGINT to their rank.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     # torch gives each worker a distinct base seed; derive numpy/python from it.
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
