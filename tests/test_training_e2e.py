@@ -100,3 +100,15 @@ def test_submitit_local_launcher_runs_the_same_job(synthetic_root, tmp_path):
     assert verify_checkpoint(out / "checkpoint-final.pth").valid
     assert list((out / ".submitit").glob("*/*_log.out"))  # it really went through submitit
     assert "validated against ConfigStore schema" not in proc.stderr
+
+
+def test_a_batch_job_log_gets_progress_lines_not_a_carriage_returned_bar(synthetic_root, tmp_path):
+    out = tmp_path / "batch"
+    proc = run_training(tiny_overrides(synthetic_root, out, "train_params.epochs=1", "train_params.print_freq=2"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    console = (out / "console.log").read_text()
+    assert "\r" not in console  # no terminal: no progress bar
+    lines = [line for line in console.splitlines() if line.startswith("[train] epoch 1 step ")]
+    assert [line.split(":")[0] for line in lines] == ["[train] epoch 1 step 2/4", "[train] epoch 1 step 4/4"]
+    assert all("img/s, data wait " in line and "run left " in line for line in lines)
+    assert "[eval] test batch " in console

@@ -11,9 +11,11 @@ stop signal is honoured only where no gradient is pending, so the saved state is
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass
 
+import torch
 from tqdm import tqdm
 
 from mapanything_ext.cluster import faults
@@ -42,7 +44,9 @@ def train_one_epoch(run, position: Position) -> dict:
     meter = EpochMeter(run, position, steps_per_epoch, steps_left)
     try:
         faults.at(StopPoint.LOADER_START)
+        asked = time.perf_counter()
         for i, views in enumerate(run.train_loader):
+            data_wait = time.perf_counter() - asked
             if i == 0:
                 stop_here(run, position, StopPoint.LOADER_START, on_stop=meter.close)
             it = position.consumed // world  # this rank's step index within the epoch
@@ -57,7 +61,7 @@ def train_one_epoch(run, position: Position) -> dict:
             position.global_step += 1
             position.consumed += world
             meter.queue(QueuedStep(result, logged_lrs(run.optimizer, run.schedules), it, epoch_f,
-                                   len(views) * views[0]["img"].shape[0] * world))
+                                   len(views) * views[0]["img"].shape[0] * world, data_wait))
             # After the last step the question is asked at once (the epoch's evaluation and saves come
             # next); after the others it is answered one step late, so asking never drains the GPU.
             stopping = (boundary or last) and (last or run.watcher.stop_seen_at_last_poll())
@@ -65,6 +69,7 @@ def train_one_epoch(run, position: Position) -> dict:
                 meter.read_all()  # (a process's first step too: the start-up line times it)
             if stopping:
                 stop_here(run, position, StopPoint.LAST_STEP if last else StopPoint.TRAIN_STEP, on_stop=meter.close)
+            asked = time.perf_counter()
         meter.read_all()
     finally:
         meter.close()
@@ -81,6 +86,7 @@ class QueuedStep:
     it: int  # this rank's step index within the epoch
     epoch_f: float
     images: int  # over all ranks
+    data_wait: float = 0.0  # seconds this rank waited for the batch
 
 
 class EpochMeter:
@@ -89,11 +95,15 @@ class EpochMeter:
 
     def __init__(self, run, position: Position, steps_per_epoch: int, steps_left: int):
         self.run, self.position, self.steps_left = run, position, steps_left
-        self.started, self.images = time.perf_counter(), 0
+        self.steps_per_epoch = steps_per_epoch
+        self.started, self.images, self.waited, self.recorded = time.perf_counter(), 0, 0.0, 0
         self.pending: list[QueuedStep] = []
         done = steps_per_epoch - steps_left
+        # A terminal gets a progress bar; a batch job's log (no terminal) gets a line every print_freq
+        # steps instead of one carriage-returned line per epoch.
+        self.lines = not sys.stderr.isatty()
         self.bar = tqdm(total=steps_per_epoch, initial=done, desc=f"epoch {position.epoch + 1}",
-                        disable=run.info.rank != 0, mininterval=2.0, dynamic_ncols=True)
+                        disable=run.info.rank != 0 or self.lines, mininterval=2.0, dynamic_ncols=True)
 
     def queue(self, step: QueuedStep) -> None:
         """Take a step that was just queued on the device; read the one before it."""
@@ -118,6 +128,10 @@ class EpochMeter:
         self.bar.set_postfix(loss=f"{values.loss:.4f}", img_s=f"{rate:.1f}", lr=f"{step.lrs['lr']:.2e}",
                              refresh=False)
         self.bar.update(1)
+        self.waited += step.data_wait
+        self.recorded += 1
+        if self.lines and (step.it + 1) % int(run.tp.print_freq) == 0:
+            self._line(step, values.loss, rate)
         if not run.first_step_reported:
             # Start-up cost of a (re)started job: what a requeue costs beyond the lost iteration.
             say("mapanything_ext", f"first training step done {time.monotonic() - run.started_at:.1f}s after start")
@@ -125,6 +139,18 @@ class EpochMeter:
         run.first_step_reported = True
         if (step.it + 1) % (int(run.tp.accum_iter) * int(run.tp.print_freq)) == 0:  # MapAnything's cadence
             run.scalars.train_step(step.epoch_f, values, step.lrs)
+
+    def _line(self, step: QueuedStep, loss: float, rate: float) -> None:
+        """One progress line for a log without a terminal."""
+        elapsed = time.perf_counter() - self.started
+        per_step = elapsed / max(self.recorded, 1)
+        epoch_left = (self.steps_per_epoch - step.it - 1) * per_step
+        run_left = epoch_left + (int(self.run.tp.epochs) - self.position.epoch - 1) * self.steps_per_epoch * per_step
+        memory = (f", GPU {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if self.run.info.device.type == "cuda"
+                  else "")
+        say("train", f"epoch {self.position.epoch + 1} step {step.it + 1}/{self.steps_per_epoch}: loss {loss:.4f}, "
+            f"lr {step.lrs['lr']:.2e}, {rate:.1f} img/s, data wait {100 * self.waited / max(elapsed, 1e-9):.0f}%"
+            f"{memory}; epoch left {_duration(epoch_left)}, run left {_duration(run_left)} (training steps)")
 
     def _count_norm(self, values) -> None:
         """Optimizer steps' gradient norms and skips, kept in the position's counters (they survive a resume)."""
@@ -148,3 +174,8 @@ class EpochMeter:
             stats["images_per_s"] = self.images / max(time.perf_counter() - self.started, 1e-9)
         stats["steps_run"] = self.steps_left  # by this process (a resumed epoch: the steps after the resume)
         return stats
+
+
+def _duration(seconds: float) -> str:
+    minutes = int(seconds // 60)
+    return f"{minutes // 60}h{minutes % 60:02d}m" if minutes >= 60 else f"{minutes}m{int(seconds % 60):02d}s"

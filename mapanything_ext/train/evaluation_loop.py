@@ -11,10 +11,12 @@ have valid depth).
 from __future__ import annotations
 
 import math
+import time
 
 import torch
 
 from mapanything_ext.cluster import distributed as dist
+from mapanything_ext.console import say
 from mapanything_ext.geometry.depth_metrics import mean_depth_abs_rel
 from mapanything_ext.train.compiling import mark_step_begin
 from mapanything_ext.train.data import to_device
@@ -34,9 +36,12 @@ def test_statistics(model, criterion, loader, device, amp_dtype, between_batches
     values: dict[str, list[float]] = {}
     batches = iter(loader)
     steps = int(dist.all_reduce_max(torch.tensor([len(loader)])).item())
+    started, every = time.perf_counter(), max(1, steps // 10)
     for i in range(steps):
         if between_batches is not None:
             between_batches(i)
+        if i and i % every == 0:  # hours of silence on real data otherwise
+            say("eval", f"test batch {i}/{steps} ({time.perf_counter() - started:.0f}s)")
         views = next(batches, None)
         if views is None:  # this rank's share is done; the others still meet at between_batches
             continue
