@@ -112,3 +112,24 @@ def test_a_batch_job_log_gets_progress_lines_not_a_carriage_returned_bar(synthet
     assert [line.split(":")[0] for line in lines] == ["[train] epoch 1 step 2/4", "[train] epoch 1 step 4/4"]
     assert all("img/s, data wait " in line and "run left " in line for line in lines)
     assert "[eval] test batch " in console
+
+
+def test_a_missing_depth_file_stops_the_run_or_is_skipped_and_counted(synthetic_root, tmp_path):
+    import shutil
+
+    root = tmp_path / "data"
+    shutil.copytree(synthetic_root, root)
+    missing = sorted((root / "opv2v_depth" / "train").rglob("*_depth2.png"))[0]
+    missing.unlink()
+    base = tiny_overrides(root, tmp_path / "unused", "train_params.epochs=1", "train_params.max_num_of_imgs_per_gpu=4")
+    stopped = run_training([*base, f"output_dir={tmp_path / 'error'}"])
+    assert stopped.returncode != 0 and f"depth file missing: {missing}" in stopped.stderr, stopped.stderr[-2000:]
+    skipped = run_training([*base, f"output_dir={tmp_path / 'skip'}", "dataset.on_bad_sample=skip",
+                            "dataset.max_bad_fraction=0.5"])
+    assert skipped.returncode == 0, skipped.stderr[-2000:]
+    assert "skipping train/" in (tmp_path / "skip" / "console.log").read_text()
+    assert records(tmp_path / "skip")[0]["train_bad_samples"] == 1
+    too_many = run_training([*base, f"output_dir={tmp_path / 'too_many'}", "dataset.on_bad_sample=skip",
+                             "dataset.max_bad_fraction=0.01"])
+    assert too_many.returncode != 0 and "BadDataError: 1 unreadable training samples skipped in epoch 1" in \
+        too_many.stderr, too_many.stderr[-2000:]

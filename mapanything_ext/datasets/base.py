@@ -49,6 +49,14 @@ _MAX_REPLACEMENTS = 10
 _AUGMENT_STREAM = 1  # the last word of the augmentation generator's seed (datasets/augment.py)
 
 
+# Each view says how many unreadable samples were skipped to give it (on_bad_sample=skip).
+BAD_SAMPLES_KEY = "bad_samples_skipped"
+
+
+class BadSampleError(ValueError):
+    """A sample's files exist but cannot be used (wrong image size, broken frame YAML, bad depth)."""
+
+
 class ViewCountError(ValueError):
     """A sample has a number of views outside what the dataset is configured for."""
 
@@ -73,13 +81,17 @@ class BaseMultiViewDataset(Dataset):
     def __init__(self, num_views: int, resolution=(518, 392), seed: int | None = None,
                  allow_variable_view_count: bool = False, min_num_views_allowed: int | None = None,
                  max_depth_m: float = 250.0, variable_num_views: bool = False, transform: str = "imgnorm",
-                 aug_crop: int = 0):
+                 aug_crop: int = 0, on_bad_sample: str = "error"):
         self.num_views = int(num_views)
         self.resolutions = parse_resolutions(resolution)
         # MapAnything's variable_num_views: the counts a training batch may ask for (None: num_views always)
         self.view_counts = list(range(2, self.num_views + 1)) if variable_num_views and self.num_views > 2 else None
         self.transform = check_transform(transform)
         self.aug_crop = int(aug_crop)
+        if on_bad_sample not in ("error", "skip"):
+            raise ValueError(f"on_bad_sample={on_bad_sample!r}: error (stop at a sample that cannot be read) or skip")
+        self.on_bad_sample = on_bad_sample
+        self.bad_samples = 0  # skipped in this process (on_bad_sample=skip)
         if self.aug_crop < 0:
             raise ValueError(f"aug_crop={aug_crop}: it must be 0 (off) or a positive number of pixels")
         self.seed = 0 if seed is None else int(seed)
@@ -128,13 +140,26 @@ class BaseMultiViewDataset(Dataset):
         """The views of sample `index`, drawn for its `repetition`-th appearance in the epoch, at
         resolution `resolution_index`, `num_views` of them (None: the view-count policy's)."""
         resolution = self.resolutions[resolution_index]
+        skipped = 0
         for attempt in range(_MAX_REPLACEMENTS + 1):
             candidate = (index + attempt) % len(self)
-            raw = self.load_raw_views(candidate, self.sample_rng(candidate, repetition), num_views)
+            try:
+                raw = self.load_raw_views(candidate, self.sample_rng(candidate, repetition), num_views)
+            except (OSError, BadSampleError) as err:  # a missing or unreadable file, a broken frame YAML
+                if self.on_bad_sample != "skip":
+                    raise
+                skipped += 1
+                self.bad_samples += 1
+                say("dataset", f"skipping {self.sample_name(candidate)}: {err} (dataset.on_bad_sample=skip; "
+                    f"{self.bad_samples} skipped in this process)", every_rank=True)
+                continue
             if self._count_ok(len(raw), candidate, num_views):
                 rng = self.augment_rng(candidate, repetition)
                 raw = self._fill_to(raw, num_views, rng)
-                return [self._finalize(view, candidate, i, resolution, rng) for i, view in enumerate(raw)]
+                views = [self._finalize(view, candidate, i, resolution, rng) for i, view in enumerate(raw)]
+                for view in views:  # counted by the epoch loop (the workers' counts do not reach it otherwise)
+                    view[BAD_SAMPLES_KEY] = skipped
+                return views
             self.replaced_samples += 1
             say("dataset", f"{self.sample_name(candidate)} has {len(raw)} views, below "
                   f"min_num_views_allowed={self.min_num_views_allowed}: replaced by the next sample "

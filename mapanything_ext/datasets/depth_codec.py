@@ -17,13 +17,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from mapanything_ext.datasets.base import BadSampleError
 from mapanything_ext.datasets.png_io import read_png8
 
 CARLA_FAR_M = 1000.0
 _CARLA_SCALE = 256**3 - 1
 
 
-class DepthFormatError(ValueError):
+class DepthFormatError(BadSampleError):
     """A depth PNG in a mode or size we do not know how to read."""
 
 

@@ -20,7 +20,7 @@ import yaml
 from PIL import Image
 
 from mapanything_ext.console import say
-from mapanything_ext.datasets.base import BaseMultiViewDataset, RawView
+from mapanything_ext.datasets.base import BadSampleError, BaseMultiViewDataset, RawView
 from mapanything_ext.datasets.depth_codec import decode_depth
 from mapanything_ext.datasets.png_io import read_rgb
 from mapanything_ext.geometry.projection import (carla_body_to_right_handed, carla_camera_to_opencv, inverse_rigid,
@@ -33,7 +33,7 @@ KNOWN_BAD_SCENARIOS = {("train", "2021_09_09_13_20_58")}
 _YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
-class FrameMetadataError(ValueError):
+class FrameMetadataError(BadSampleError):
     """A per-frame YAML that is missing, unreadable or lacks what we need."""
 
 
@@ -170,9 +170,10 @@ class OPV2VDataset(BaseMultiViewDataset):
 
     def __init__(self, root, depth_root, split: str = "train", resolution=(518, 392), seed: int | None = None,
                  num_views: int = 4, max_depth_m: float = 250.0, variable_num_views: bool = False,
-                 transform: str = "imgnorm", aug_crop: int = 0):
+                 transform: str = "imgnorm", aug_crop: int = 0, on_bad_sample: str = "error"):
         super().__init__(num_views=num_views, resolution=resolution, seed=seed, max_depth_m=max_depth_m,
-                         variable_num_views=variable_num_views, transform=transform, aug_crop=aug_crop)
+                         variable_num_views=variable_num_views, transform=transform, aug_crop=aug_crop,
+                         on_bad_sample=on_bad_sample)
         if self.num_views != NUM_CAMERAS:
             raise ValueError(f"OPV2VDataset has exactly {NUM_CAMERAS} views per sample, got num_views={num_views}")
         self.index = _OPV2VIndex(root, depth_root, split)
@@ -220,10 +221,11 @@ class OPV2VCoopDataset(BaseMultiViewDataset):
                  num_views: int = 10, min_num_views: int = 4, max_num_views: int | None = None,
                  coop_min_agents: int = 1, main_agent: str = "641", main_agent_mode: str = "fixed",
                  max_depth_m: float = 250.0, variable_num_views: bool = False, transform: str = "imgnorm",
-                 aug_crop: int = 0):
+                 aug_crop: int = 0, on_bad_sample: str = "error"):
         super().__init__(num_views=num_views, resolution=resolution, seed=seed, allow_variable_view_count=True,
                          min_num_views_allowed=min_num_views, max_depth_m=max_depth_m,
-                         variable_num_views=variable_num_views, transform=transform, aug_crop=aug_crop)
+                         variable_num_views=variable_num_views, transform=transform, aug_crop=aug_crop,
+                         on_bad_sample=on_bad_sample)
         if main_agent_mode not in ("fixed", "first", "random"):
             raise ValueError(f"main_agent_mode must be fixed, first or random, got {main_agent_mode!r}")
         if max_num_views is not None and int(max_num_views) < int(min_num_views):

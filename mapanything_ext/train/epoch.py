@@ -20,7 +20,9 @@ from tqdm import tqdm
 
 from mapanything_ext.cluster import faults
 from mapanything_ext.cluster.preemption import StopPoint
+from mapanything_ext.cluster import distributed as dist
 from mapanything_ext.console import say, warn
+from mapanything_ext.datasets.base import BAD_SAMPLES_KEY
 from mapanything_ext.train.data import to_device
 from mapanything_ext.train.optim import logged_lrs, set_lr
 from mapanything_ext.train.saving import stop_here
@@ -47,6 +49,7 @@ def train_one_epoch(run, position: Position) -> dict:
         asked = time.perf_counter()
         for i, views in enumerate(run.train_loader):
             data_wait = time.perf_counter() - asked
+            bad = int(views[0][BAD_SAMPLES_KEY].sum()) if BAD_SAMPLES_KEY in views[0] else 0
             if i == 0:
                 stop_here(run, position, StopPoint.LOADER_START, on_stop=meter.close)
             it = position.consumed // world  # this rank's step index within the epoch
@@ -61,7 +64,7 @@ def train_one_epoch(run, position: Position) -> dict:
             position.global_step += 1
             position.consumed += world
             meter.queue(QueuedStep(result, logged_lrs(run.optimizer, run.schedules), it, epoch_f,
-                                   len(views) * views[0]["img"].shape[0] * world, data_wait))
+                                   len(views) * views[0]["img"].shape[0] * world, data_wait, bad))
             # After the last step the question is asked at once (the epoch's evaluation and saves come
             # next); after the others it is answered one step late, so asking never drains the GPU.
             stopping = (boundary or last) and (last or run.watcher.stop_seen_at_last_poll())
@@ -77,6 +80,10 @@ def train_one_epoch(run, position: Position) -> dict:
     return meter.stats()
 
 
+class BadDataError(RuntimeError):
+    """More training samples were unreadable than dataset.max_bad_fraction allows."""
+
+
 @dataclass
 class QueuedStep:
     """A training step whose work is queued on the device; its values are read one step later."""
@@ -87,6 +94,7 @@ class QueuedStep:
     epoch_f: float
     images: int  # over all ranks
     data_wait: float = 0.0  # seconds this rank waited for the batch
+    bad_samples: int = 0  # unreadable samples skipped to make the batch (dataset.on_bad_sample=skip)
 
 
 class EpochMeter:
@@ -130,6 +138,7 @@ class EpochMeter:
         self.bar.update(1)
         self.waited += step.data_wait
         self.recorded += 1
+        self._count_bad(step.bad_samples)
         if self.lines and (step.it + 1) % int(run.tp.print_freq) == 0:
             self._line(step, values.loss, rate)
         if not run.first_step_reported:
@@ -152,6 +161,19 @@ class EpochMeter:
             f"lr {step.lrs['lr']:.2e}, {rate:.1f} img/s, data wait {100 * self.waited / max(elapsed, 1e-9):.0f}%"
             f"{memory}; epoch left {_duration(epoch_left)}, run left {_duration(run_left)} (training steps)")
 
+    def _count_bad(self, skipped: int) -> None:
+        """Unreadable samples skipped this epoch (kept in the position's counters); too many stop the run."""
+        counters = self.position.counters
+        counters["bad_samples"] = counters.get("bad_samples", 0) + skipped
+        dataset = self.run.cfg.dataset
+        allowed = float(dataset.max_bad_fraction) * len(self.run.train_loader.dataset) / self.run.info.world_size
+        if counters["bad_samples"] > allowed:
+            raise BadDataError(
+                f"{counters['bad_samples']} unreadable training samples skipped in epoch {self.position.epoch + 1} "
+                f"on rank {self.run.info.rank}, more than dataset.max_bad_fraction={dataset.max_bad_fraction} of "
+                f"its share of the {len(self.run.train_loader.dataset)} samples: the data is broken, not a sample or "
+                f"two (console.log's [dataset] skipping lines name the files)")
+
     def _count_norm(self, values) -> None:
         """Optimizer steps' gradient norms and skips, kept in the position's counters (they survive a resume)."""
         counters = self.position.counters
@@ -170,6 +192,8 @@ class EpochMeter:
         if counters.get("optimizer_steps"):
             stats["grad_norm"] = counters["grad_norm_sum"] / counters["optimizer_steps"]
         stats["skipped_steps"] = counters.get("skipped_steps", 0)
+        # every rank's skips (every rank computes the stats at the epoch's end)
+        stats["bad_samples"] = int(dist.all_reduce_sum(torch.tensor([float(counters.get("bad_samples", 0))])).item())
         if self.images:
             stats["images_per_s"] = self.images / max(time.perf_counter() - self.started, 1e-9)
         stats["steps_run"] = self.steps_left  # by this process (a resumed epoch: the steps after the resume)
