@@ -29,11 +29,24 @@ warnings.filterwarnings("ignore", message="(?s).*is validated against ConfigStor
 
 def checkpoints_of(cfg: DictConfig) -> list[Path]:
     value = cfg.checkpoint
-    paths = [Path(p) for p in value] if isinstance(value, (list, ListConfig)) else [Path(value)]
+    paths = [_file_of(Path(p)) for p in (value if isinstance(value, (list, ListConfig)) else [value])]
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
         raise FileNotFoundError(f"checkpoint(s) not found: {', '.join(missing)}")
     return paths
+
+
+def _file_of(path: Path) -> Path:
+    """A run folder given as checkpoint= means its checkpoint-best.pth; without one, say what is there."""
+    if not path.is_dir():
+        return path
+    best = path / "checkpoint-best.pth"
+    if best.is_file():
+        print(f"[evaluate] {path} is a run folder: evaluating its {best.name}", flush=True)
+        return best
+    found = sorted(p.name for p in path.glob("*.pth"))
+    raise FileNotFoundError(f"{path} is a folder without checkpoint-best.pth; give one of its checkpoints as "
+                            f"checkpoint=: {', '.join(found) if found else 'it holds no .pth file'}")
 
 
 def labels_of(cfg: DictConfig, paths: list[Path]) -> list[str]:
@@ -72,7 +85,9 @@ def run(cfg: DictConfig) -> Path:
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
     dataset_cfg = OmegaConf.merge(cfg.dataset.test_dataset, {"split": cfg.split})
     dataset = build_dataset(dataset_cfg)
-    print(f"[evaluate] {len(dataset)} samples of split {cfg.split!r} on {device}; writing to {out}", flush=True)
+    count = len(dataset) if cfg.num_samples is None else min(int(cfg.num_samples), len(dataset))
+    print(f"[evaluate] {count} of the {len(dataset)} samples of split {cfg.split!r} on {device}; writing to {out}",
+          flush=True)
     results, models = {}, {}
     for path, label in zip(paths, labels):
         model = load_model(path, cfg.model, device, cfg.trust_foreign_checkpoints)

@@ -100,3 +100,37 @@ def test_loss_curves_from_several_runs(trained_run, tmp_path):
         assert image.format == "PNG"
     with pytest.raises(FileNotFoundError, match="no log.txt"):
         plots.loss_curves([tmp_path], tmp_path / "x.png")
+
+
+def test_a_run_folder_evaluates_its_best_a_torn_file_gets_our_verdict_and_the_header_counts_what_ran(
+        synthetic_root, trained_run, tmp_path):
+    proc = evaluate(synthetic_root, f"checkpoint={trained_run}", f"output_dir={tmp_path / 'folder'}", "num_samples=1",
+                    "plots=false", "export_ply=false")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"{trained_run} is a run folder: evaluating its checkpoint-best.pth" in proc.stdout
+    assert "[evaluate] 1 of the 3 samples of split" in proc.stdout
+    torn = tmp_path / "torn.pth"
+    torn.write_bytes((trained_run / "checkpoint-best.pth").read_bytes()[:-4000])
+    bad = evaluate(synthetic_root, f"checkpoint={torn}", f"output_dir={tmp_path / 'torn'}")
+    assert bad.returncode != 0 and f"{torn} fails verification and is not used: truncated" in bad.stderr, \
+        bad.stderr[-2000:]
+    empty = tmp_path / "empty_run"
+    empty.mkdir()
+    (empty / "checkpoint-3.pth").write_bytes(b"")
+    listed = evaluate(synthetic_root, f"checkpoint={empty}")
+    assert listed.returncode != 0 and "without checkpoint-best.pth; give one of its checkpoints as " \
+        "checkpoint=: checkpoint-3.pth" in listed.stderr
+
+
+def test_better_or_worse_only_beyond_the_noise_of_the_paired_difference():
+    from mapanything_ext.evaluation.report import _gain, _paired_gain
+
+    def records(diffs):
+        return [{"single": {"sample": {"depth_abs_rel": 0.5}}, "coop_main": {"sample": {"depth_abs_rel": 0.5 + d}}}
+                for d in diffs]
+
+    clear = _paired_gain(records([-0.1, -0.11, -0.09, -0.1]))["depth_abs_rel"]
+    assert _gain(0.5, 0.4, "depth_abs_rel", clear).endswith("(better)")
+    noisy = _paired_gain(records([-0.3, 0.25, -0.2, 0.2]))["depth_abs_rel"]
+    assert _gain(0.5, 0.49, "depth_abs_rel", noisy).endswith("(within noise)")
+    assert _gain(0.5, 0.4, "depth_abs_rel", None).endswith("(too few samples to tell)")

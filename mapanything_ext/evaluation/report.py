@@ -57,11 +57,28 @@ def summarize(records: list[dict]) -> dict:
             "per_view": _mean_dicts([v for h in having for v in h["views"]]),
             "samples": len(having),
         }
+    if "single" in summary and "coop_main" in summary:
+        summary["gain"] = _paired_gain(records)
     by_count = defaultdict(list)
     for r in records:
         by_count[r["num_views"]].append(r.get("coop_all", r["single"])["sample"])
     summary["by_num_views"] = {str(n): {**_mean_dicts(s), "samples": len(s)} for n, s in sorted(by_count.items())}
     return summary
+
+
+def _paired_gain(records: list[dict]) -> dict:
+    """Per metric, coop_main minus single over the samples that have both: the mean difference, its
+    standard error (paired: the same timestamps) and the count."""
+    gain = {}
+    for metric in METRICS:
+        diffs = [r["coop_main"]["sample"][metric] - r["single"]["sample"][metric] for r in records
+                 if "coop_main" in r and metric in r["coop_main"]["sample"] and metric in r["single"]["sample"]]
+        diffs = [d for d in diffs if not math.isnan(d)]
+        if len(diffs) >= 2:
+            mean = sum(diffs) / len(diffs)
+            spread = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1))
+            gain[metric] = {"mean": mean, "se": spread / math.sqrt(len(diffs)), "n": len(diffs)}
+    return gain
 
 
 def _mean_dicts(dicts: list[dict]) -> dict:
@@ -89,8 +106,8 @@ def format_tables(results: dict[str, dict]) -> str:
         lines += ["", "## Does the other vehicle help? (main vehicle's 4 views: single -> coop, same timestamps)", "",
                   "| checkpoint | " + " | ".join(METRICS) + " |", "|---|" + "---|" * len(METRICS)]
         for label, summary in gains:
-            cells = [_gain(summary["single"]["per_sample"].get(m), summary["coop_main"]["per_sample"].get(m), m)
-                     for m in METRICS]
+            cells = [_gain(summary["single"]["per_sample"].get(m), summary["coop_main"]["per_sample"].get(m), m,
+                           summary.get("gain", {}).get(m)) for m in METRICS]
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines += ["", "## By number of views (all views of the sample)", "",
               "| checkpoint | views | samples | depth_abs_rel | point_error_m | rel_rotation_deg |", "|---|---|---|---|---|---|"]
@@ -105,9 +122,14 @@ def _fmt(value) -> str:
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4g}"
 
 
-def _gain(single, coop, metric) -> str:
+def _gain(single, coop, metric, paired: dict | None = None) -> str:
+    """`single -> coop (word)`: better or worse only when the paired mean difference exceeds twice its
+    standard error over the samples (the sample-to-sample noise); else within noise."""
     if single is None or coop is None or math.isnan(single) or math.isnan(coop):
         return "-"
-    better = coop < single if LOWER_IS_BETTER[metric] else coop > single
-    word = "better" if better else ("same" if coop == single else "worse")
+    if paired is None or abs(paired["mean"]) <= 2 * paired["se"]:
+        word = "within noise" if paired is not None else "too few samples to tell"
+    else:
+        better = paired["mean"] < 0 if LOWER_IS_BETTER[metric] else paired["mean"] > 0
+        word = "better" if better else "worse"
     return f"{_fmt(single)} -> {_fmt(coop)} ({word})"
