@@ -81,6 +81,8 @@ def status_of(name: str, folder: Path, epochs: int | None, verify: bool = False)
         if status.restarts and status.state in ("running", "queued", "done"):
             status.state += f", requeued {status.restarts} time{'s' * (status.restarts != 1)}"
         status.notes.append(f"Slurm job {status.job}: {state}")
+    elif (holder := _live_local_holder(folder)) is not None:
+        status.state = f"running (pid {holder.get('pid')} on {holder.get('host')}, no Slurm job)"
     elif (folder / "checkpoint-final.pth").exists():
         status.state = "done"
     elif " FAILED: " in (latest := _latest_attempt(text)):
@@ -91,9 +93,20 @@ def status_of(name: str, folder: Path, epochs: int | None, verify: bool = False)
         status.state = "stopped (no job known to Slurm; rerun the command to resume)"
     if status.failed:
         lines = [ln for ln in text.splitlines() if " FAILED: " in ln]
-        if lines:
-            status.notes.append(lines[-1].strip()[:200])
+        if lines:  # the cause: the part after the last carriage return (a progress bar's fragments go)
+            status.notes.append(lines[-1].rsplit("\r", 1)[-1].strip()[:400])
     return status
+
+
+def _live_local_holder(folder: Path) -> dict | None:
+    """The holder of the run folder's lock when it is a live process without a Slurm job, else None."""
+    from mapanything_ext.cluster import run_lock
+
+    lock = folder / run_lock.LOCK_NAME
+    if not lock.is_file():
+        return None
+    holder = run_lock.read_holder(lock)
+    return holder if not holder.get("slurm_job_id") and run_lock.judge(holder) == "alive" else None
 
 
 def _latest_attempt(text: str) -> str:
@@ -160,19 +173,27 @@ def stage_folders(overrides: list[str]) -> list[tuple[str, Path, int]]:
     rows = []
     for stage in STAGES:
         cfg = compose_training([f"stage={stage}", *overrides])
-        rows.append((stage, Path(cfg.output_dir), int(cfg.train_params.epochs)))
+        folder = Path(cfg.output_dir)
+        # the run's own epochs where it stored them (a run given other overrides than these): else the stage's
+        rows.append((stage, folder, folder_epochs(folder) or int(cfg.train_params.epochs)))
     return rows
 
 
 def folder_epochs(folder: Path) -> int | None:
-    """The run's train_params.epochs, from its resolved config in the newest checkpoint."""
+    """The run's train_params.epochs: from its resolved config in the newest checkpoint, else from the
+    config the job recorded when it started (.hydra/config.yaml)."""
     ckpt = _newest_checkpoint(folder, verify=False)
-    if not ckpt:
-        return None
     try:
-        return int(load_checkpoint(ckpt[0], mmap=True)["args"]["train_params"]["epochs"])
-    except (KeyError, TypeError, ValueError):
+        if ckpt:
+            return int(load_checkpoint(ckpt[0], mmap=True)["args"]["train_params"]["epochs"])
+        recorded = folder / ".hydra" / "config.yaml"
+        if recorded.is_file():
+            from omegaconf import OmegaConf
+
+            return int(OmegaConf.load(recorded).train_params.epochs)
+    except Exception:  # noqa: BLE001 -- an unreadable record: the stage's default is shown instead
         return None
+    return None
 
 
 def run_folders(folder: Path) -> list[Path]:
