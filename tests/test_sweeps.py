@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -114,3 +115,49 @@ def test_a_run_records_its_hydra_config_once_it_holds_the_folder(synthetic_root,
     assert "train_params.lr=5e-3" in (out / ".hydra" / "overrides.yaml").read_text()
     assert "lr: 0.005" in (out / ".hydra" / "config.yaml").read_text()
     assert (out / ".hydra" / "hydra.yaml").is_file()
+
+
+RACE = """
+import sys, time
+from pathlib import Path
+from mapanything_ext.cluster import run_lock
+folder, start = Path(sys.argv[1]), float(sys.argv[2])
+while time.time() < start:
+    pass
+try:
+    path, note = run_lock.acquire(folder)
+    print("WON", note, flush=True)
+    time.sleep(3)  # hold it while the others try
+    run_lock.release(path)
+except run_lock.RunFolderBusy as err:
+    print("BUSY", err, flush=True)
+"""
+
+
+def test_of_jobs_judging_one_dead_lock_at_once_exactly_one_takes_it(tmp_path):
+    folder = tmp_path / "run"
+    folder.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (folder / run_lock.LOCK_NAME).write_text(json.dumps({**run_lock.me(), "pid": dead.pid}))
+    start = time.time() + 2.0
+    procs = [subprocess.Popen([sys.executable, "-c", RACE, str(folder), str(start)], cwd=REPO,
+                              stdout=subprocess.PIPE, text=True) for _ in range(8)]
+    outs = [proc.communicate(timeout=60)[0] for proc in procs]
+    assert sum(out.startswith("WON") for out in outs) == 1, outs
+    assert all(out.startswith(("WON", "BUSY")) for out in outs), outs
+
+
+def test_another_step_of_the_same_slurm_job_start_is_refused_a_requeue_takes_it_back(tmp_path, monkeypatch):
+    folder = tmp_path / "run"
+    folder.mkdir()
+    holder = {**run_lock.me(), "pid": os.getpid(), "slurm_job_id": "41", "slurm_restart": 2}
+    (folder / run_lock.LOCK_NAME).write_text(json.dumps(holder))  # alive: this process
+    monkeypatch.setenv("SLURM_JOB_ID", "41")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "2")  # the same start of the job: a second step
+    with pytest.raises(run_lock.RunFolderBusy, match="Slurm job 41"):
+        run_lock.acquire(folder)
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "3")  # Slurm started the job again: its own lock comes back
+    path, note = run_lock.acquire(folder)
+    assert "our own job, requeued" in note
+    run_lock.release(path)

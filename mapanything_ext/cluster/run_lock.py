@@ -9,13 +9,18 @@ holds it: host, pid, Slurm job id, start time.
 
 When the file exists, its holder is judged:
 
-  same Slurm job id as ours      a requeued job: it takes its own lock back
-  another Slurm job              alive until Slurm says it ended (slurm_jobs.py); else dead
-  no Slurm job, this host        alive while its pid exists; else dead
-  no Slurm job, another host     cannot be checked: treated as alive
+  our Slurm job, an earlier restart   the job requeued: it takes its own lock back
+  our Slurm job, this same restart    another step of this job: alive while its pid exists (this host)
+  another Slurm job                   alive until Slurm says it ended (slurm_jobs.py); else dead
+  no Slurm job, this host             alive while its pid exists; else dead
+  no Slurm job, another host          cannot be checked: treated as alive
 
 A live holder stops the new job at once with a message naming it; a dead one's lock is taken
-over (the old file is kept beside it as `.run.lock.stale-<time>`) and the takeover is logged.
+over (the old file is kept beside it as `.run.lock.stale-<time>`) and the takeover is logged. A
+takeover happens under a second O_EXCL file (`.run.lock.takeover`), and only if the lock is still
+the very file that was judged (same inode): two jobs judging one dead lock at once cannot both take
+it (the second would otherwise rename the first's fresh lock away). A takeover file older than
+TAKEOVER_STALE_S (its job died mid-takeover) is removed.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from pathlib import Path
 from mapanything_ext.cluster.slurm_jobs import job_state
 
 LOCK_NAME = ".run.lock"
+TAKEOVER_STALE_S = 60.0
 
 
 class RunFolderBusy(RuntimeError):
@@ -38,7 +44,11 @@ class RunFolderBusy(RuntimeError):
 
 def me() -> dict:
     return {"host": socket.gethostname(), "pid": os.getpid(), "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
-            "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+            "slurm_restart": _restart_count(), "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+
+def _restart_count() -> int:
+    return int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
 
 
 def acquire(folder) -> tuple[Path, str | None]:
@@ -47,10 +57,11 @@ def acquire(folder) -> tuple[Path, str | None]:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / LOCK_NAME
     note = None
-    for _ in range(3):
+    for _ in range(20):
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
+            judged = _inode(path)
             holder = read_holder(path)
             verdict = judge(holder)
             if verdict == "alive":
@@ -58,13 +69,10 @@ def acquire(folder) -> tuple[Path, str | None]:
                     f"run folder {folder} is in use by {describe(holder)}: one job writes a run folder at a time. "
                     f"Stop that job, or give this one another output_dir. If it is certainly dead, delete {path}."
                 ) from None
-            stale = path.with_name(f"{LOCK_NAME}.stale-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}")
-            try:
-                os.rename(path, stale)
-            except FileNotFoundError:  # another job took it over first; try again
-                continue
-            note = (f"took over the lock of {folder} from {describe(holder)} ({verdict}); "
-                    f"its lock file is kept as {stale.name}")
+            stale = _take_over(path, judged)
+            if stale is not None:
+                note = (f"took over the lock of {folder} from {describe(holder)} ({verdict}); "
+                        f"its lock file is kept as {stale.name}")
             continue
         with os.fdopen(fd, "w") as handle:
             json.dump(me(), handle)
@@ -72,6 +80,38 @@ def acquire(folder) -> tuple[Path, str | None]:
             os.fsync(handle.fileno())
         return path, note
     raise RunFolderBusy(f"could not take the lock of {folder}: other jobs keep taking it ({path})")
+
+
+def _inode(path: Path) -> tuple | None:
+    try:
+        status = path.stat()
+    except FileNotFoundError:
+        return None
+    return status.st_dev, status.st_ino
+
+
+def _take_over(path: Path, judged: tuple | None) -> Path | None:
+    """Move the dead holder's lock aside, if it is still the file judged; under the takeover file, so
+    one job at a time does it. Returns the stale file's new path, or None (someone else was first)."""
+    mutex = path.with_name(f"{LOCK_NAME}.takeover")
+    try:
+        os.close(os.open(mutex, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+    except FileExistsError:
+        try:
+            if time.time() - mutex.stat().st_mtime > TAKEOVER_STALE_S:
+                mutex.unlink()  # its job died mid-takeover
+        except FileNotFoundError:
+            pass
+        time.sleep(0.05)
+        return None
+    try:
+        if judged is None or _inode(path) != judged:
+            return None  # taken over (or released) since it was judged: judge again
+        stale = path.with_name(f"{LOCK_NAME}.stale-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}")
+        os.rename(path, stale)
+        return stale
+    finally:
+        mutex.unlink(missing_ok=True)
 
 
 def release(path: Path) -> None:
@@ -89,7 +129,9 @@ def judge(holder: dict) -> str:
     ours = os.environ.get("SLURM_JOB_ID")
     job = holder.get("slurm_job_id")
     if job and ours and job == ours:
-        return "our own job, requeued"
+        if int(holder.get("slurm_restart", -1)) < _restart_count():
+            return "our own job, requeued"
+        return _by_pid(holder)  # another step of this same job start: alive while its pid is
     if job:
         found = job_state(job)
         if found is None:  # Slurm unreachable from here: fall back to what this host can see
