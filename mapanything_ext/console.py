@@ -9,13 +9,14 @@ Built on the standard logging module (logger "mapanything_ext", level INFO), so 
 configuration can raise the level or add handlers. The handler writes to whatever sys.stdout is when
 a line is emitted (the copy into console.log included) and flushes each line, so a killed job loses
 none. The rank is cluster.distributed's (the process group's once initialised, else RANK /
-SLURM_PROCID; a data-loader worker inherits its rank's). Commands' own results (check_ckpt's table, status, evaluate's table and
+SLURM_PROCID; a data-loader worker inherits its rank's), which that module installs here. Commands' own results (check_ckpt's table, status, evaluate's table and
 plots, the demo's summary, the pipeline's job ids) are printed, not logged: they are the output.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 _LOGGER = logging.getLogger("mapanything_ext")
@@ -31,10 +32,22 @@ def warn(tag: str, message: str, every_rank: bool = False) -> None:
     _LOGGER.warning(message, extra={"tag": tag, "every_rank": every_rank, "stderr": False})
 
 
-def rank() -> int:
-    from mapanything_ext.cluster import distributed  # at call time: distributed itself logs through here
+def _rank_from_environment() -> int:
+    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) or 0)
 
-    return distributed.get_rank()
+
+# Where the rank comes from: cluster.distributed installs its get_rank when it is imported (it logs
+# through this module, so this module may not import it back); before that, the launcher's variables.
+_rank_source = _rank_from_environment
+
+
+def set_rank_source(source) -> None:
+    global _rank_source
+    _rank_source = source
+
+
+def rank() -> int:
+    return _rank_source()
 
 
 class _RankZero(logging.Filter):

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as tdist
 
+from mapanything_ext import console
 from mapanything_ext.console import say
 from mapanything_ext.readback import HostCopy
 
@@ -282,3 +283,6 @@ def cleanup(graceful: bool = True, wait_s: float = 30.0) -> None:
     except Exception:  # noqa: BLE001 -- a rank already gone: nothing left to wait for
         pass
     del store
+
+
+console.set_rank_source(get_rank)  # every line the job logs is judged by this rank

@@ -156,10 +156,7 @@ class BaseMultiViewDataset(Dataset):
             if self._count_ok(len(raw), candidate, num_views):
                 rng = self.augment_rng(candidate, repetition)
                 raw = self._fill_to(raw, num_views, rng)
-                views = [self._finalize(view, candidate, i, resolution, rng) for i, view in enumerate(raw)]
-                for view in views:  # counted by the epoch loop (the workers' counts do not reach it otherwise)
-                    view[BAD_SAMPLES_KEY] = skipped
-                return views
+                return [self._finalize(view, candidate, i, resolution, rng, skipped) for i, view in enumerate(raw)]
             self.replaced_samples += 1
             say("dataset", f"{self.sample_name(candidate)} has {len(raw)} views, below "
                   f"min_num_views_allowed={self.min_num_views_allowed}: replaced by the next sample "
@@ -194,7 +191,7 @@ class BaseMultiViewDataset(Dataset):
         return count >= self.min_num_views_allowed
 
     def _finalize(self, raw: RawView, index: int, view_index: int, resolution: tuple[int, int],
-                  rng: np.random.Generator) -> dict:
+                  rng: np.random.Generator, skipped: int = 0) -> dict:
         # The numbers of the plain float64 formulas (geometry.depth_to_points, pixel_rays, a norm;
         # tests/test_dataset_fast_path.py compares with a copy of them), computed faster: rays
         # cached per intrinsics, the image normalised through a 256-entry table, the rigid
@@ -206,6 +203,9 @@ class BaseMultiViewDataset(Dataset):
         depth[invalid] = 0.0  # a fresh array from _resize_crop
         pose = raw.cam2world
         view = self._view_without_geometry(raw, index, view_index, depth, valid, intrinsics)
+        # Unreadable samples skipped to give this one (on_bad_sample=skip): the epoch loop counts them, as
+        # the workers' own counts do not reach it. Here, so lean and full views keep one key order.
+        view[BAD_SAMPLES_KEY] = skipped
         if self.geometry_on_device:  # device_geometry.complete_view derives the rest after the transfer
             view["img"] = torch.from_numpy(np.ascontiguousarray(np.asarray(image).transpose(2, 0, 1)))
             view[GEOMETRY_KEY] = pack_cameras(intrinsics, pose)
