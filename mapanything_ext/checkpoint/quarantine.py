@@ -1,13 +1,17 @@
 """Before a resume: move what cannot be trusted aside, then choose where to continue.
 
-Nothing is ever deleted. Leftover `*.tmp` files (a save killed halfway) and checkpoints
-that fail verification go to `<output_dir>/quarantine/<UTC timestamp>/`, each with a
-`<name>.reason.json`. A file with several names (hard links: last, best, final, numbered)
-is verified once; moving one name aside never touches the others.
+Only our own files are touched: leftover temporaries of our saves (a save killed halfway) and
+our checkpoints (`checkpoint-last|final|best|previous|<N>.pth`) that fail verification for a
+fault of their content go to `<output_dir>/quarantine/<UTC timestamp>/`, each with a
+`<name>.reason.json`; a file the machine cannot read (an OS or memory error) stops the resume
+instead, moving nothing. The quarantine is bounded: torn temporaries are kept from its newest
+KEPT_TEMPORARY_BATCHES batches only; quarantined checkpoints are kept. A file with several names
+(hard links: last, best, final, numbered) is verified once; moving one name aside never touches
+the others.
 
 The resume point is the valid checkpoint with the newest recorded position (global step,
-then a finished epoch over one still running), whichever its name: last, final, numbered or
-best. A run never restarts from scratch while a valid checkpoint exists; what was passed
+then a finished epoch over one still running), whichever its name: last, final, numbered,
+best or previous. A run never restarts from scratch while a valid checkpoint exists; what was passed
 over, and why, is printed.
 """
 
