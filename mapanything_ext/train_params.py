@@ -85,6 +85,10 @@ class TrainParams:
     # checkpoint-last every save_freq epochs; checkpoint-<N>.pth kept every keep_freq epochs (N counts from 1).
     save_freq: int = 1
     keep_freq: int = 10
+    # Mid-epoch checkpoint-last with the exact position, written in the background (training does not
+    # wait for the disk), every this many minutes (rank 0's clock) and/or training steps; null or 0: off.
+    save_every_minutes: Optional[float] = 30.0
+    save_every_steps: Optional[int] = None
     # Steps between progress scalars (TensorBoard) and console lines.
     print_freq: int = 20
     # Resume from output_dir's newest good checkpoint: true; false: start over; force: resume even where
@@ -129,6 +133,10 @@ class TrainParams:
                    "fixed by (seed, index), the same every epoch")
         if self.gradient_clip is not None and self.gradient_clip <= 0:
             yield f"train_params.gradient_clip={self.gradient_clip}: a positive norm, or null for no clipping"
+        for key in ("save_every_minutes", "save_every_steps"):
+            value = getattr(self, key)
+            if value is not None and value < 0:
+                yield f"train_params.{key}={value}: a positive interval, or null (or 0) for no mid-epoch saves"
 
     def warmup_warning(self) -> str | None:
         """What the schedule really does when the warm-up is as long as the run or longer; else None."""

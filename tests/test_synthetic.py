@@ -43,7 +43,7 @@ def test_same_seed_gives_identical_bytes(tmp_path):
     b = generate(tmp_path / "b", scenarios=1, frames=1, agents=2, seed=3, width=80, height=60, splits=("train",),
                  verbose=False)
     files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
-    assert len(files) == 1 + 2 * (1 + 4) + 2 * 4
+    assert len(files) == 1 + 2 * (1 + 4 + 1) + 2 * 4  # protocol; per vehicle yaml, 4 cameras, LiDAR; 4 depths
     for rel in files:
         assert filecmp.cmp(a / rel, b / rel, shallow=False), rel
     c = generate(tmp_path / "c", scenarios=1, frames=1, agents=2, seed=4, width=80, height=60, splits=("train",),

@@ -110,7 +110,7 @@ def test_a_batch_job_log_gets_progress_lines_not_a_carriage_returned_bar(synthet
     assert "\r" not in console  # no terminal: no progress bar
     lines = [line for line in console.splitlines() if line.startswith("[train] epoch 1 step ")]
     assert [line.split(":")[0] for line in lines] == ["[train] epoch 1 step 2/4", "[train] epoch 1 step 4/4"]
-    assert all("img/s, data wait " in line and "run left " in line for line in lines)
+    assert all("img/s, step " in line and "s, data wait " in line and "run left " in line for line in lines)
     assert "[eval] test batch " in console
 
 

@@ -59,10 +59,11 @@ def check_free_space(obj: dict, path: Path) -> int:
     return needed
 
 
-def save_on_master(obj: dict, path, keep_previous_as=None) -> Path | None:
+def save_on_master(obj: dict, path, keep_previous_as=None, before_rename=None) -> Path | None:
     """Write obj atomically to path on global rank 0; other ranks do nothing (and return None).
     keep_previous_as: the file path held before keeps this name (a hard link: no copy), so one older
-    state survives a damaged new one; without hard links it is not kept."""
+    state survives a damaged new one; without hard links it is not kept. before_rename(): called
+    with the temporary file complete, before it takes the name (fault injection)."""
     if dist.get_rank() != 0:
         return None
     path = Path(path)
@@ -77,6 +78,8 @@ def save_on_master(obj: dict, path, keep_previous_as=None) -> Path | None:
             torch.save(stamp(obj), handle)
             handle.flush()
             os.fsync(handle.fileno())
+        if before_rename is not None:
+            before_rename()
         retired = _retire(path)
         os.replace(tmp, path)
         _fsync_dir(path.parent)

@@ -88,6 +88,7 @@ class PreemptionWatcher:
         self.agreed_at: float | None = None  # the earliest signal of any rank
         self._previous: dict[int, object] = {}
         self._queued_poll = None  # stop_seen_at_last_poll's reduction in flight
+        self.also_at_last_poll = 0.0
 
     def install(self) -> None:
         for signum in _SIGNALS:
@@ -114,15 +115,22 @@ class PreemptionWatcher:
         self.agreed_at = -seen[-1] if strongest else None
         return self.agreed is not None
 
-    def stop_seen_at_last_poll(self) -> bool:
+    def stop_seen_at_last_poll(self, also: float = 0.0) -> bool:
         """Collective, without waiting for the GPU: queues this rank's flags into a MAX all-reduce
         and answers from the reduction the previous call queued (False at the first call). Every
         rank answers from the same reduction, so all stop at the same step: one step after the one
         whose poll first carried the signal. The train loop polls this way at every step, where
         stop_requested() would drain the GPU's queue each time; the stop itself then goes through
-        stop_requested(), which agrees (a received signal stays recorded)."""
-        previous, self._queued_poll = self._queued_poll, dist.queue_all_reduce_max(self._flags())
-        return previous is not None and any(flag > 0 for flag in previous.get()[:-1].tolist())
+        stop_requested(), which agrees (a received signal stays recorded). `also` rides along (the
+        MAX over ranks of the previous call's comes back as `also_at_last_poll`): a background save's
+        "due" flag needs no collective of its own."""
+        flags = torch.cat([self._flags(), torch.tensor([float(also)], dtype=torch.float64)])
+        previous, self._queued_poll = self._queued_poll, dist.queue_all_reduce_max(flags)
+        if previous is None:
+            return False
+        values = previous.get().tolist()
+        self.also_at_last_poll = values[-1]
+        return any(flag > 0 for flag in values[:-2])
 
     def _flags(self) -> torch.Tensor:
         # For one MAX all-reduce: a flag per signal, and minus the arrival time (so the earliest wins).

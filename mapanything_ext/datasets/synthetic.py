@@ -5,7 +5,7 @@ python -m mapanything_ext.datasets.synthetic OUT_DIR [--scenarios N] [--frames F
 
 writes
   OUT_DIR/opv2v/<split>/<scenario>/data_protocol.yaml
-  OUT_DIR/opv2v/<split>/<scenario>/<cav>/<frame>.yaml, <frame>_camera{0..3}.png
+  OUT_DIR/opv2v/<split>/<scenario>/<cav>/<frame>.yaml, <frame>_camera{0..3}.png, <frame>.pcd (LiDAR)
   OUT_DIR/opv2v_depth/<split>/<scenario>/<cav>/<frame>_depth{0..3}.png
 
 Each scenario is one procedural world in CARLA's coordinates (left-handed, x forward,
@@ -32,12 +32,15 @@ import yaml
 from PIL import Image
 
 from mapanything_ext.datasets.depth_codec import encode_depth_carla, encode_depth_heal8
+from mapanything_ext.datasets.pcd import write_pcd_ascii
 from mapanything_ext.geometry.projection import M_CV_TO_UE, inverse_rigid, pixel_rays, pose6_from_matrix, x_to_world
 
 MAIN_AGENT = "641"
 # (x, y, z, yaw) of each camera relative to the vehicle, UE axes (OPV2V's mounts).
 CAMERA_MOUNTS = ((2.5, 0.0, 1.0, 0.0), (0.0, 0.3, 1.8, 100.0), (0.0, -0.3, 1.8, -100.0), (-2.0, 0.0, 1.5, 180.0))
 LIDAR_MOUNT = (-0.5, 0.0, 1.9)
+# A 32-beam spinning LiDAR like OPV2V's (its sweeps are in <frame>.pcd; only the preflight reads them).
+LIDAR_BEAMS, LIDAR_AZIMUTHS, LIDAR_ELEVATION_DEG = 32, 360, (-25.0, 5.0)
 HORIZONTAL_FOV_DEG = 100.0
 CAR_HALF_EXTENT = (1.95, 0.95, 0.7)  # below the roof cameras, ending in front of the back one
 MAX_DEPTH_M = 250.0
@@ -152,14 +155,8 @@ class Renderer:
         rays_cv = pixel_rays(intrinsics, height, width).reshape(-1, 3)  # z = 1: ray parameter = z-depth
         dirs = rays_cv @ (cam_to_world[:3, :3] @ M_CV_TO_UE).T
         origin = cam_to_world[:3, 3]
-        t_best = np.full(len(dirs), np.inf)
-        t_ground = np.where(dirs[:, 2] < -1e-9, -origin[2] / np.where(dirs[:, 2] < -1e-9, dirs[:, 2], -1.0), np.inf)
-        t_best = np.minimum(t_best, t_ground)
         visible = self._visible_boxes(origin, cam_to_world[:3, :3] @ M_CV_TO_UE[:, 2])
-        hits = [self._cast_boxes(origin, dirs[i:i + _RAY_CHUNK], visible) for i in range(0, len(dirs), _RAY_CHUNK)]
-        t_box, box_idx, normal_local = (np.concatenate(parts) for parts in zip(*hits))
-        use_box = t_box < t_best
-        t_best = np.where(use_box, t_box, t_best)
+        t_best, use_box, box_idx, normal_local = self._cast(origin, dirs, visible)
         valid = np.isfinite(t_best) & (t_best <= MAX_DEPTH_M)
         points = origin + dirs * np.where(valid, t_best, 0.0)[:, None]
         color = self._sky(dirs)
@@ -170,6 +167,26 @@ class Renderer:
         depth = np.where(valid, t_best, 0.0)
         rgb = (np.clip(color, 0, 1) * 255 + 0.5).astype(np.uint8).reshape(height, width, 3)
         return rgb, depth.reshape(height, width)
+
+    def lidar_sweep(self, lidar_to_world: np.ndarray) -> np.ndarray:
+        """A spinning LiDAR's hits (LIDAR_BEAMS x LIDAR_AZIMUTHS rays) in the sensor's frame, UE axes."""
+        elevation = np.radians(np.linspace(*LIDAR_ELEVATION_DEG, LIDAR_BEAMS))[:, None]
+        azimuth = np.radians(np.arange(LIDAR_AZIMUTHS) * 360.0 / LIDAR_AZIMUTHS)[None, :]
+        local = np.stack(np.broadcast_arrays(np.cos(elevation) * np.cos(azimuth), np.cos(elevation) * np.sin(azimuth),
+                                             np.sin(elevation)), axis=-1).reshape(-1, 3)
+        origin = lidar_to_world[:3, 3]
+        t, *_ = self._cast(origin, local @ lidar_to_world[:3, :3].T, np.arange(len(self.boxes)))
+        hit = np.isfinite(t) & (t <= MAX_DEPTH_M) & (t > 3.0)  # not the vehicle's own roof
+        return local[hit] * t[hit, None]
+
+    def _cast(self, origin, dirs, visible):
+        """Nearest hit along each ray (ground or box): ray parameter t (inf: none), whether a box,
+        which box, its local face normal."""
+        t_best = np.where(dirs[:, 2] < -1e-9, -origin[2] / np.where(dirs[:, 2] < -1e-9, dirs[:, 2], -1.0), np.inf)
+        hits = [self._cast_boxes(origin, dirs[i:i + _RAY_CHUNK], visible) for i in range(0, len(dirs), _RAY_CHUNK)]
+        t_box, box_idx, normal_local = (np.concatenate(parts) for parts in zip(*hits))
+        use_box = t_box < t_best
+        return np.where(use_box, t_box, t_best), use_box, box_idx, normal_local
 
     def _visible_boxes(self, origin, forward) -> np.ndarray:
         """Indices of boxes whose bounding sphere meets a cone around the optical axis (culling)."""
@@ -343,6 +360,8 @@ def _write_frame(out_dir, split, name, scene, cav, frame_index, frame, renderer,
     depth_dir.mkdir(parents=True, exist_ok=True)
     record, cams = _pose_yaml(scene, cav, frame_index, intrinsics, rng)
     (cav_dir / f"{frame}.yaml").write_text(yaml.safe_dump(record, sort_keys=True))
+    points = renderer.lidar_sweep(x_to_world(record["lidar_pose"]))
+    write_pcd_ascii(cav_dir / f"{frame}.pcd", points, np.linalg.norm(points, axis=1) / MAX_DEPTH_M)
     for k, cam in enumerate(cams):
         rgb, depth = renderer.render(cam, intrinsics, width, height)
         Image.fromarray(rgb).save(cav_dir / f"{frame}_camera{k}.png", compress_level=3)

@@ -25,6 +25,7 @@ from mapanything_ext.train.compile_cache import CompileCache
 from mapanything_ext.train.compiling import check_compile_settings, compile_in_place, mark_step_begin
 from mapanything_ext.train.data import build_loader, to_device
 from mapanything_ext.train.optim import build_optimizer
+from mapanything_ext.train.background_save import BackgroundSaver
 from mapanything_ext.train.run import Run, autocast_dtype
 from mapanything_ext.train.step import forward_backward
 
@@ -81,7 +82,8 @@ def build_run(cfg: DictConfig, info: dist.DistInfo, output_dir: Path, watcher: P
     return Run(cfg=cfg, tp=tp, info=info, output_dir=output_dir, model=model, module=module, optimizer=optimizer,
                schedules=schedules, train_criterion=train_criterion, test_criterion=test_criterion,
                train_loader=train_loader, test_loader=test_loader, test_name=test_set_name(cfg),
-               watcher=watcher, autocast=autocast_dtype(tp, info.device), compile_cache=compile_cache or CompileCache())
+               watcher=watcher, autocast=autocast_dtype(tp, info.device), compile_cache=compile_cache or CompileCache(),
+               background=BackgroundSaver(tp.save_every_minutes, tp.save_every_steps, writer=info.rank == 0))
 
 
 def epoch_of_size(dataset, size: int, tp) -> EpochOfSize:

@@ -146,6 +146,10 @@ def _start_and_train(cfg: DictConfig, info: dist.DistInfo, output_dir: Path, sta
         if run.tp.eval_before_training and position.global_step == 0:
             _initial_eval(run, position)
         _train_epochs(run, position)
+    except Exception:
+        if run.info.rank == 0:
+            run.background.wait()  # a crash keeps the state a background write was putting on disk
+        raise
     finally:
         run.scalars.close()
 

@@ -6,7 +6,8 @@ accumulation from the fractional epoch (this rank's step index / steps per epoch
 epoch's end is discarded, as its loop discards it (`zero_grad` at the next epoch's start).
 
 A step's values are read one step late (the meter's queue), so reading never drains the GPU; a
-stop signal is honoured only where no gradient is pending, so the saved state is exact.
+stop signal is honoured, and a mid-epoch background save taken (background_save.py), only where no
+gradient is pending, so the saved state is exact.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from mapanything_ext.console import say, warn
 from mapanything_ext.datasets.base import BAD_SAMPLES_KEY
 from mapanything_ext.train.data import to_device
 from mapanything_ext.train.optim import logged_lrs, set_lr
-from mapanything_ext.train.saving import stop_here
+from mapanything_ext.train.saving import save_in_background_if_due, stop_here
 from mapanything_ext.train.state import Position
 from mapanything_ext.train.step import StepResult, read_step, train_step
 
@@ -67,11 +68,14 @@ def train_one_epoch(run, position: Position) -> dict:
                                    len(views) * views[0]["img"].shape[0] * world, data_wait, bad))
             # After the last step the question is asked at once (the epoch's evaluation and saves come
             # next); after the others it is answered one step late, so asking never drains the GPU.
-            stopping = (boundary or last) and (last or run.watcher.stop_seen_at_last_poll())
+            due = run.background.poll_flag(position.global_step, accum) if boundary and not last else 0.0
+            stopping = (boundary or last) and (last or run.watcher.stop_seen_at_last_poll(due))
             if stopping or not run.first_step_reported:
                 meter.read_all()  # (a process's first step too: the start-up line times it)
             if stopping:
                 stop_here(run, position, StopPoint.LAST_STEP if last else StopPoint.TRAIN_STEP, on_stop=meter.close)
+            elif boundary:
+                save_in_background_if_due(run, position, before=meter.read_all)
             asked = time.perf_counter()
         meter.read_all()
     finally:
@@ -95,6 +99,7 @@ class QueuedStep:
     images: int  # over all ranks
     data_wait: float = 0.0  # seconds this rank waited for the batch
     bad_samples: int = 0  # unreadable samples skipped to make the batch (dataset.on_bad_sample=skip)
+    wall: float = 0.0  # seconds since the step before was queued (this loop's pace, the GPU's when it leads)
 
 
 class EpochMeter:
@@ -105,6 +110,7 @@ class EpochMeter:
         self.run, self.position, self.steps_left = run, position, steps_left
         self.steps_per_epoch = steps_per_epoch
         self.started, self.images, self.waited, self.recorded = time.perf_counter(), 0, 0.0, 0
+        self.last_queued = self.started
         self.pending: list[QueuedStep] = []
         done = steps_per_epoch - steps_left
         # A terminal gets a progress bar; a batch job's log (no terminal) gets a line every print_freq
@@ -115,6 +121,8 @@ class EpochMeter:
 
     def queue(self, step: QueuedStep) -> None:
         """Take a step that was just queued on the device; read the one before it."""
+        now = time.perf_counter()
+        step.wall, self.last_queued = now - self.last_queued, now
         self.read_all()
         self.pending.append(step)
 
@@ -158,7 +166,7 @@ class EpochMeter:
         memory = (f", GPU {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if self.run.info.device.type == "cuda"
                   else "")
         say("train", f"epoch {self.position.epoch + 1} step {step.it + 1}/{self.steps_per_epoch}: loss {loss:.4f}, "
-            f"lr {step.lrs['lr']:.2e}, {rate:.1f} img/s, data wait {100 * self.waited / max(elapsed, 1e-9):.0f}%"
+            f"lr {step.lrs['lr']:.2e}, {rate:.1f} img/s, step {step.wall:.2f}s, data wait {100 * self.waited / max(elapsed, 1e-9):.0f}%"
             f"{memory}; epoch left {_duration(epoch_left)}, run left {_duration(run_left)} (training steps)")
 
     def _count_bad(self, skipped: int) -> None:

@@ -12,6 +12,7 @@ from omegaconf import DictConfig
 from mapanything_ext.cluster import distributed as dist
 from mapanything_ext.cluster.preemption import PreemptionWatcher
 from mapanything_ext.run_log import Scalars
+from mapanything_ext.train.background_save import BackgroundSaver
 from mapanything_ext.train.compile_cache import CompileCache
 from mapanything_ext.train.optim import GroupSchedule
 from mapanything_ext.train_params import TrainParams
@@ -40,6 +41,7 @@ class Run:
     first_step_reported: bool = False
     saved_step: int = 0  # global step of the newest state on disk (a fresh start: 0, nothing to save)
     pretrained_fingerprint: str | None = None  # content of the model.pretrained file the run started from
+    background: BackgroundSaver | None = None  # mid-epoch saves (train_params.save_every_minutes/_steps)
 
 
 def autocast_dtype(tp: TrainParams, device: torch.device) -> torch.dtype | None:

@@ -42,6 +42,7 @@ def restore_or_start(run: Run, chosen: Future | None = None) -> tuple[Position, 
         notes.append(f"{', '.join(repaired)} given the state of epoch {position.epoch}'s end again (a job stopped "
                      f"between that epoch's saves had left them missing or on an older state)")
     run.saved_step = position.global_step
+    run.background.saved(position.global_step)
     say("mapanything_ext", f"resumed from {resume_from}: epoch {position.epoch + 1}, {position.consumed} batches of "
         f"it done, global step {position.global_step}")
     for note in notes:
