@@ -104,8 +104,9 @@ class Scalars:
     x of the step it continues with) hides whatever an earlier process wrote from there on: no point
     twice (the engine writes the finished epoch's test statistics at that x again)."""
 
-    def __init__(self, output_dir: Path, enabled: bool, resume_x: int = 0):
+    def __init__(self, output_dir: Path, enabled: bool, resume_x: int = 0, also=None):
         self._writer = None
+        self._also = also  # another sink of the same scalars (wandb_log.WandbScalars), or None
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -126,14 +127,18 @@ class Scalars:
     def _add(self, scalars: dict, x: int) -> None:
         if self._writer is None:
             return
-        for tag, value in scalars.items():
-            if isinstance(value, (int, float)):
-                self._writer.add_scalar(tag, value, x)
+        numbers = {tag: value for tag, value in scalars.items() if isinstance(value, (int, float))}
+        for tag, value in numbers.items():
+            self._writer.add_scalar(tag, value, x)
         self._writer.flush()
+        if self._also is not None:
+            self._also.add(numbers, x)
 
     def close(self) -> None:
         if self._writer is not None:
             self._writer.close()
+        if self._also is not None:
+            self._also.close()
 
 
 def test_statistic(record: dict, stat: str) -> float | None:

@@ -4,6 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+# The optional W&B logger is tested too (tests/test_wandb.py, offline: no network needed).
+.venv/bin/python -m pip install -q --disable-pip-version-check -c scripts/constraints-cpu.txt "wandb>=0.17"
 export PATH=$PATH:/usr/sbin:/sbin
 if { ! command -v slurmctld || ! command -v slurmdbd || ! command -v mariadbd || ! command -v ip \
      || ! command -v nsenter; } >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then

@@ -29,6 +29,9 @@ def problems_of(cfg: DictConfig, resuming: bool = False) -> list[str]:
     found = [] if resuming else _pretrained_problems(cfg.model)
     if cfg.model.get("name") == "mapanything":
         found += _mapanything_problems(cfg.model)
+    if cfg.get("logger", {}).get("name") == "wandb" and importlib.util.find_spec("wandb") is None:
+        found.append('logger=wandb needs the wandb package: pip install "mapanything-ext[wandb]" (or pip install '
+                     'wandb), or use logger=tensorboard')
     return found
 
 

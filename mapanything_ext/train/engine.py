@@ -31,7 +31,7 @@ from mapanything_ext.cluster import faults, run_lock
 from mapanything_ext.cluster.preemption import PreemptionWatcher, StopPoint, restarts_so_far
 from mapanything_ext.console import say, warn
 from mapanything_ext.models import offline
-from mapanything_ext.run_log import Scalars, report_failure, report_previous_job, tee_console, write_hydra_record
+from mapanything_ext.run_log import report_failure, report_previous_job, tee_console, write_hydra_record
 from mapanything_ext.train.compile_cache import CompileCache, start_compile_workers
 from mapanything_ext.train.build import (StartupClock, build_run, choose_loss_impl, first_sample_views,
                                          settle_ddp_buckets)
@@ -136,7 +136,7 @@ def _start_and_train(cfg: DictConfig, info: dist.DistInfo, output_dir: Path, sta
     if resuming or cfg.model.get("pretrained"):
         clock.done("checkpoint chosen, verified and loaded (the rest of it)" if resuming
                    else "model.pretrained verified and loaded")
-    run.scalars = Scalars(output_dir, info.rank == 0, resume_x=start.epoch_1000x(run, position))
+    run.scalars = start.open_scalars(run, position)
     start.relog_finished_epoch(run, position)
     try:
         if continued:

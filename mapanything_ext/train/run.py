@@ -41,6 +41,7 @@ class Run:
     first_step_reported: bool = False
     saved_step: int = 0  # global step of the newest state on disk (a fresh start: 0, nothing to save)
     pretrained_fingerprint: str | None = None  # content of the model.pretrained file the run started from
+    wandb_run_id: str | None = None  # logger=wandb: the W&B run this training run logs to (kept in checkpoints)
     background: BackgroundSaver | None = None  # mid-epoch saves (train_params.save_every_minutes/_steps)
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-INERT = ("output_dir", "machine.", "distributed.", "trust_foreign_checkpoints", "hydra",
+INERT = ("output_dir", "machine.", "distributed.", "logger.", "trust_foreign_checkpoints", "hydra",
          "train_params.print_freq", "train_params.eval_freq", "train_params.eval_before_training",
          "train_params.save_freq", "train_params.keep_freq",
          "train_params.save_every_minutes", "train_params.save_every_steps", "train_params.max_eval_steps", "train_params.resume",

@@ -9,7 +9,8 @@ from pathlib import Path
 
 from mapanything_ext.checkpoint import prepare_resume
 from mapanything_ext.console import say
-from mapanything_ext.run_log import read_epoch_records
+from mapanything_ext.config import to_plain
+from mapanything_ext.run_log import Scalars, read_epoch_records
 from mapanything_ext.train import epoch_end, settings_check, state
 from mapanything_ext.train.evaluation_loop import test_statistics
 from mapanything_ext.train.run import Run
@@ -48,6 +49,17 @@ def restore_or_start(run: Run, chosen: Future | None = None) -> tuple[Position, 
     for note in notes:
         say("mapanything_ext", f"resume: {note}")
     return position, False
+
+
+def open_scalars(run: Run, position: Position) -> Scalars:
+    """TensorBoard (and W&B with logger=wandb) on rank 0, continuing at the x of the resumed step;
+    W&B continues the run of the checkpoint's id (wandb_log.py)."""
+    also = None
+    if run.info.rank == 0 and run.cfg.logger.get("name") == "wandb":
+        from mapanything_ext.wandb_log import open_wandb
+
+        also, run.wandb_run_id = open_wandb(run.cfg, run.output_dir, run.wandb_run_id, to_plain(run.cfg))
+    return Scalars(run.output_dir, run.info.rank == 0, resume_x=epoch_1000x(run, position), also=also)
 
 
 def _outside_run_folder(run: Run, path: str) -> Path:

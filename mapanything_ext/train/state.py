@@ -59,7 +59,7 @@ def checkpoint_of(run, position: Position) -> dict:
         "resume": {"epoch": position.epoch, "consumed": position.consumed, "epoch_complete": position.epoch_complete,
                    "global_step": position.global_step, "sampler": sampler, "rng": rng,
                    "sums": dict(position.sums), "count": position.count, "counters": dict(position.counters),
-                   "pretrained_fingerprint": run.pretrained_fingerprint},
+                   "pretrained_fingerprint": run.pretrained_fingerprint, "wandb_run_id": run.wandb_run_id},
     }
 
 
@@ -68,6 +68,7 @@ def restore(run, path: Path) -> tuple[Position, list[str]]:
     position and notes for the console (a changed world size, say)."""
     ckpt = load_checkpoint(path, map_location="cpu", mmap=True)
     run.pretrained_fingerprint = ckpt["resume"].get("pretrained_fingerprint")
+    run.wandb_run_id = ckpt["resume"].get("wandb_run_id")
     changes = settings_check.compare(ckpt["args"], run.cfg, run.pretrained_fingerprint, run.tp.resume == "force")
     try:
         run.module.load_state_dict(ckpt["model"])
