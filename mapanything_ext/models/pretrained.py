@@ -52,14 +52,16 @@ def alias_groups(state: dict) -> list[list[str]]:
     """Names of a state dict grouped by the tensor they hold (same storage, offset, shape, strides)."""
     groups: dict[tuple, list[str]] = {}
     for name, tensor in state.items():
-        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.stride(),
-               tensor.device) if tensor.numel() else ("empty", name)
+        local = tensor.to_local() if hasattr(tensor, "to_local") else tensor  # a sharded model's DTensor
+        key = (local.untyped_storage().data_ptr(), local.storage_offset(), tuple(tensor.shape), local.stride(),
+               local.device) if local.numel() else ("empty", name)
         groups.setdefault(key, []).append(name)
     return list(groups.values())
 
 
-def load_pretrained(model: nn.Module, path, trust_foreign: bool = False) -> dict:
-    """Load matching weights into model (strict=False); returns the report, counted in tensors."""
+def load_pretrained(model: nn.Module, path, trust_foreign: bool = False, load=None) -> dict:
+    """Load matching weights into model (strict=False); returns the report, counted in tensors.
+    load(state): how the matching tensors go in (a sharded model's loader; default load_state_dict)."""
     state = read_state_dict(path, trust_foreign)
     own = model.state_dict()
     usable = {k: v for k, v in state.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}
@@ -80,7 +82,10 @@ def load_pretrained(model: nn.Module, path, trust_foreign: bool = False) -> dict
             f"wrong file or wrong model config?"
         )
     with torch.no_grad():
-        model.load_state_dict(usable, strict=False)
+        if load is None:
+            model.load_state_dict(usable, strict=False)
+        else:
+            load(usable)
     everything = not (report["missing"] or report["unexpected"] or report["shape_mismatch"])
     say("pretrained", f"{path}: loaded {report['loaded']}/{len(groups)} tensors"
           f"{' (every entry matched)' if everything else ''}; {report['aliases']} more names are aliases of "

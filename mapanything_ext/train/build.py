@@ -24,7 +24,8 @@ from mapanything_ext.train import rng_state
 from mapanything_ext.train.compile_cache import CompileCache
 from mapanything_ext.train.compiling import check_compile_settings, compile_in_place, mark_step_begin
 from mapanything_ext.train.data import build_loader, to_device
-from mapanything_ext.train.optim import build_optimizer
+from mapanything_ext.train import sharding
+from mapanything_ext.train.optim import build_optimizer, freeze_zero_lr
 from mapanything_ext.train.background_save import BackgroundSaver
 from mapanything_ext.train.run import Run, autocast_dtype
 from mapanything_ext.train.step import forward_backward
@@ -67,12 +68,9 @@ def build_run(cfg: DictConfig, info: dist.DistInfo, output_dir: Path, watcher: P
     clock.done(f"model built on {info.device}")
     if tp.compile:
         compile_in_place(module, tp.compile, compile_mode)
-    optimizer, schedules = build_optimizer(module, tp)  # before DDP: it freezes submodules with lr 0
-    model = module
-    if info.distributed:
-        device_ids = [info.local_rank] if info.device.type == "cuda" else None
-        model = DistributedDataParallel(module, device_ids=device_ids,
-                                        find_unused_parameters=bool(cfg.model.get("find_unused_parameters")))
+    freeze_zero_lr(module, tp)  # before DDP or FSDP take the parameters that train
+    model = sharding.wrap(module, cfg, info, autocast_dtype(tp, info.device))
+    optimizer, schedules = build_optimizer(module, tp)  # after FSDP: over the sharded parameters
     train_criterion, test_criterion = build_criteria(cfg.loss)
     for criterion in (train_criterion, test_criterion):
         if isinstance(criterion, torch.nn.Module):  # MapAnything's criteria are modules
@@ -107,7 +105,13 @@ def _describe(cfg, module, optimizer, train_ds, test_ds, train_loader, info) -> 
     sampler = train_loader.batch_sampler
     say("mapanything_ext", f"model {cfg.model.name}: {n_params:,} parameters{frozen}; {len(train_ds)} train / "
         f"{len(test_ds)} test samples; {sampler.describe()}, {sampler.epoch_batches() // info.world_size} steps per "
-        f"epoch; world size {info.world_size}{' (DDP)' if info.distributed else ''}")
+        f"epoch; world size {info.world_size}{_strategy_note(cfg, info)}")
+
+
+def _strategy_note(cfg: DictConfig, info: dist.DistInfo) -> str:
+    if sharding.strategy_of(cfg) == "fsdp":
+        return f" (FSDP{', sharded state offloaded to host memory' if cfg.distributed.get('fsdp_offload') else ''})"
+    return " (DDP)" if info.distributed else ""
 
 
 def first_sample_views(run: Run) -> list[dict]:

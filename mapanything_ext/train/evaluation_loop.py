@@ -18,6 +18,7 @@ import torch
 from mapanything_ext.cluster import distributed as dist
 from mapanything_ext.console import say
 from mapanything_ext.geometry.depth_metrics import mean_depth_abs_rel
+from mapanything_ext.train import sharding
 from mapanything_ext.train.compiling import mark_step_begin
 from mapanything_ext.train.data import to_device
 from mapanything_ext.train.step import view_scale
@@ -30,11 +31,12 @@ _OPTIONAL = ("depth_abs_rel",)
 def test_statistics(model, criterion, loader, device, amp_dtype, between_batches=None) -> dict:
     """`<key>_avg` and `<key>_med` of the scaled test loss, its terms and depth AbsRel, over every test
     batch of every rank (ranks may hold one batch more or less). `model` is the plain module (no DDP
-    collective in its forward); `between_batches(i)` runs before batch i on every rank alike (the
+    collective in its forward; a sharded one's forward is collective, so a rank whose share is done
+    runs one more, unused); `between_batches(i)` runs before batch i on every rank alike (the
     engine's stop point)."""
     model.eval()
     values: dict[str, list[float]] = {}
-    batches = iter(loader)
+    batches, last = iter(loader), None
     steps = int(dist.all_reduce_max(torch.tensor([len(loader)])).item())
     started, every = time.perf_counter(), max(1, steps // 10)
     for i in range(steps):
@@ -43,9 +45,13 @@ def test_statistics(model, criterion, loader, device, amp_dtype, between_batches
         if i and i % every == 0:  # hours of silence on real data otherwise
             say("eval", f"test batch {i}/{steps} ({time.perf_counter() - started:.0f}s)")
         views = next(batches, None)
+        if views is None and sharding.is_sharded(model) and last is not None:
+            # A sharded model's forward gathers its weights with every rank: one more forward, unused.
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                model(last)
         if views is None:  # this rank's share is done; the others still meet at between_batches
             continue
-        views = to_device(views, device)
+        views = last = to_device(views, device)
         mark_step_begin()
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             preds = model(views)

@@ -70,6 +70,14 @@ def _refuse_unmatched(model: nn.Module, tp: TrainParams) -> None:
                          f"model starts with; the model's top-level parts are {', '.join(tops)}")
 
 
+def freeze_zero_lr(model: nn.Module, tp: TrainParams) -> None:
+    """Freeze every submodule whose lr is 0 (before DDP or FSDP see which parameters train)."""
+    _refuse_unmatched(model, tp)
+    for name, param in model.named_parameters():
+        if param.requires_grad and float(tp.setting(tp.submodule_of(name), "lr")) == 0:
+            param.requires_grad_(False)
+
+
 def build_optimizer(model: nn.Module, tp: TrainParams) -> tuple[torch.optim.Optimizer, list[GroupSchedule]]:
     groups, schedules = param_groups(model, tp)
     # The fused kernel (one launch for all parameters) where every parameter is on a GPU; it also

@@ -11,7 +11,7 @@ from mapanything_ext.checkpoint import prepare_resume
 from mapanything_ext.console import say
 from mapanything_ext.config import to_plain
 from mapanything_ext.run_log import Scalars, read_epoch_records
-from mapanything_ext.train import epoch_end, settings_check, state
+from mapanything_ext.train import epoch_end, settings_check, sharding, state
 from mapanything_ext.train.evaluation_loop import test_statistics
 from mapanything_ext.train.run import Run
 from mapanything_ext.train.saving import save
@@ -34,7 +34,8 @@ def restore_or_start(run: Run, chosen: Future | None = None) -> tuple[Position, 
         if pretrained:
             from mapanything_ext.models.pretrained import load_pretrained
 
-            load_pretrained(run.module, pretrained, trust_foreign=trust)
+            load_pretrained(run.module, pretrained, trust_foreign=trust,
+                            load=lambda usable: sharding.load_model_state(run.module, usable, strict=False))
             run.pretrained_fingerprint = settings_check.fingerprint(pretrained)
         return Position(), False
     position, notes = state.restore(run, resume_from)

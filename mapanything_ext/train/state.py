@@ -18,7 +18,7 @@ from pathlib import Path
 from mapanything_ext.checkpoint import load_checkpoint
 from mapanything_ext.cluster import distributed as dist
 from mapanything_ext.config import to_plain
-from mapanything_ext.train import rng_state, settings_check
+from mapanything_ext.train import rng_state, settings_check, sharding
 
 
 @dataclass
@@ -49,9 +49,10 @@ def checkpoint_of(run, position: Position) -> dict:
     rng = dist.all_gather_object(rng_state.capture())
     sampler = run.train_loader.batch_sampler.state_dict(consumed=position.consumed)
     sampler["epoch"] = position.epoch
+    model_state, optimizer_state = sharding.full_state(run.module, run.optimizer)  # FSDP: gathered to rank 0
     return {
-        "model": run.module.state_dict(),
-        "optimizer": run.optimizer.state_dict(),
+        "model": model_state,
+        "optimizer": optimizer_state,
         "scaler": None,  # bf16 autocast needs no loss scaling (fp16 is refused at start)
         "epoch": position.epoch,
         "best_so_far": float(position.best_so_far),
@@ -71,15 +72,15 @@ def restore(run, path: Path) -> tuple[Position, list[str]]:
     run.wandb_run_id = ckpt["resume"].get("wandb_run_id")
     changes = settings_check.compare(ckpt["args"], run.cfg, run.pretrained_fingerprint, run.tp.resume == "force")
     try:
-        run.module.load_state_dict(ckpt["model"])
+        sharding.load_model_state(run.module, ckpt["model"])
     except RuntimeError as err:
         raise RuntimeError(
             f"cannot resume from {path}: it was written with a different model configuration than this run's "
             f"(use the original overrides, or a new output_dir to start over). {str(err).splitlines()[0]}"
         ) from None
     try:
-        run.optimizer.load_state_dict(ckpt["optimizer"])
-    except ValueError as err:
+        sharding.load_optimizer_state(run.module, run.optimizer, ckpt["optimizer"])
+    except (ValueError, KeyError, IndexError) as err:
         raise RuntimeError(
             f"cannot resume from {path}: its optimizer has other parameter groups than this run's ({err}); "
             f"train_params.submodule_configs or the model changed. Use the original overrides, or a new output_dir."
@@ -125,9 +126,9 @@ def continue_mapanything_run(run, path: Path, trust_foreign: bool) -> tuple[Posi
         raise ContinuationError(f"{path} is a checkpoint of ours: resume it by running in its folder, or give it "
                                 f"as model.pretrained")
     try:
-        run.module.load_state_dict(ckpt["model"])
-        run.optimizer.load_state_dict(ckpt["optimizer"])
-    except (RuntimeError, ValueError) as err:
+        sharding.load_model_state(run.module, ckpt["model"])
+        sharding.load_optimizer_state(run.module, run.optimizer, ckpt["optimizer"])
+    except (RuntimeError, ValueError, KeyError, IndexError) as err:
         raise ContinuationError(
             f"cannot continue MapAnything's run from {path} with this configuration: {str(err).splitlines()[0]} "
             f"(the model config and train_params.submodule_configs must be those of that run)") from None

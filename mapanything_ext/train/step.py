@@ -22,11 +22,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
 
 from mapanything_ext.cluster import distributed as dist
 from mapanything_ext.losses.batched_loss import DeviceDetails
 from mapanything_ext.readback import HostCopy
+from mapanything_ext.train import sharding
 from mapanything_ext.train.compiling import mark_step_begin
 
 
@@ -80,6 +80,7 @@ def optimizer_step(run) -> torch.Tensor:
             norm = torch.nn.utils.clip_grad_norm_(params, float(clip), foreach=True)
         else:
             norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
+        norm = sharding.plain(norm)  # FSDP: the global norm over every shard
         _step_unless_nonfinite(run.optimizer, norm)
         run.optimizer.zero_grad(set_to_none=True)
     return norm.detach()
@@ -124,9 +125,8 @@ def _phase(name: str):
 def forward_backward(run, views, autocast_dtype, accum: int, sync: bool) -> tuple[torch.Tensor, dict]:
     """Forward, scaled loss, backward of one micro-batch; returns the (detached) scaled loss and the
     criterion's details. DDP reduces gradients only when sync (the accumulation's last micro-batch)."""
-    no_sync = run.model.no_sync if (isinstance(run.model, DistributedDataParallel) and not sync) else None
     mark_step_begin()
-    with (no_sync() if no_sync else _null()):
+    with sharding.set_gradient_sync(run.model, sync):
         with _phase("forward"), torch.autocast(run.info.device.type, dtype=autocast_dtype,
                                                enabled=autocast_dtype is not None):
             preds = run.model(views)
@@ -136,11 +136,3 @@ def forward_backward(run, views, autocast_dtype, accum: int, sync: bool) -> tupl
         with _phase("backward"):
             (loss / accum).backward()
     return loss.detach(), details
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False

@@ -1,0 +1,178 @@
+"""How the model is spread over the ranks: `distributed.strategy=ddp` (every rank holds the whole model,
+gradients all-reduced) or `fsdp` (PyTorch's FSDP2, `torch.distributed.fsdp.fully_shard`: weights,
+gradients and AdamW's moments sharded over the ranks, gathered block by block for compute).
+
+FSDP units, bottom-up: every transformer block (a ModuleList entry whose class name holds "Block":
+DINOv2's, the info-sharing blocks, the pose head's), then every top-level part with parameters (the
+heads, the encoders' remaining weights), then the model. On a GPU with train_params.amp the units
+compute in bf16 and reduce gradients in float32 while the sharded weights stay float32 (the master
+copy AdamW updates). `distributed.fsdp_offload=true` keeps the sharded state in host memory (one
+small GPU). Everything else is as under DDP: the same optimizer groups, the same clipping (the
+global norm over all shards), the same checkpoint, which is gathered to rank 0's host memory tensor
+by tensor (never a full copy on a GPU) and stored exactly as a DDP run stores it, so a run resumes
+across strategies and world sizes.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from mapanything_ext.cluster import distributed as dist
+
+STRATEGIES = ("ddp", "fsdp")
+
+
+def strategy_of(cfg) -> str:
+    strategy = str(cfg.distributed.get("strategy") or "ddp")
+    if strategy not in STRATEGIES:
+        raise ValueError(f"distributed.strategy={strategy!r}: choose one of {', '.join(STRATEGIES)}")
+    return strategy
+
+
+def wrap(module: nn.Module, cfg, info: dist.DistInfo, autocast: torch.dtype | None) -> nn.Module:
+    """What trains: the module (one process), its DDP wrapper, or the module sharded in place (fsdp,
+    at any world size: at 1 it only offloads)."""
+    if strategy_of(cfg) == "fsdp":
+        return _shard(module, info, autocast, bool(cfg.distributed.get("fsdp_offload")))
+    if not info.distributed:
+        return module
+    device_ids = [info.local_rank] if info.device.type == "cuda" else None
+    return DistributedDataParallel(module, device_ids=device_ids,
+                                   find_unused_parameters=bool(cfg.model.get("find_unused_parameters")))
+
+
+def _shard(module: nn.Module, info: dist.DistInfo, autocast, offload: bool) -> nn.Module:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+    if not info.distributed:
+        raise ValueError("distributed.strategy=fsdp needs a process group: launch with torchrun (or Slurm), "
+                         "--nproc-per-node 1 on one GPU")
+    _broadcast_from_rank0(module)
+    mesh = init_device_mesh(info.device.type, (info.world_size,))
+    options = {"mesh": mesh, "offload_policy": CPUOffloadPolicy() if offload else OffloadPolicy()}
+    if autocast is not None:
+        options["mp_policy"] = MixedPrecisionPolicy(param_dtype=autocast, reduce_dtype=torch.float32)
+    for unit in shard_units(module):
+        fully_shard(unit, **options)
+    fully_shard(module, **options)
+    return module
+
+
+def _broadcast_from_rank0(module: nn.Module) -> None:
+    """Every rank starts from rank 0's weights, as DDP makes them at construction (each rank built its
+    model under its own seed); sharding keeps each rank's own values of its shard otherwise."""
+    import torch.distributed as tdist
+
+    with torch.no_grad():
+        for tensor in [*module.parameters(), *module.buffers()]:
+            tdist.broadcast(tensor.data, src=0)
+
+
+def shard_units(module: nn.Module) -> list[nn.Module]:
+    """The FSDP units below the model, innermost first, each module once."""
+    units, seen = [], set()
+    for sub in module.modules():
+        if isinstance(sub, nn.ModuleList):
+            for child in sub:
+                if "Block" in type(child).__name__ and id(child) not in seen:
+                    units.append(child)
+                    seen.add(id(child))
+    for _, child in module.named_children():
+        # (a container has no forward of its own: its entries are the units)
+        for part in child if isinstance(child, (nn.ModuleList, nn.ModuleDict)) else [child]:
+            part = child[part] if isinstance(child, nn.ModuleDict) else part
+            if id(part) not in seen and any(True for _ in part.parameters()):
+                units.append(part)
+                seen.add(id(part))
+    return units
+
+
+def is_sharded(model: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def set_gradient_sync(model: nn.Module, sync: bool):
+    """A context for one micro-batch's forward and backward: gradients reduced only when `sync` (the
+    accumulation's last micro-batch), as DDP's no_sync and FSDP's requires_gradient_sync do."""
+    if isinstance(model, DistributedDataParallel) and not sync:
+        return model.no_sync()
+    if is_sharded(model):
+        model.set_requires_gradient_sync(sync)
+    return _Nothing()
+
+
+def plain(tensor: torch.Tensor) -> torch.Tensor:
+    """A DTensor's full value (a replicated norm, say) as a plain tensor; others as they are."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def full_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """(model, optimizer) state dicts of the module (not its DDP wrapper) as a single process would hold them, optimizer states keyed by
+    parameter index as `optimizer.state_dict()` keys them. Sharded: collective, the full tensors on
+    rank 0's host (the other ranks get empty dicts)."""
+    if not is_sharded(model):
+        return model.state_dict(), optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_state, optim_state = get_state_dict(model, optimizer, options=options)
+    if dist.get_rank() != 0:
+        return {}, {}
+    return model_state, _by_index(optim_state)
+
+
+def load_model_state(model: nn.Module, state: dict, strict: bool = True) -> None:
+    """Load a full model state dict (every rank holds it), sharding it where the model is sharded."""
+    if not is_sharded(model):
+        model.load_state_dict(state, strict=strict)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=strict))
+
+
+def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Load a full optimizer state dict keyed by parameter index (every rank holds it)."""
+    if not is_sharded(model):
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer, _by_name(optimizer, model, state),
+                             options=StateDictOptions(full_state_dict=True))
+
+
+def _by_index(state: dict) -> dict:
+    """An optimizer state dict keyed by parameter name (torch.distributed.checkpoint's) -> by index in
+    group order (Optimizer.state_dict's, MapAnything's checkpoints')."""
+    index, groups = {}, []
+    for group in state["param_groups"]:
+        ids = []
+        for name in group["params"]:
+            index[name] = len(index)
+            ids.append(index[name])
+        groups.append({**group, "params": ids})
+    return {"state": {index[name]: value for name, value in state["state"].items()}, "param_groups": groups}
+
+
+def _by_name(optimizer: torch.optim.Optimizer, model: nn.Module, state: dict) -> dict:
+    """The inverse of _by_index for this optimizer's parameters (their names in the model)."""
+    names = {id(p): name for name, p in model.named_parameters()}
+    order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    groups = [{**saved, "params": [order[i] for i in saved["params"]]} for saved in state["param_groups"]]
+    return {"state": {order[int(i)]: value for i, value in state["state"].items()}, "param_groups": groups}
+
+
+class _Nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False

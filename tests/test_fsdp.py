@@ -1,0 +1,78 @@
+"""distributed.strategy=fsdp (PyTorch's FSDP2) against DDP: two real gloo ranks on the CPU, float32.
+
+The same training (per-step losses and final weights within 1e-5), and one checkpoint format: a
+sharded run stopped by a real signal resumes as one DDP rank at the same position, and that one as
+two sharded ranks again, each stop written as our single verifiable file.
+"""
+
+import pytest
+import torch
+
+from mapanything_ext.checkpoint import load_checkpoint, verify_checkpoint
+from tests.training_runs import start_ranks, tiny_overrides, wait_all
+
+pytestmark = pytest.mark.slow
+
+
+def step_losses(out) -> dict[int, float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    return {e.step: e.value for e in events.Scalars("train_loss")}
+
+
+def train(synthetic_root, out, ranks, *extra, env=None):
+    out.mkdir(parents=True, exist_ok=True)
+    procs = start_ranks(tiny_overrides(synthetic_root, out, "train_params.max_num_of_imgs_per_gpu=4", *extra),
+                        ranks, out, env)
+    return wait_all(procs, timeout=300)
+
+
+def test_fsdp_trains_what_ddp_trains_on_two_ranks(synthetic_root, tmp_path):
+    ddp, fsdp = tmp_path / "ddp", tmp_path / "fsdp"
+    assert train(synthetic_root, ddp, 2, "distributed.strategy=ddp") == [0, 0], (ddp / "rank0.log").read_text()[-3000:]
+    assert train(synthetic_root, fsdp, 2, "distributed.strategy=fsdp") == [0, 0], (fsdp / "rank1.log").read_text()[-3000:]
+    assert "world size 2 (FSDP)" in (fsdp / "console.log").read_text()
+    a, b = step_losses(ddp), step_losses(fsdp)
+    assert len(a) >= 8 and a.keys() == b.keys()
+    worst = max(abs(a[k] - b[k]) / abs(a[k]) for k in a)
+    print(f"\n[fsdp] {len(a)} steps, worst relative loss difference fsdp vs ddp {worst:.2e}")
+    assert worst < 1e-5
+    assert verify_checkpoint(fsdp / "checkpoint-final.pth").valid  # one file, gathered, ours
+    wa = load_checkpoint(ddp / "checkpoint-final.pth", map_location="cpu")
+    wb = load_checkpoint(fsdp / "checkpoint-final.pth", map_location="cpu")
+    assert wa["model"].keys() == wb["model"].keys()
+    for key in wa["model"]:
+        a_w, b_w = wa["model"][key], wb["model"][key]
+        if key.endswith("attn.in_proj_bias"):
+            # The key bias (middle third) has a zero gradient in exact arithmetic (softmax ignores a shift
+            # of every logit), so AdamW turns rounding noise into lr-sized steps: any change of summation
+            # order moves it. Query and value biases are held to the same bound as every other weight.
+            third = a_w.numel() // 3
+            a_w, b_w = torch.cat([a_w[:third], a_w[2 * third:]]), torch.cat([b_w[:third], b_w[2 * third:]])
+        torch.testing.assert_close(b_w, a_w, rtol=1e-5, atol=1e-6)
+    # The optimizer state in MapAnything's layout (keyed by parameter index), moments equal.
+    assert wa["optimizer"]["state"].keys() == wb["optimizer"]["state"].keys()
+    for index, moments in wa["optimizer"]["state"].items():
+        torch.testing.assert_close(wb["optimizer"]["state"][index]["exp_avg"], moments["exp_avg"], rtol=1e-4, atol=1e-7)
+
+
+def test_a_sharded_run_resumes_as_one_ddp_rank_and_back_at_the_same_position(synthetic_root, tmp_path):
+    out = tmp_path / "run"
+    stop = {"MAPANYTHING_EXT_FAULT": "SIGUSR2@train_step"}
+    positions = []
+    for ranks, strategy in ((2, "fsdp"), (1, "ddp")):
+        codes = train(synthetic_root, out, ranks, f"distributed.strategy={strategy}", env=stop)
+        assert set(codes) == {3}, (out / "rank0.log").read_text()[-3000:]  # left for requeue
+        assert verify_checkpoint(out / "checkpoint-last.pth").valid
+        state = torch.load(out / "checkpoint-last.pth", weights_only=True)["resume"]
+        positions.append((state["epoch"], state["consumed"], state["global_step"]))
+    assert train(synthetic_root, out, 2, "distributed.strategy=fsdp") == [0, 0], (out / "rank0.log").read_text()[-3000:]
+    console = (out / "console.log").read_text()
+    resumed = [line for line in console.splitlines() if "] resumed from " in line]
+    assert len(resumed) == 2
+    for line, (epoch, consumed, step) in zip(resumed, positions):
+        assert f"epoch {epoch + 1}, {consumed} batches of it done, global step {step}" in line, (line, positions)
+    assert positions[1][1] > positions[0][1]  # the DDP rank went on from where the shards stopped
+    assert verify_checkpoint(out / "checkpoint-final.pth").valid
