@@ -115,6 +115,25 @@ def test_a_background_save_copies_through_pinned_memory_and_a_kill_in_its_write_
     assert worst < 1e-3
 
 
+@pytest.mark.parametrize("offload", [False, True])
+def test_fsdp_under_nccl_trains_stops_on_a_signal_and_resumes(synthetic_root, tmp_path, offload):
+    """distributed.strategy=fsdp on the GPU (bf16 compute, fp32 master weights; offloaded to host memory
+    or not): a real SIGUSR2 mid-epoch, the gathered checkpoint verified, the resume to the end."""
+    out = tmp_path / "fsdp"
+    overrides = ["-m", "mapanything_ext.train.training",
+                 *tiny_overrides(synthetic_root, out, "train_params.max_num_of_imgs_per_gpu=4", "distributed.strategy=fsdp",
+                                 f"distributed.fsdp_offload={str(offload).lower()}")]
+    stopped = torchrun(overrides, {"MAPANYTHING_EXT_FAULT": "SIGUSR2@train_step@0"})
+    assert stopped.returncode != 0
+    console = (out / "console.log").read_text()
+    assert "world size 1 (FSDP" in console and "checkpoint-last.pth written at stop point train_step" in console
+    assert verify_checkpoint(out / "checkpoint-last.pth").valid
+    resumed = torchrun(overrides)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "training done" in (out / "console.log").read_text()
+    assert verify_checkpoint(out / "checkpoint-final.pth").valid
+
+
 # ---- several GPUs (issue "Two GPUs and more"): skipped where fewer than 2 are visible ----------------
 
 two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")

@@ -64,6 +64,7 @@ def build_run(cfg: DictConfig, info: dist.DistInfo, output_dir: Path, watcher: P
     train_loader = build_loader(train_ds, tp, True, info.rank, info.world_size, workers)
     test_loader = build_loader(test_ds, tp, False, info.rank, info.world_size, workers)
     clock.done("start-up checks and datasets")
+    cap_gpu_memory(cfg, info.device)
     module = build_model_on(cfg.model, info.device)
     clock.done(f"model built on {info.device}")
     if tp.compile:
@@ -82,6 +83,16 @@ def build_run(cfg: DictConfig, info: dist.DistInfo, output_dir: Path, watcher: P
                train_loader=train_loader, test_loader=test_loader, test_name=test_set_name(cfg),
                watcher=watcher, autocast=autocast_dtype(tp, info.device), compile_cache=compile_cache or CompileCache(),
                background=BackgroundSaver(tp.save_every_minutes, tp.save_every_steps, writer=info.rank == 0))
+
+
+def cap_gpu_memory(cfg: DictConfig, device: torch.device) -> None:
+    """machine.gpu_memory_gib: this rank may use no more of its GPU (a smaller card, emulated)."""
+    limit = cfg.machine.get("gpu_memory_gib")
+    if not limit or device.type != "cuda":
+        return
+    total = torch.cuda.get_device_properties(device).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, float(limit) * 2**30 / total), device)
+    say("mapanything_ext", f"GPU memory capped at {float(limit):g} GiB of {total / 2**30:.1f} (machine.gpu_memory_gib)")
 
 
 def epoch_of_size(dataset, size: int, tp) -> EpochOfSize:
