@@ -2,7 +2,8 @@
 and a 24 GB card emulated (machine.gpu_memory_gib=24), where ddp runs out of memory and fsdp does not.
 
     python bench/bench_memory.py --work DIR [--data DIR] [--steps 4] [--nproc-per-node 1]
-        [--stages stage1,stage2,stage3] [--settings ddp,fsdp_offload,frozen_encoder] [--cap-gib 24] [--tiny]
+        [--stages stage1,stage2,stage3] [--settings ddp,fsdp_offload,frozen_encoder] [--rows stage:setting,...]
+        [--cap-gib 24] [--tiny]
 
 Each row is a short run of our training command (`torchrun`, the stage's own image budget and views,
 Stage 3 with gradient checkpointing as its config sets it, bf16, AdamW, the full v1.1 model with
@@ -60,14 +61,16 @@ def main() -> None:
     parser.add_argument("--nproc-per-node", type=int, default=1)
     parser.add_argument("--stages", default="stage1,stage2,stage3")
     parser.add_argument("--settings", default="ddp,fsdp_offload,frozen_encoder")
+    parser.add_argument("--rows", default=None, help="stage:setting,... instead of every stage x setting")
     parser.add_argument("--cap-gib", type=float, default=24.0, help="the emulated card (0: no emulation rows)")
     parser.add_argument("--tiny", action="store_true", help="a tiny MapAnything: checks the script anywhere")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     data = make_data(args.work, args.data)
     pretrained, _ = make_pretrained(args.work, args)
-    rows = [one_run(stage, setting, [], args.work, data, pretrained, args)
-            for stage in args.stages.split(",") for setting in args.settings.split(",")]
+    pairs = ([tuple(row.split(":")) for row in args.rows.split(",")] if args.rows else
+             [(stage, setting) for stage in args.stages.split(",") for setting in args.settings.split(",")])
+    rows = [one_run(stage, setting, [], args.work, data, pretrained, args) for stage, setting in pairs]
     if args.cap_gib:
         cap = [f"machine.gpu_memory_gib={args.cap_gib:g}"]
         rows += [one_run("stage1", setting, cap, args.work, data, pretrained, args) for setting in ("ddp", "fsdp_offload")]

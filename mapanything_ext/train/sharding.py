@@ -52,9 +52,11 @@ def _shard(module: nn.Module, info: dist.DistInfo, autocast, offload: bool) -> n
                          "--nproc-per-node 1 on one GPU")
     _broadcast_from_rank0(module)
     mesh = init_device_mesh(info.device.type, (info.world_size,))
-    options = {"mesh": mesh, "offload_policy": CPUOffloadPolicy() if offload else OffloadPolicy()}
-    if autocast is not None:
-        options["mp_policy"] = MixedPrecisionPolicy(param_dtype=autocast, reduce_dtype=torch.float32)
+    # Weights gathered in float32 and computed under the step's bf16 autocast, as under DDP: MapAnything
+    # runs parts of its forward with autocast off and expects float32 there (FSDP's bf16 param_dtype
+    # would hand those parts bf16 weights), and the numbers stay DDP's.
+    options = {"mesh": mesh, "offload_policy": CPUOffloadPolicy() if offload else OffloadPolicy(),
+               "mp_policy": MixedPrecisionPolicy(reduce_dtype=torch.float32)}
     for unit in shard_units(module):
         fully_shard(unit, **options)
     fully_shard(module, **options)
@@ -133,9 +135,25 @@ def load_model_state(model: nn.Module, state: dict, strict: bool = True) -> None
     if not is_sharded(model):
         model.load_state_dict(state, strict=strict)
         return
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from torch.distributed.tensor import DTensor, distribute_tensor
 
-    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=strict))
+    own = model.state_dict()
+    missing = [key for key in own if key not in state]
+    if strict and (missing or set(state) - set(own)):
+        raise RuntimeError(f"state dict does not match the model: missing {missing[:5]}, unexpected "
+                           f"{sorted(set(state) - set(own))[:5]}")
+    with torch.no_grad():
+        for key, value in state.items():
+            target = own.get(key)
+            if target is None:
+                continue
+            if isinstance(target, DTensor):
+                # Every rank holds the full tensor: each takes its own shard, no communication
+                # (weights offloaded to host memory or on the GPU alike).
+                value = distribute_tensor(value.to(target.dtype), target.device_mesh, target.placements,
+                                          src_data_rank=None).to_local()
+                target = target.to_local()
+            target.copy_(value)
 
 
 def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
