@@ -63,6 +63,7 @@ def main() -> None:
     parser.add_argument("--settings", default="ddp,fsdp_offload,frozen_encoder")
     parser.add_argument("--rows", default=None, help="stage:setting,... instead of every stage x setting")
     parser.add_argument("--cap-gib", type=float, default=24.0, help="the emulated card (0: no emulation rows)")
+    parser.add_argument("--cap-settings", default="ddp,fsdp_offload", help="the settings run on the emulated card")
     parser.add_argument("--tiny", action="store_true", help="a tiny MapAnything: checks the script anywhere")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
@@ -73,7 +74,7 @@ def main() -> None:
     rows = [one_run(stage, setting, [], args.work, data, pretrained, args) for stage, setting in pairs]
     if args.cap_gib:
         cap = [f"machine.gpu_memory_gib={args.cap_gib:g}"]
-        rows += [one_run("stage1", setting, cap, args.work, data, pretrained, args) for setting in ("ddp", "fsdp_offload")]
+        rows += [one_run("stage1", setting, cap, args.work, data, pretrained, args) for setting in args.cap_settings.split(",")]
     print("\n| stage | setting | GPUs | GPU memory | peak allocated GiB | peak reserved GiB | images/s | result |")
     print("|---|---|---|---|---|---|---|---|")
     for row in rows:

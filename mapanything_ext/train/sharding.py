@@ -47,6 +47,9 @@ def _shard(module: nn.Module, info: dist.DistInfo, autocast, offload: bool) -> n
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
+    if offload and info.device.type != "cuda":
+        raise ValueError("distributed.fsdp_offload=true needs a GPU (it keeps the sharded state in host memory "
+                         "for a GPU's compute); on a CPU leave it false")
     if not info.distributed:
         raise ValueError("distributed.strategy=fsdp needs a process group: launch with torchrun (or Slurm), "
                          "--nproc-per-node 1 on one GPU")
@@ -57,8 +60,12 @@ def _shard(module: nn.Module, info: dist.DistInfo, autocast, offload: bool) -> n
     # would hand those parts bf16 weights), and the numbers stay DDP's.
     options = {"mesh": mesh, "offload_policy": CPUOffloadPolicy() if offload else OffloadPolicy(),
                "mp_policy": MixedPrecisionPolicy(reduce_dtype=torch.float32)}
+    # Units keep their gathered weights from forward to backward (resharded after their backward):
+    # MapAnything reaches some of its parts' weights outside their own forward, which a unit freed after
+    # its forward would have lost by then. The sharding of gradients and AdamW's moments (most of the
+    # state) and the offload are unchanged.
     for unit in shard_units(module):
-        fully_shard(unit, **options)
+        fully_shard(unit, reshard_after_forward=False, **options)
     fully_shard(module, **options)
     return module
 
