@@ -76,3 +76,15 @@ def test_a_sharded_run_resumes_as_one_ddp_rank_and_back_at_the_same_position(syn
         assert f"epoch {epoch + 1}, {consumed} batches of it done, global step {step}" in line, (line, positions)
     assert positions[1][1] > positions[0][1]  # the DDP rank went on from where the shards stopped
     assert verify_checkpoint(out / "checkpoint-final.pth").valid
+
+
+def test_fsdp_without_a_process_group_and_offload_on_a_cpu_are_refused_with_the_reason(synthetic_root, tmp_path):
+    from tests.training_runs import run_training
+
+    alone = run_training(tiny_overrides(synthetic_root, tmp_path / "alone", "distributed.strategy=fsdp"))
+    assert alone.returncode != 0 and "distributed.strategy=fsdp needs a process group" in alone.stderr
+    out = tmp_path / "offload"
+    out.mkdir()
+    codes = train(synthetic_root, out, 1, "distributed.strategy=fsdp", "distributed.fsdp_offload=true")
+    assert codes == [1]
+    assert "distributed.fsdp_offload=true needs a GPU" in (out / "rank0.log").read_text()
