@@ -246,6 +246,17 @@ def all_gather_object(obj) -> list:
     return out
 
 
+def broadcast_module_(module: torch.nn.Module, src: int = 0) -> None:
+    """Every parameter and buffer of `module` in place as rank src holds them (as DDP does at its
+    construction). They stay on their device: the model sits on the backend's device (its GPU under
+    NCCL) when this is called."""
+    if not is_distributed():
+        return
+    with torch.no_grad():
+        for tensor in [*module.parameters(), *module.buffers()]:
+            tdist.broadcast(tensor.data, src=src)
+
+
 def broadcast_object(obj, src: int = 0):
     if not is_distributed():
         return obj

@@ -53,7 +53,9 @@ def _shard(module: nn.Module, info: dist.DistInfo, autocast, offload: bool) -> n
     if not info.distributed:
         raise ValueError("distributed.strategy=fsdp needs a process group: launch with torchrun (or Slurm), "
                          "--nproc-per-node 1 on one GPU")
-    _broadcast_from_rank0(module)
+    # Every rank starts from rank 0's weights, as DDP makes them at construction (each rank built its
+    # model under its own seed); sharding would keep each rank's own values of its shard otherwise.
+    dist.broadcast_module_(module)
     mesh = init_device_mesh(info.device.type, (info.world_size,))
     # Weights gathered in float32 and computed under the step's bf16 autocast, as under DDP: MapAnything
     # runs parts of its forward with autocast off and expects float32 there (FSDP's bf16 param_dtype
@@ -68,16 +70,6 @@ def _shard(module: nn.Module, info: dist.DistInfo, autocast, offload: bool) -> n
         fully_shard(unit, reshard_after_forward=False, **options)
     fully_shard(module, **options)
     return module
-
-
-def _broadcast_from_rank0(module: nn.Module) -> None:
-    """Every rank starts from rank 0's weights, as DDP makes them at construction (each rank built its
-    model under its own seed); sharding keeps each rank's own values of its shard otherwise."""
-    import torch.distributed as tdist
-
-    with torch.no_grad():
-        for tensor in [*module.parameters(), *module.buffers()]:
-            tdist.broadcast(tensor.data, src=0)
 
 
 def shard_units(module: nn.Module) -> list[nn.Module]:
