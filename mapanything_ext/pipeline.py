@@ -23,7 +23,9 @@ command line) and submits nothing.
 (<output_dir>/hf_export, python -m mapanything_ext.export) for MapAnything's own from_pretrained.
 
 Each later stage starts from the earlier stage's checkpoint-best.pth (model.pretrained),
-which the job verifies at start-up. When the chain starts after Stage 1 the earlier
+which the job verifies at start-up. A later stage that already ran from another content of that
+file (the earlier stage was trained again) is trained again: its earlier run is moved to
+<output_dir>/superseded/<time>/ (train_params.restart_when_pretrained_changes). When the chain starts after Stage 1 the earlier
 stage's checkpoint must already exist; that is checked before anything is submitted.
 """
 
@@ -65,6 +67,8 @@ def plan(stages: list[str], overrides: list[str]) -> list[tuple[str, list[str], 
         stage_overrides = list(overrides)
         if previous_dir is not None:
             stage_overrides.append(f"model.pretrained={previous_dir / 'checkpoint-best.pth'}")
+        if stage != "stage1":  # trained again when its earlier stage was trained again since it ran
+            stage_overrides.append("train_params.restart_when_pretrained_changes=true")
         cfg = compose_stage(stage, stage_overrides)
         if previous_dir is None and stage != "stage1":
             _require_earlier_checkpoint(stage, cfg)

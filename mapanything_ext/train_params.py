@@ -98,6 +98,11 @@ class TrainParams:
     # when output_dir has no checkpoint of ours yet: same epoch, optimizer moments and LR position. Its
     # args are pickled, so it needs trust_foreign_checkpoints=true. Give this run a new output_dir.
     resume_ckpt: Optional[str] = None
+    # When model.pretrained's content differs from the one this run folder's checkpoints started from (an
+    # earlier stage retrained), move this stage's earlier run aside (<output_dir>/superseded/<time>/) and
+    # train it again from the new weights; false: refuse, as any changed setting is refused. The
+    # pipeline sets it for Stages 2 and 3.
+    restart_when_pretrained_changes: bool = False
     # End each epoch after this many steps / evaluate at most this many batches per rank (null: all).
     max_steps_per_epoch: Optional[int] = None
     max_eval_steps: Optional[int] = None

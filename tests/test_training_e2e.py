@@ -133,3 +133,37 @@ def test_a_missing_depth_file_stops_the_run_or_is_skipped_and_counted(synthetic_
                              "dataset.max_bad_fraction=0.01"])
     assert too_many.returncode != 0 and "BadDataError: 1 unreadable training samples skipped in epoch 1" in \
         too_many.stderr, too_many.stderr[-2000:]
+
+
+def test_a_pipeline_rerun_after_stage1_was_trained_again_trains_stage2_again(synthetic_root, tmp_path):
+    """The pipeline's later stage remembers (by content) the earlier stage's best it started from: after
+    Stage 1 is trained again, rerunning Stage 2 moves its earlier run aside and trains it again."""
+    from mapanything_ext.train.settings_check import fingerprint
+
+    experiments = tmp_path / "experiments"
+
+    def pipeline(stages, *extra):
+        return subprocess.run([sys.executable, "-m", "mapanything_ext.pipeline", "--launcher", "local", "--stages",
+                               stages, *stage_overrides(synthetic_root, experiments, "train_params.epochs=1", *extra)],
+                              cwd=REPO, capture_output=True, text=True, timeout=600)
+
+    assert pipeline("stage1,stage2").returncode == 0
+    stage1, stage2 = experiments / "opv2v_ft_stage1", experiments / "opv2v_coop_stage2_full"
+    before = torch.load(stage2 / "checkpoint-final.pth", weights_only=True)["resume"]["pretrained_fingerprint"]
+    assert before == fingerprint(stage1 / "checkpoint-best.pth")
+    import shutil
+
+    shutil.rmtree(stage1)  # Stage 1 trained again, from another seed: another checkpoint-best
+    again = pipeline("stage1", "train_params.seed=5")
+    assert again.returncode == 0, again.stderr[-3000:]
+    rerun = pipeline("stage2")
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    console = (stage2 / "console.log").read_text()
+    assert "is not the file this stage trained from" in console and "training this stage again" in console
+    after = torch.load(stage2 / "checkpoint-final.pth", weights_only=True)["resume"]["pretrained_fingerprint"]
+    assert after == fingerprint(stage1 / "checkpoint-best.pth") != before
+    old = list((stage2 / "superseded").glob("*/checkpoint-final.pth"))
+    assert len(old) == 1 and torch.load(old[0], weights_only=True)["resume"]["pretrained_fingerprint"] == before
+    # Run once more: nothing changed upstream, so the finished stage stays as it is.
+    assert pipeline("stage2").returncode == 0
+    assert len(list((stage2 / "superseded").iterdir())) == 1

@@ -111,6 +111,9 @@ def _job(cfg: DictConfig, info: dist.DistInfo, output_dir: Path, started_at: flo
     dist.barrier()
     # Before anything slow: an offline node must not start a download. A run that will resume
     # from its own checkpoint no longer needs model.pretrained (the earlier stage may be gone).
+    superseded = start.supersede_if_upstream_changed(cfg, output_dir, info.rank)
+    if superseded:
+        say("mapanything_ext", superseded)
     resuming = bool(cfg.train_params.resume) and any(output_dir.glob("checkpoint-*.pth"))
     offline.check(cfg, resuming=resuming)
     # Before anything compiles: torch.compile's caches in the run folder, warm after a requeue.

@@ -28,7 +28,8 @@ from omegaconf import OmegaConf
 INERT = ("output_dir", "machine.", "distributed.", "logger.", "trust_foreign_checkpoints", "hydra",
          "train_params.print_freq", "train_params.eval_freq", "train_params.eval_before_training",
          "train_params.save_freq", "train_params.keep_freq",
-         "train_params.save_every_minutes", "train_params.save_every_steps", "train_params.max_eval_steps", "train_params.resume",
+         "train_params.save_every_minutes", "train_params.save_every_steps",
+         "train_params.restart_when_pretrained_changes", "train_params.max_eval_steps", "train_params.resume",
          "train_params.compile", "train_params.compile_mode", "train_params.compile_cache",
          "train_params.geometry_on_device", "train_params.warn_not_in_submodule", "loss.impl", "loss.compile",
          "model.pretrained")  # (model.pretrained: by content, below)

@@ -4,10 +4,13 @@ own loop (train_params.resume_ckpt), or model.pretrained; and the TensorBoard x 
 
 from __future__ import annotations
 
+import os
+import time
 from concurrent.futures import Future
 from pathlib import Path
 
-from mapanything_ext.checkpoint import prepare_resume
+from mapanything_ext.checkpoint import load_checkpoint, prepare_resume
+from mapanything_ext.cluster import distributed as dist
 from mapanything_ext.console import say
 from mapanything_ext.config import to_plain
 from mapanything_ext.run_log import Scalars, read_epoch_records
@@ -50,6 +53,48 @@ def restore_or_start(run: Run, chosen: Future | None = None) -> tuple[Position, 
     for note in notes:
         say("mapanything_ext", f"resume: {note}")
     return position, False
+
+
+# What an earlier run of the folder leaves that a new run must not take for its own.
+RUN_RECORDS = ("log.txt", "tensorboard", "initial_eval.json", "wandb_run_id", "hf_export")
+
+
+def supersede_if_upstream_changed(cfg, output_dir: Path, rank: int) -> str | None:
+    """Collective. With train_params.restart_when_pretrained_changes: when model.pretrained's content
+    differs from the one the folder's checkpoints started from (the earlier stage was trained again),
+    rank 0 moves the earlier run's checkpoints and records to <output_dir>/superseded/<time>/, so this
+    job trains the stage again from the new weights. Returns the console's note (None: nothing moved)."""
+    note = _supersede(cfg, output_dir) if rank == 0 else None
+    return dist.broadcast_object(note)
+
+
+def _supersede(cfg, output_dir: Path) -> str | None:
+    pretrained = cfg.model.get("pretrained")
+    if not (cfg.train_params.get("restart_when_pretrained_changes") and pretrained and cfg.train_params.resume):
+        return None
+    stored, now = _started_from(output_dir), settings_check.fingerprint(pretrained)
+    if stored is None or now is None or stored == now:
+        return None
+    target = output_dir / "superseded" / time.strftime("%Y%m%d-%H%M%S")
+    target.mkdir(parents=True)
+    moved = [p for p in sorted(output_dir.iterdir()) if p.name.startswith("checkpoint-") or p.name in RUN_RECORDS]
+    for path in moved:
+        os.replace(path, target / path.name)
+    return (f"model.pretrained={pretrained} is not the file this stage trained from (its content changed: the "
+            f"earlier stage was trained again): {len(moved)} files of the earlier run moved to {target}; training "
+            f"this stage again from the new weights (train_params.restart_when_pretrained_changes)")
+
+
+def _started_from(output_dir: Path) -> str | None:
+    """The pretrained fingerprint the folder's newest readable checkpoint records, if any."""
+    for name in ("checkpoint-last.pth", "checkpoint-final.pth", "checkpoint-best.pth"):
+        path = output_dir / name
+        if path.is_file():
+            try:
+                return load_checkpoint(path, map_location="cpu", mmap=True)["resume"].get("pretrained_fingerprint")
+            except Exception:  # noqa: BLE001 -- an unreadable file is the resume's business (quarantine)
+                continue
+    return None
 
 
 def open_scalars(run: Run, position: Position) -> Scalars:
