@@ -88,3 +88,24 @@ def test_fsdp_without_a_process_group_and_offload_on_a_cpu_are_refused_with_the_
     codes = train(synthetic_root, out, 1, "distributed.strategy=fsdp", "distributed.fsdp_offload=true")
     assert codes == [1]
     assert "distributed.fsdp_offload=true needs a GPU" in (out / "rank0.log").read_text()
+
+
+def test_a_sharded_model_takes_model_pretrained_and_evaluates_as_ddp_does(synthetic_root, tmp_path):
+    """model.pretrained goes into the shards (each rank its own part of the full tensors); the evaluation
+    before training, where the ranks hold unequal shares of the test batches, gives DDP's numbers."""
+    import json
+
+    source = tmp_path / "source"
+    assert train(synthetic_root, source, 1, "train_params.epochs=1") == [0]
+    stats = {}
+    for strategy in ("ddp", "fsdp"):
+        out = tmp_path / strategy
+        codes = train(synthetic_root, out, 2, f"distributed.strategy={strategy}", "train_params.epochs=1",
+                      f"model.pretrained={source / 'checkpoint-final.pth'}", "train_params.eval_before_training=true",
+                      "train_params.max_steps_per_epoch=1")
+        assert codes == [0, 0], (out / "rank0.log").read_text()[-3000:]
+        assert "(every entry matched)" in (out / "console.log").read_text()
+        stats[strategy] = json.loads((out / "initial_eval.json").read_text())
+    assert stats["ddp"].keys() == stats["fsdp"].keys()
+    for key, value in stats["ddp"].items():
+        assert abs(stats["fsdp"][key] - value) <= 1e-5 * max(abs(value), 1e-6), key
