@@ -42,8 +42,12 @@ def point_error_m(pts_pred: torch.Tensor, pts_gt: torch.Tensor, valid: torch.Ten
 
 
 def rotation_angle_deg(rotation: torch.Tensor) -> float:
-    cos = ((torch.trace(rotation) - 1.0) / 2.0).clamp(-1.0, 1.0)
-    return math.degrees(float(torch.arccos(cos)))
+    """The angle of a rotation matrix, in the atan2 form: sin from the skew part, cos from the trace,
+    in float64. arccos of the trace alone has a floor near 0 (a perfect pose scored 0.0115 deg in
+    float32); this gives 0 for the identity and full precision at small angles."""
+    r = rotation.double()
+    skew = torch.stack([r[2, 1] - r[1, 2], r[0, 2] - r[2, 0], r[1, 0] - r[0, 1]])
+    return math.degrees(float(torch.atan2(skew.norm() / 2.0, (torch.trace(r) - 1.0) / 2.0)))
 
 
 def predicted_poses(preds: list[dict]) -> list[torch.Tensor]:
