@@ -20,7 +20,8 @@ import math
 import torch
 
 from mapanything_ext.geometry.depth_metrics import depth_abs_rel
-from mapanything_ext.geometry.rotations import quaternion_to_matrix
+from mapanything_ext.evaluation.pose_metrics import ate_m, pair_errors
+from mapanything_ext.geometry.rotations import quaternion_to_matrix, rotation_angle_deg
 
 INLIER_THRESHOLD = 1.25
 
@@ -39,15 +40,6 @@ def point_error_m(pts_pred: torch.Tensor, pts_gt: torch.Tensor, valid: torch.Ten
     if not valid.any():
         return math.nan
     return float((pts_pred[valid] - pts_gt[valid]).norm(dim=-1).mean())
-
-
-def rotation_angle_deg(rotation: torch.Tensor) -> float:
-    """The angle of a rotation matrix, in the atan2 form: sin from the skew part, cos from the trace,
-    in float64. arccos of the trace alone has a floor near 0 (a perfect pose scored 0.0115 deg in
-    float32); this gives 0 for the identity and full precision at small angles."""
-    r = rotation.double()
-    skew = torch.stack([r[2, 1] - r[1, 2], r[0, 2] - r[2, 0], r[1, 0] - r[0, 1]])
-    return math.degrees(float(torch.atan2(skew.norm() / 2.0, (torch.trace(r) - 1.0) / 2.0)))
 
 
 def predicted_poses(preds: list[dict]) -> list[torch.Tensor]:
@@ -108,13 +100,22 @@ def sample_metrics(views: list[dict], preds: list[dict]) -> dict:
         pts_pred_ref.append(pred_ref)
         pts_gt_ref.append(gt_main @ main_to_ref[:3, :3].T + main_to_ref[:3, 3])
         valids.append(valid)
-    rot_deg, trans_m = relative_pose_errors(predicted_poses(preds), gt_poses)
+    poses_pred = predicted_poses(preds)
+    rot_deg, trans_m = relative_pose_errors(poses_pred, gt_poses)
     sample = {key: _nanmean([v[key] for v in per_view]) for key in ("depth_abs_rel", "depth_inlier_1.25",
                                                                      "point_error_m")}
     sample.update({"rel_rotation_deg": rot_deg, "rel_translation_m": trans_m,
                    "metric_scale_error": metric_scale_error(pts_pred_ref, pts_gt_ref, valids),
-                   "num_views": len(views)})
-    return {"sample": sample, "views": per_view}
+                   "num_views": len(views),
+                   "ate_m": ate_m(torch.stack([p[:3, 3] for p in poses_pred]), torch.stack([p[:3, 3] for p in gt_poses]))})
+    pairs = pair_errors(poses_pred, gt_poses, [vehicle_of(v["view"]) for v in per_view])
+    return {"sample": sample, "views": per_view, "pairs": pairs}
+
+
+def vehicle_of(instance: str) -> str:
+    """The vehicle of a view named `<scenario>/<vehicle>/<frame>/camera<k>` (the name itself otherwise)."""
+    parts = str(instance).split("/")
+    return parts[1] if len(parts) >= 4 else str(instance)
 
 
 def _nanmean(values: list[float]) -> float:

@@ -19,6 +19,7 @@ from collections import defaultdict
 from tqdm import tqdm
 
 from mapanything_ext.evaluation.metrics import sample_metrics
+from mapanything_ext.evaluation.pose_metrics import pooled
 from mapanything_ext.evaluation.predict import batch_of_one, predict, to_cpu
 
 MAIN_VIEWS = 4
@@ -52,9 +53,13 @@ def summarize(records: list[dict]) -> dict:
         having = [r[setting] for r in records if setting in r]
         if not having:
             continue
+        ates = [h["sample"]["ate_m"] for h in having if not math.isnan(h["sample"].get("ate_m", math.nan))]
         summary[setting] = {
             "per_sample": _mean_dicts([h["sample"] for h in having]),
             "per_view": _mean_dicts([v for h in having for v in h["views"]]),
+            # pooled over every view pair of every sample, as published pose tables are
+            "poses": {**pooled([p for h in having for p in h.get("pairs", [])]),
+                      "ate_m": sum(ates) / len(ates) if ates else math.nan},
             "samples": len(having),
         }
     if "single" in summary and "coop_main" in summary:
@@ -109,6 +114,7 @@ def format_tables(results: dict[str, dict]) -> str:
             cells = [_gain(summary["single"]["per_sample"].get(m), summary["coop_main"]["per_sample"].get(m), m,
                            summary.get("gain", {}).get(m)) for m in METRICS]
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines += _pose_tables(results)
     lines += ["", "## By number of views (all views of the sample)", "",
               "| checkpoint | views | samples | depth_abs_rel | point_error_m | rel_rotation_deg |", "|---|---|---|---|---|---|"]
     for label, result in results.items():
@@ -116,6 +122,33 @@ def format_tables(results: dict[str, dict]) -> str:
             lines.append(f"| {label} | {n} | {s['samples']} | {_fmt(s.get('depth_abs_rel'))} | "
                          f"{_fmt(s.get('point_error_m'))} | {_fmt(s.get('rel_rotation_deg'))} |")
     return "\n".join(lines) + "\n"
+
+
+POSE_COLUMNS = ("pose_pairs", "auc_5", "auc_30", "rra_5", "rra_15", "rra_30", "rta_5", "rta_15", "rta_30", "ate_m")
+
+
+def _pose_tables(results: dict[str, dict]) -> list[str]:
+    """Camera poses as published tables give them (pose_metrics.py): pooled over view pairs; the
+    cooperative samples' pairs split into those inside one vehicle's rig and those across vehicles."""
+    lines = ["", "## Camera poses (pooled over view pairs: AUC, RRA and RTA in fractions at the degrees named; "
+             "ATE in metres after similarity alignment, mean over samples)", "",
+             "| checkpoint | setting | " + " | ".join(POSE_COLUMNS) + " |", "|---|---|" + "---|" * len(POSE_COLUMNS)]
+    split = []
+    for label, result in results.items():
+        for setting in ("single", "coop_main", "coop_all"):
+            poses = result["summary"].get(setting, {}).get("poses")
+            if poses:
+                lines.append(f"| {label} | {setting} | " + " | ".join(_fmt(poses.get(c)) for c in POSE_COLUMNS) + " |")
+        coop = result["summary"].get("coop_all", {}).get("poses")
+        if coop:
+            split += [f"| {label} | {kind} | " + " | ".join(_fmt(coop.get(f"{c}_{kind}")) for c in POSE_COLUMNS[:-1]) + " |"
+                      for kind in ("intra", "cross")]
+    if split:
+        lines += ["", "## Camera poses of the cooperative samples: pairs inside one vehicle's rig (intra) and "
+                  "across vehicles (cross, the registration the cooperative stages are for)", "",
+                  "| checkpoint | pairs | " + " | ".join(POSE_COLUMNS[:-1]) + " |",
+                  "|---|---|" + "---|" * (len(POSE_COLUMNS) - 1), *split]
+    return lines
 
 
 def _fmt(value) -> str:

@@ -1,7 +1,9 @@
 """Quaternion <-> rotation matrix in torch (x-y-z-w order, MapAnything's convention): the one converter
-of the project, used by the datasets, the models and the evaluation."""
+of the project, used by the datasets, the models and the evaluation; and a rotation's angle."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -46,3 +48,12 @@ def quaternion_multiply(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     bx, by, bz, bw = b.unbind(-1)
     return torch.stack([aw * bx + ax * bw + ay * bz - az * by, aw * by - ax * bz + ay * bw + az * bx,
                         aw * bz + ax * by - ay * bx + az * bw, aw * bw - ax * bx - ay * by - az * bz], -1)
+
+
+def rotation_angle_deg(rotation: torch.Tensor) -> float:
+    """The angle of a rotation matrix, in the atan2 form: sin from the skew part, cos from the trace,
+    in float64. arccos of the trace alone has a floor near 0 (a perfect pose scored 0.0115 deg in
+    float32); this gives 0 for the identity and full precision at small angles."""
+    r = rotation.double()
+    skew = torch.stack([r[2, 1] - r[1, 2], r[0, 2] - r[2, 0], r[1, 0] - r[0, 1]])
+    return math.degrees(float(torch.atan2(skew.norm() / 2.0, (torch.trace(r) - 1.0) / 2.0)))
