@@ -70,7 +70,7 @@ def build_run(cfg: DictConfig, info: dist.DistInfo, output_dir: Path, watcher: P
     if tp.compile:
         compile_in_place(module, tp.compile, compile_mode)
     freeze_zero_lr(module, tp)  # before DDP or FSDP take the parameters that train
-    model = sharding.wrap(module, cfg, info, autocast_dtype(tp, info.device))
+    model = sharding.wrap(module, cfg, info)
     optimizer, schedules = build_optimizer(module, tp)  # after FSDP: over the sharded parameters
     train_criterion, test_criterion = build_criteria(cfg.loss)
     for criterion in (train_criterion, test_criterion):

@@ -4,10 +4,10 @@ gradients and AdamW's moments sharded over the ranks, gathered block by block fo
 
 FSDP units, bottom-up: every transformer block (a ModuleList entry whose class name holds "Block":
 DINOv2's, the info-sharing blocks, the pose head's), then every top-level part with parameters (the
-heads, the encoders' remaining weights), then the model. On a GPU with train_params.amp the units
-compute in bf16 and reduce gradients in float32 while the sharded weights stay float32 (the master
-copy AdamW updates). `distributed.fsdp_offload=true` keeps the sharded state in host memory (one
-small GPU). Everything else is as under DDP: the same optimizer groups, the same clipping (the
+heads, the encoders' remaining weights), then the model. Weights are gathered in float32 and computed
+under the step's bf16 autocast, as under DDP; gradients are reduced in float32; a unit keeps its
+gathered weights from its forward to its backward. `distributed.fsdp_offload=true` keeps the sharded
+state in host memory (one small GPU). Everything else is as under DDP: the same optimizer groups, the same clipping (the
 global norm over all shards), the same checkpoint, which is gathered to rank 0's host memory tensor
 by tensor (never a full copy on a GPU) and stored exactly as a DDP run stores it, so a run resumes
 across strategies and world sizes.
@@ -31,11 +31,11 @@ def strategy_of(cfg) -> str:
     return strategy
 
 
-def wrap(module: nn.Module, cfg, info: dist.DistInfo, autocast: torch.dtype | None) -> nn.Module:
+def wrap(module: nn.Module, cfg, info: dist.DistInfo) -> nn.Module:
     """What trains: the module (one process), its DDP wrapper, or the module sharded in place (fsdp,
     at any world size: at 1 it only offloads)."""
     if strategy_of(cfg) == "fsdp":
-        return _shard(module, info, autocast, bool(cfg.distributed.get("fsdp_offload")))
+        return _shard(module, info, bool(cfg.distributed.get("fsdp_offload")))
     if not info.distributed:
         return module
     device_ids = [info.local_rank] if info.device.type == "cuda" else None
@@ -43,7 +43,7 @@ def wrap(module: nn.Module, cfg, info: dist.DistInfo, autocast: torch.dtype | No
                                    find_unused_parameters=bool(cfg.model.get("find_unused_parameters")))
 
 
-def _shard(module: nn.Module, info: dist.DistInfo, autocast, offload: bool) -> nn.Module:
+def _shard(module: nn.Module, info: dist.DistInfo, offload: bool) -> nn.Module:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
