@@ -106,3 +106,19 @@ def test_rotation_angle_has_no_floor_near_zero_and_is_exact_at_every_angle(degre
     k = torch.tensor([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]], dtype=torch.float64)
     rotation = torch.eye(3, dtype=torch.float64) + math.sin(a) * k + (1 - math.cos(a)) * k @ k  # Rodrigues
     assert metrics.rotation_angle_deg(rotation) == pytest.approx(degrees, rel=1e-9)
+
+
+def test_depth_and_point_errors_by_true_depth_range():
+    """Three pixels, one per range: 10 m exact, 50 m read 10 % long, 120 m read 20 % long (points along
+    the optical axis, so the point error is the depth error)."""
+    z_gt = torch.tensor([[10.0, 50.0, 120.0, 300.0]], dtype=torch.float64)
+    z_pred = z_gt * torch.tensor([[1.0, 1.1, 1.2, 1.0]], dtype=torch.float64)
+    valid = torch.tensor([[True, True, True, True]])
+    pts_gt = torch.stack([torch.zeros_like(z_gt), torch.zeros_like(z_gt), z_gt], dim=-1)
+    pts_pred = torch.stack([torch.zeros_like(z_pred), torch.zeros_like(z_pred), z_pred], dim=-1)
+    out = metrics.by_true_depth(z_pred, z_gt, pts_pred, pts_gt, valid)
+    assert out["depth_abs_rel_0_30m"] == 0.0 and out["point_error_m_0_30m"] == 0.0
+    assert out["depth_abs_rel_30_80m"] == pytest.approx(0.1) and out["point_error_m_30_80m"] == pytest.approx(5.0)
+    assert out["depth_abs_rel_80_250m"] == pytest.approx(0.2) and out["point_error_m_80_250m"] == pytest.approx(24.0)
+    out = metrics.by_true_depth(z_pred, z_gt, pts_pred, pts_gt, torch.tensor([[True, False, False, False]]))
+    assert math.isnan(out["depth_abs_rel_30_80m"])  # no pixel in the range: not a number, not a zero

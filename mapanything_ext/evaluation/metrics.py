@@ -24,6 +24,21 @@ from mapanything_ext.evaluation.pose_metrics import ate_m, pair_errors
 from mapanything_ext.geometry.rotations import quaternion_to_matrix, rotation_angle_deg
 
 INLIER_THRESHOLD = 1.25
+# True-depth ranges (m) of the binned results: near, middle, far (the last includes 250 m).
+DEPTH_BINS_M = ((0.0, 30.0), (30.0, 80.0), (80.0, 250.0))
+BINNED = tuple(f"{metric}_{int(lo)}_{int(hi)}m" for metric in ("depth_abs_rel", "point_error_m")
+               for lo, hi in DEPTH_BINS_M)
+
+
+def by_true_depth(z_pred, z_gt, pts_pred, pts_gt, valid) -> dict:
+    """Depth AbsRel and point error over the valid pixels whose true depth lies in each of DEPTH_BINS_M
+    (nan for a bin without such pixels): the far pixels no longer set the whole view's number."""
+    out = {}
+    for lo, hi in DEPTH_BINS_M:
+        in_bin = valid & (z_gt >= lo) & ((z_gt < hi) if hi < DEPTH_BINS_M[-1][1] else (z_gt <= hi))
+        out[f"depth_abs_rel_{int(lo)}_{int(hi)}m"] = depth_abs_rel(z_pred, z_gt, in_bin)
+        out[f"point_error_m_{int(lo)}_{int(hi)}m"] = point_error_m(pts_pred, pts_gt, in_bin)
+    return out
 
 
 def depth_inlier_ratio(z_pred: torch.Tensor, z_gt: torch.Tensor, valid: torch.Tensor,
@@ -96,6 +111,7 @@ def sample_metrics(views: list[dict], preds: list[dict]) -> dict:
             "depth_abs_rel": depth_abs_rel(z_pred, z_gt, valid),
             "depth_inlier_1.25": depth_inlier_ratio(z_pred, z_gt, valid),
             "point_error_m": point_error_m(pred_main, gt_main, valid),
+            **by_true_depth(z_pred, z_gt, pred_main, gt_main, valid),
         })
         pts_pred_ref.append(pred_ref)
         pts_gt_ref.append(gt_main @ main_to_ref[:3, :3].T + main_to_ref[:3, 3])
@@ -103,7 +119,7 @@ def sample_metrics(views: list[dict], preds: list[dict]) -> dict:
     poses_pred = predicted_poses(preds)
     rot_deg, trans_m = relative_pose_errors(poses_pred, gt_poses)
     sample = {key: _nanmean([v[key] for v in per_view]) for key in ("depth_abs_rel", "depth_inlier_1.25",
-                                                                     "point_error_m")}
+                                                                     "point_error_m", *BINNED)}
     sample.update({"rel_rotation_deg": rot_deg, "rel_translation_m": trans_m,
                    "metric_scale_error": metric_scale_error(pts_pred_ref, pts_gt_ref, valids),
                    "num_views": len(views),

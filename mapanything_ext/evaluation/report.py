@@ -18,7 +18,7 @@ from collections import defaultdict
 
 from tqdm import tqdm
 
-from mapanything_ext.evaluation.metrics import sample_metrics
+from mapanything_ext.evaluation.metrics import BINNED, sample_metrics
 from mapanything_ext.evaluation.pose_metrics import pooled
 from mapanything_ext.evaluation.predict import batch_of_one, predict, to_cpu
 
@@ -57,6 +57,7 @@ def summarize(records: list[dict]) -> dict:
         summary[setting] = {
             "per_sample": _mean_dicts([h["sample"] for h in having]),
             "per_view": _mean_dicts([v for h in having for v in h["views"]]),
+            "by_true_depth": _mean_dicts([h["sample"] for h in having], BINNED),
             # pooled over every view pair of every sample, as published pose tables are
             "poses": {**pooled([p for h in having for p in h.get("pairs", [])]),
                       "ate_m": sum(ates) / len(ates) if ates else math.nan},
@@ -86,9 +87,9 @@ def _paired_gain(records: list[dict]) -> dict:
     return gain
 
 
-def _mean_dicts(dicts: list[dict]) -> dict:
+def _mean_dicts(dicts: list[dict], keys=METRICS) -> dict:
     out = {}
-    for key in METRICS:
+    for key in keys:
         values = [d[key] for d in dicts if key in d and not math.isnan(d[key])]
         if any(key in d for d in dicts):
             out[key] = sum(values) / len(values) if values else math.nan
@@ -114,6 +115,7 @@ def format_tables(results: dict[str, dict]) -> str:
             cells = [_gain(summary["single"]["per_sample"].get(m), summary["coop_main"]["per_sample"].get(m), m,
                            summary.get("gain", {}).get(m)) for m in METRICS]
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines += _depth_bin_table(results)
     lines += _pose_tables(results)
     lines += ["", "## By number of views (all views of the sample)", "",
               "| checkpoint | views | samples | depth_abs_rel | point_error_m | rel_rotation_deg |", "|---|---|---|---|---|---|"]
@@ -122,6 +124,18 @@ def format_tables(results: dict[str, dict]) -> str:
             lines.append(f"| {label} | {n} | {s['samples']} | {_fmt(s.get('depth_abs_rel'))} | "
                          f"{_fmt(s.get('point_error_m'))} | {_fmt(s.get('rel_rotation_deg'))} |")
     return "\n".join(lines) + "\n"
+
+
+def _depth_bin_table(results: dict[str, dict]) -> list[str]:
+    """Per sample means of depth AbsRel and point error over the pixels of each true-depth range."""
+    lines = ["", "## By true depth (per sample means over the pixels in each range; metres)", "",
+             "| checkpoint | setting | " + " | ".join(BINNED) + " |", "|---|---|" + "---|" * len(BINNED)]
+    for label, result in results.items():
+        for setting in ("single", "coop_main", "coop_all"):
+            binned = result["summary"].get(setting, {}).get("by_true_depth")
+            if binned:
+                lines.append(f"| {label} | {setting} | " + " | ".join(_fmt(binned.get(c)) for c in BINNED) + " |")
+    return lines
 
 
 POSE_COLUMNS = ("pose_pairs", "auc_5", "auc_30", "rra_5", "rra_15", "rra_30", "rta_5", "rta_15", "rta_30", "ate_m")
