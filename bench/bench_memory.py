@@ -3,7 +3,7 @@ and a 24 GB card emulated (machine.gpu_memory_gib=24), where ddp runs out of mem
 
     python bench/bench_memory.py --work DIR [--data DIR] [--steps 4] [--nproc-per-node 1]
         [--stages stage1,stage2,stage3] [--settings ddp,fsdp_offload,frozen_encoder] [--rows stage:setting,...]
-        [--cap-gib 24] [--tiny]
+        [--cap-gib 24] [--cap-settings ddp,fsdp_offload] [--cap-stages stage1] [--tiny]
 
 Each row is a short run of our training command (`torchrun`, the stage's own image budget and views,
 Stage 3 with gradient checkpointing as its config sets it, bf16, AdamW, the full v1.1 model with
@@ -29,6 +29,8 @@ SETTINGS = {
     "fsdp": ["distributed.strategy=fsdp"],
     "fsdp_offload": ["distributed.strategy=fsdp", "distributed.fsdp_offload=true"],
     "frozen_encoder": ["distributed.strategy=ddp", "train_params=freeze_encoder"],
+    # the 24 GB profile as users run it: fsdp, offload when the estimate says so, checkpointing
+    "gpu24g": ["machine=gpu24g"],
 }
 
 
@@ -36,7 +38,10 @@ def one_run(stage: str, setting: str, extra: list[str], work: Path, data: Path, 
     scratch = Path("/dev/shm") if shutil.disk_usage("/dev/shm").free > 40e9 else work
     out = scratch / f"mem_{stage}_{setting}"
     shutil.rmtree(out, ignore_errors=True)
-    overrides = [*common_overrides(data, work / "unused", args), f"stage={stage}", f"output_dir={out}",
+    common = common_overrides(data, work / "unused", args)
+    if any(o.startswith("machine=") for o in SETTINGS[setting]):  # the setting's profile, not common's
+        common = [o for o in common if not o.startswith("machine=")]
+    overrides = [*common, f"stage={stage}", f"output_dir={out}",
                  f"model.pretrained={pretrained}", "train_params.save_every_minutes=null",
                  # MapAnything's sampler makes N // (largest batch) batches: a few bench samples need repeating
                  "dataset.train_epoch_size=64", *SETTINGS[setting], *extra]
@@ -45,6 +50,7 @@ def one_run(stage: str, setting: str, extra: list[str], work: Path, data: Path, 
     row = {"stage": stage, "setting": setting, "extra": extra, "exit": code}
     text = (out / "console.log").read_text(errors="replace") if (out / "console.log").exists() else ""
     row["out_of_memory"] = "OutOfMemoryError" in text or "CUDA out of memory" in text
+    row["offloaded"] = "sharded state offloaded to host memory" in text
     if code == 0:
         record = json.loads((out / "log.txt").read_text().splitlines()[-1])
         row.update(allocated_gib=record.get("peak_mem_allocated_gib"), reserved_gib=record.get("peak_mem_reserved_gib"),
@@ -66,6 +72,7 @@ def main() -> None:
     parser.add_argument("--rows", default=None, help="stage:setting,... instead of every stage x setting")
     parser.add_argument("--cap-gib", type=float, default=24.0, help="the emulated card (0: no emulation rows)")
     parser.add_argument("--cap-settings", default="ddp,fsdp_offload", help="the settings run on the emulated card")
+    parser.add_argument("--cap-stages", default="stage1", help="the stages run on the emulated card")
     parser.add_argument("--tiny", action="store_true", help="a tiny MapAnything: checks the script anywhere")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
@@ -76,7 +83,8 @@ def main() -> None:
     rows = [one_run(stage, setting, [], args.work, data, pretrained, args) for stage, setting in pairs]
     if args.cap_gib:
         cap = [f"machine.gpu_memory_gib={args.cap_gib:g}"]
-        rows += [one_run("stage1", setting, cap, args.work, data, pretrained, args) for setting in args.cap_settings.split(",")]
+        rows += [one_run(stage, setting, cap, args.work, data, pretrained, args)
+                 for stage in args.cap_stages.split(",") for setting in args.cap_settings.split(",")]
     print("\n| stage | setting | GPUs | GPU memory | peak allocated GiB | peak reserved GiB | images/s | result |")
     print("|---|---|---|---|---|---|---|---|")
     for row in rows:
@@ -84,7 +92,8 @@ def main() -> None:
         result = "ok" if row["exit"] == 0 else ("out of memory" if row["out_of_memory"] else f"exit {row['exit']}")
         figures = (f"{row['allocated_gib']:.1f} | {row['reserved_gib']:.1f} | {row['images_per_s']:.2f}"
                    if row["exit"] == 0 else "- | - | -")
-        print(f"| {row['stage']} | {row['setting']} | {args.nproc_per_node} | {cap} | {figures} | {result} |")
+        setting = f"{row['setting']}{' (offloaded)' if row.get('offloaded') else ''}"
+        print(f"| {row['stage']} | {setting} | {args.nproc_per_node} | {cap} | {figures} | {result} |")
     (args.work / "bench_memory.json").write_text(json.dumps(rows, indent=1) + "\n")
 
 

@@ -13,6 +13,9 @@ problem at once (exit 1 if any, 0 when the job can start; --help: exit 0):
                --frames frames per split, every frame with --scan-all (progress bar)
   model        built on this node's device (an environment that cannot build it fails here), and
                model.pretrained loaded into it as the job loads it
+  memory       the GPU memory per rank the run will need, estimated for the strategy, world size and
+               image budget, against this node's card (or machine.gpu_memory_gib): a warning when
+               it would not fit (train/memory_estimate.py)
   loss         loss.impl's self-check on the first training sample
   output       output_dir writable, not held by a live job, disk for three checkpoints
 

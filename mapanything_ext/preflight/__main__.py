@@ -11,6 +11,7 @@ from mapanything_ext import preflight
 from mapanything_ext.config import compose_training
 from mapanything_ext.models.offline import problems_of
 from mapanything_ext.preflight.data_check import check_data
+from mapanything_ext.preflight.memory_check import check_memory
 from mapanything_ext.preflight.run_check import check_model, check_output
 
 
@@ -47,6 +48,8 @@ def main(argv=None) -> int:
         lines.append("model: not built (MapAnything's set-up has the problems listed)")
     else:
         model = check_model(cfg, lines, problems)
+        if model is not None:
+            check_memory(cfg, model, lines)
     if not data.problems:
         loss_lines, loss_problems = preflight.loss_check(cfg)
         lines += loss_lines

@@ -77,7 +77,7 @@ def build_run(cfg: DictConfig, info: dist.DistInfo, output_dir: Path, watcher: P
         if isinstance(criterion, torch.nn.Module):  # MapAnything's criteria are modules
             criterion.to(info.device)
     if info.rank == 0:
-        _describe(cfg, module, optimizer, train_ds, test_ds, train_loader, info)
+        _describe(cfg, model, module, optimizer, train_ds, test_ds, train_loader, info)
     return Run(cfg=cfg, tp=tp, info=info, output_dir=output_dir, model=model, module=module, optimizer=optimizer,
                schedules=schedules, train_criterion=train_criterion, test_criterion=test_criterion,
                train_loader=train_loader, test_loader=test_loader, test_name=test_set_name(cfg),
@@ -109,19 +109,19 @@ def test_set_name(cfg: DictConfig) -> str:
     return str(cfg.dataset.test_dataset.get("_target_", "test")).rsplit(".", 1)[-1]
 
 
-def _describe(cfg, module, optimizer, train_ds, test_ds, train_loader, info) -> None:
+def _describe(cfg, model, module, optimizer, train_ds, test_ds, train_loader, info) -> None:
     n_params = sum(p.numel() for p in module.parameters())
     trained = sum(p.numel() for g in optimizer.param_groups for p in g["params"])
     frozen = f" ({n_params - trained:,} frozen by train_params.submodule_configs)" if trained < n_params else ""
     sampler = train_loader.batch_sampler
     say("mapanything_ext", f"model {cfg.model.name}: {n_params:,} parameters{frozen}; {len(train_ds)} train / "
         f"{len(test_ds)} test samples; {sampler.describe()}, {sampler.epoch_batches() // info.world_size} steps per "
-        f"epoch; world size {info.world_size}{_strategy_note(cfg, info)}")
+        f"epoch; world size {info.world_size}{_strategy_note(model, info)}")
 
 
-def _strategy_note(cfg: DictConfig, info: dist.DistInfo) -> str:
-    if sharding.strategy_of(cfg) == "fsdp":
-        return f" (FSDP{', sharded state offloaded to host memory' if cfg.distributed.get('fsdp_offload') else ''})"
+def _strategy_note(model, info: dist.DistInfo) -> str:
+    if sharding.is_sharded(model):
+        return f" (FSDP{', sharded state offloaded to host memory' if sharding.offloaded(model, info.device) else ''})"
     return " (DDP)" if info.distributed else ""
 
 

@@ -5,8 +5,8 @@ gradients and AdamW's moments sharded over the ranks, gathered block by block fo
 FSDP units, bottom-up: every transformer block (a ModuleList entry whose class name holds "Block":
 DINOv2's, the info-sharing blocks, the pose head's), then every top-level part with parameters (the
 heads, the encoders' remaining weights), then the model. Weights are gathered in float32 and computed
-under the step's bf16 autocast, as under DDP; gradients are reduced in float32; a unit keeps its
-gathered weights from its forward to its backward. `distributed.fsdp_offload=true` keeps the sharded
+under the step's bf16 autocast, as under DDP; gradients are reduced in float32; a block gathers its
+weights for its forward and again for its backward, a top-level part keeps them from one to the other. `distributed.fsdp_offload=true` keeps the sharded
 state in host memory (one small GPU). Everything else is as under DDP: the same optimizer groups, the same clipping (the
 global norm over all shards), the same checkpoint, which is gathered to rank 0's host memory tensor
 by tensor (never a full copy on a GPU) and stored exactly as a DDP run stores it, so a run resumes
@@ -20,6 +20,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from mapanything_ext.cluster import distributed as dist
+from mapanything_ext.console import say
+from mapanything_ext.train import memory_estimate
 
 STRATEGIES = ("ddp", "fsdp")
 
@@ -35,12 +37,62 @@ def wrap(module: nn.Module, cfg, info: dist.DistInfo) -> nn.Module:
     """What trains: the module (one process), its DDP wrapper, or the module sharded in place (fsdp,
     at any world size: at 1 it only offloads)."""
     if strategy_of(cfg) == "fsdp":
-        return _shard(module, info, bool(cfg.distributed.get("fsdp_offload")))
+        return _shard(module, info, offload_wanted(module, cfg, info))
     if not info.distributed:
         return module
     device_ids = [info.local_rank] if info.device.type == "cuda" else None
     return DistributedDataParallel(module, device_ids=device_ids,
                                    find_unused_parameters=bool(cfg.model.get("find_unused_parameters")))
+
+
+def offload_wanted(module: nn.Module, cfg, info: dist.DistInfo) -> bool:
+    """distributed.fsdp_offload: true, false, or auto: offload only where the estimate of the run without
+    it (train/memory_estimate.py) does not fit this rank's card (machine.gpu_memory_gib when set)."""
+    value = cfg.distributed.get("fsdp_offload")
+    if str(value).lower() != "auto":
+        if not isinstance(value, bool) and value is not None:
+            raise ValueError(f"distributed.fsdp_offload={value!r}: choose true, false or auto")
+        return bool(value)
+    if info.device.type != "cuda":
+        return False
+    card = card_gib(cfg, info.device)
+    without = estimate_memory(module, cfg, info.world_size, offload=False)
+    offload = not memory_estimate.fits(without, card)
+    say("mapanything_ext", f"distributed.fsdp_offload=auto: without offload {without.describe()} on a "
+        f"{card:.0f} GiB card at world size {info.world_size}: {'offloading' if offload else 'not offloading'}")
+    return offload
+
+
+def estimate_memory(module: nn.Module, cfg, world_size: int, offload: bool) -> memory_estimate.MemoryEstimate:
+    """One rank's peak GPU memory for a training config (`module` built, its lr-0 parts frozen)."""
+    width, height = memory_estimate.largest_resolution(cfg.dataset.get("resolution_train"))
+    return memory_estimate.estimate(
+        module, model_name=str(cfg.model.get("name")), strategy=strategy_of(cfg), offload=offload,
+        world_size=world_size, images_per_gpu=int(cfg.train_params.max_num_of_imgs_per_gpu),
+        resolution=(width, height), checkpointing=bool(cfg.model.get("gradient_checkpointing")),
+        gathered_bytes=gathered_bytes(module))
+
+
+def gathered_bytes(module: nn.Module) -> int:
+    """The float32 weights a sharded model holds gathered at its peak: every top-level part's, and two
+    blocks' (the one at work and the next, prefetched)."""
+    blocks, parts = shard_units(module)
+    in_blocks = {id(p) for block in blocks for p in block.parameters()}
+    sizes = sorted((sum(p.numel() for p in block.parameters()) for block in blocks), reverse=True)
+    # a part's unit holds only its weights outside the blocks (each block is a unit of its own)
+    own = {id(p): p.numel() for part in parts for p in part.parameters() if id(p) not in in_blocks}
+    return 4 * (sum(own.values()) + sum(sizes[:2]))
+
+
+def card_gib(cfg, device: torch.device) -> float:
+    """The GPU memory one rank may use: machine.gpu_memory_gib (an emulated smaller card) or the card's."""
+    limit = cfg.machine.get("gpu_memory_gib")
+    return float(limit) if limit else torch.cuda.get_device_properties(device).total_memory / memory_estimate.GIB
+
+
+def offloaded(model: nn.Module, device: torch.device) -> bool:
+    """Whether a sharded model computing on `device` keeps its state in host memory."""
+    return is_sharded(model) and device.type == "cuda" and next(model.parameters()).device.type == "cpu"
 
 
 def _shard(module: nn.Module, info: dist.DistInfo, offload: bool) -> nn.Module:
@@ -62,33 +114,38 @@ def _shard(module: nn.Module, info: dist.DistInfo, offload: bool) -> nn.Module:
     # would hand those parts bf16 weights), and the numbers stay DDP's.
     options = {"mesh": mesh, "offload_policy": CPUOffloadPolicy() if offload else OffloadPolicy(),
                "mp_policy": MixedPrecisionPolicy(reduce_dtype=torch.float32)}
-    # Units keep their gathered weights from forward to backward (resharded after their backward):
-    # MapAnything reaches some of its parts' weights outside their own forward, which a unit freed after
-    # its forward would have lost by then. The sharding of gradients and AdamW's moments (most of the
-    # state) and the offload are unchanged.
-    for unit in shard_units(module):
+    # A transformer block frees its gathered weights after its forward and gathers them again for its
+    # backward (or its checkpointed recompute): at the peak only the blocks at work hold full weights.
+    # The top-level parts keep theirs from forward to backward: MapAnything reaches some of their weights
+    # outside their own forward, which a part freed after its forward would have lost by then.
+    blocks, parts = shard_units(module)
+    for unit in blocks:
+        fully_shard(unit, reshard_after_forward=True, **options)
+    for unit in parts:
         fully_shard(unit, reshard_after_forward=False, **options)
     fully_shard(module, **options)
     return module
 
 
-def shard_units(module: nn.Module) -> list[nn.Module]:
-    """The FSDP units below the model, innermost first, each module once."""
-    units, seen = [], set()
+def shard_units(module: nn.Module) -> tuple[list[nn.Module], list[nn.Module]]:
+    """The FSDP units below the model, each module once: (transformer blocks, the top-level parts with
+    parameters outside them)."""
+    blocks, seen = [], set()
     for sub in module.modules():
         if isinstance(sub, nn.ModuleList):
             for child in sub:
                 if "Block" in type(child).__name__ and id(child) not in seen:
-                    units.append(child)
+                    blocks.append(child)
                     seen.add(id(child))
+    parts = []
     for _, child in module.named_children():
         # (a container has no forward of its own: its entries are the units)
         for part in child if isinstance(child, (nn.ModuleList, nn.ModuleDict)) else [child]:
             part = child[part] if isinstance(child, nn.ModuleDict) else part
             if id(part) not in seen and any(True for _ in part.parameters()):
-                units.append(part)
+                parts.append(part)
                 seen.add(id(part))
-    return units
+    return blocks, parts
 
 
 def is_sharded(model: nn.Module) -> bool:
