@@ -44,12 +44,14 @@ def test_evaluate_compares_checkpoints_single_vs_coop(synthetic_root, trained_ru
     summary = results["best"]["summary"]
     assert {"single", "coop_main", "coop_all", "by_num_views"} <= set(summary)
     assert summary["single"]["samples"] == 2 and len(results["best"]["samples"]) == 2
-    for key in ("depth_abs_rel", "depth_inlier_1.25", "point_error_m", "rel_rotation_deg", "rel_translation_m",
-                "metric_scale_error"):
+    for key in ("depth_abs_rel_metric", "depth_inlier_1.25_metric", "point_error_metric_m", "abs_registration_error_m",
+                "rel_rotation_deg", "rel_translation_metric_m", "metric_scale_abs_rel", "pointmaps_abs_rel",
+                "pose_auc_5"):
         assert summary["coop_all"]["per_sample"][key] >= 0
     table = (out / "table.md").read_text()
     assert "| best | single |" in table and "| final | coop_main |" in table
-    assert "Does the other vehicle help?" in table
+    assert "Does the other vehicle help?" in table and "metric, no alignment, delta 1.25, depth <= 250 m" in table
+    assert "MapAnything's benchmark set" in table and "| pointmaps_abs_rel |" in table
     for png in ("loss_curves.png", "metric_vs_views.png", "depth_errors_best_sample0.png"):
         with Image.open(out / png) as image:
             assert image.size[0] > 300
@@ -126,11 +128,11 @@ def test_better_or_worse_only_beyond_the_noise_of_the_paired_difference():
     from mapanything_ext.evaluation.report import _gain, _paired_gain
 
     def records(diffs):
-        return [{"single": {"sample": {"depth_abs_rel": 0.5}}, "coop_main": {"sample": {"depth_abs_rel": 0.5 + d}}}
+        return [{"single": {"sample": {"depth_abs_rel_metric": 0.5}}, "coop_main": {"sample": {"depth_abs_rel_metric": 0.5 + d}}}
                 for d in diffs]
 
-    clear = _paired_gain(records([-0.1, -0.11, -0.09, -0.1]))["depth_abs_rel"]
-    assert _gain(0.5, 0.4, "depth_abs_rel", clear).endswith("(better)")
-    noisy = _paired_gain(records([-0.3, 0.25, -0.2, 0.2]))["depth_abs_rel"]
-    assert _gain(0.5, 0.49, "depth_abs_rel", noisy).endswith("(within noise)")
-    assert _gain(0.5, 0.4, "depth_abs_rel", None).endswith("(too few samples to tell)")
+    clear = _paired_gain(records([-0.1, -0.11, -0.09, -0.1]))["depth_abs_rel_metric"]
+    assert _gain(0.5, 0.4, "depth_abs_rel_metric", clear).endswith("(better)")
+    noisy = _paired_gain(records([-0.3, 0.25, -0.2, 0.2]))["depth_abs_rel_metric"]
+    assert _gain(0.5, 0.49, "depth_abs_rel_metric", noisy).endswith("(within noise)")
+    assert _gain(0.5, 0.4, "depth_abs_rel_metric", None).endswith("(too few samples to tell)")

@@ -8,7 +8,7 @@ from torch.utils.data import default_collate
 
 from mapanything_ext.datasets.opv2v import OPV2VCoopDataset
 from mapanything_ext.evaluation import metrics
-from mapanything_ext.geometry.rotations import matrix_to_quaternion
+from mapanything_ext.geometry.rotations import matrix_to_quaternion, quaternion_to_matrix
 
 
 @pytest.fixture(scope="module")
@@ -40,38 +40,61 @@ def test_perfect_prediction_scores_zero_error(coop_views):
     result = metrics.sample_metrics(coop_views, oracle(coop_views))
     s = result["sample"]
     assert s["num_views"] == 8 and len(result["views"]) == 8
-    assert s["depth_abs_rel"] == pytest.approx(0, abs=1e-6)
-    assert s["depth_inlier_1.25"] == 1.0
-    assert s["point_error_m"] == pytest.approx(0, abs=1e-4)
+    assert s["depth_abs_rel_metric"] == pytest.approx(0, abs=1e-6)
+    assert s["depth_inlier_1.25_metric"] == 1.0
+    assert s["point_error_metric_m"] == pytest.approx(0, abs=1e-4)
     # (the oracle's quaternions are float32: ~1e-5 deg is their rounding, not the metric's floor)
     assert s["rel_rotation_deg"] == pytest.approx(0, abs=1e-4)
-    assert s["rel_translation_m"] == pytest.approx(0, abs=1e-4)
-    assert s["metric_scale_error"] == pytest.approx(0, abs=1e-6)
+    assert s["rel_translation_metric_m"] == pytest.approx(0, abs=1e-4)
+    assert s["metric_scale_abs_rel"] == pytest.approx(0, abs=1e-6)
 
 
 def test_scene_ten_percent_too_large(coop_views):
     s = metrics.sample_metrics(coop_views, oracle(coop_views, scale=1.1))["sample"]
-    assert s["depth_abs_rel"] == pytest.approx(0.1, rel=1e-4)
-    assert s["depth_inlier_1.25"] == 1.0  # 1.1 < 1.25
-    assert s["metric_scale_error"] == pytest.approx(0.1, rel=1e-4)
+    assert s["depth_abs_rel_metric"] == pytest.approx(0.1, rel=1e-4)
+    assert s["depth_inlier_1.25_metric"] == 1.0  # 1.1 < 1.25
+    assert s["metric_scale_abs_rel"] == pytest.approx(0.1, rel=1e-4)
     assert s["rel_rotation_deg"] == pytest.approx(0, abs=0.05)
     # relative translations grow by 10 %: the error is 0.1 x the mean true baseline
     gt = [v["camera_pose"][0].double() for v in coop_views]
     baselines = [float((torch.linalg.inv(gt[i]) @ gt[j])[:3, 3].norm())
                  for i in range(len(gt)) for j in range(i + 1, len(gt))]
-    assert s["rel_translation_m"] == pytest.approx(0.1 * sum(baselines) / len(baselines), rel=1e-3)
+    assert s["rel_translation_metric_m"] == pytest.approx(0.1 * sum(baselines) / len(baselines), rel=1e-3)
 
 
 def test_scene_thirty_percent_too_large_has_no_inliers(coop_views):
     s = metrics.sample_metrics(coop_views, oracle(coop_views, scale=1.3))["sample"]
-    assert s["depth_inlier_1.25"] == 0.0
-    assert s["depth_abs_rel"] == pytest.approx(0.3, rel=1e-4)
+    assert s["depth_inlier_1.25_metric"] == 0.0
+    assert s["depth_abs_rel_metric"] == pytest.approx(0.3, rel=1e-4)
 
 
 def test_known_shift_gives_known_point_error(coop_views):
     s = metrics.sample_metrics(coop_views, oracle(coop_views, shift=(0.3, 0.0, 0.4)))["sample"]
-    assert s["point_error_m"] == pytest.approx(0.5, rel=1e-4)
-    assert s["depth_abs_rel"] == pytest.approx(0, abs=1e-6)  # per-view depth does not see the shift
+    assert s["point_error_metric_m"] == pytest.approx(0.5, rel=1e-4)
+    assert s["abs_registration_error_m"] == pytest.approx(0.5, rel=1e-4)
+    assert s["depth_abs_rel_metric"] == pytest.approx(0, abs=1e-6)  # per-view depth does not see the shift
+
+
+def test_an_error_of_the_first_view_alone_costs_only_the_absolute_registration(coop_views):
+    """The whole predicted world turned by 2 deg and moved 0.54 m (the first view's pose off, the
+    geometry perfect): the point error in the predicted first camera's frame is 0; placed with the
+    true first pose (abs_registration_error_m), every point moves."""
+    preds = oracle(coop_views)
+    turn = torch.eye(4)
+    a = math.radians(2.0)
+    turn[:2, :2] = torch.tensor([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]])
+    turn[:3, 3] = torch.tensor([0.54, 0.0, 0.0])
+    for pred in preds:
+        pose = torch.eye(4)
+        pose[:3, :3] = quaternion_to_matrix(pred["cam_quats"][0].double()).float()
+        pose[:3, 3] = pred["cam_trans"][0]
+        pose = turn @ pose
+        pred["pts3d"] = pred["pts3d"] @ turn[:3, :3].T + turn[:3, 3]
+        pred["cam_trans"], pred["cam_quats"] = pose[:3, 3][None], matrix_to_quaternion(pose[:3, :3])[None]
+    s = metrics.sample_metrics(coop_views, preds)["sample"]
+    assert s["point_error_metric_m"] == pytest.approx(0, abs=1e-3)
+    assert s["pointmaps_abs_rel"] == pytest.approx(0, abs=1e-5) and s["metric_scale_abs_rel"] < 1e-5
+    assert s["abs_registration_error_m"] > 0.5
 
 
 def test_metrics_on_a_tiny_hand_case():
@@ -117,8 +140,8 @@ def test_depth_and_point_errors_by_true_depth_range():
     pts_gt = torch.stack([torch.zeros_like(z_gt), torch.zeros_like(z_gt), z_gt], dim=-1)
     pts_pred = torch.stack([torch.zeros_like(z_pred), torch.zeros_like(z_pred), z_pred], dim=-1)
     out = metrics.by_true_depth(z_pred, z_gt, pts_pred, pts_gt, valid)
-    assert out["depth_abs_rel_0_30m"] == 0.0 and out["point_error_m_0_30m"] == 0.0
-    assert out["depth_abs_rel_30_80m"] == pytest.approx(0.1) and out["point_error_m_30_80m"] == pytest.approx(5.0)
-    assert out["depth_abs_rel_80_250m"] == pytest.approx(0.2) and out["point_error_m_80_250m"] == pytest.approx(24.0)
+    assert out["depth_abs_rel_metric_0_30m"] == 0.0 and out["point_error_metric_m_0_30m"] == 0.0
+    assert out["depth_abs_rel_metric_30_80m"] == pytest.approx(0.1) and out["point_error_metric_m_30_80m"] == pytest.approx(5.0)
+    assert out["depth_abs_rel_metric_80_250m"] == pytest.approx(0.2) and out["point_error_metric_m_80_250m"] == pytest.approx(24.0)
     out = metrics.by_true_depth(z_pred, z_gt, pts_pred, pts_gt, torch.tensor([[True, False, False, False]]))
-    assert math.isnan(out["depth_abs_rel_30_80m"])  # no pixel in the range: not a number, not a zero
+    assert math.isnan(out["depth_abs_rel_metric_30_80m"])  # no pixel in the range: not a number, not a zero

@@ -1,16 +1,24 @@
 """Metrics of one sample's prediction against its ground truth (batch of one).
 
-All geometry is in metres in the main vehicle's frame, the reference frame of every
-sample (docs/data.md). MapAnything-style predictions are expressed in the first view's
-camera frame and are already metric (multiplied by the model's metric scaling factor):
+Two sets, side by side in the report (docs/evaluation.md has the table of names and definitions):
+
+- ours, metric (`*_metric`): metres and raw metric depth, no alignment of any kind, delta 1.25,
+  depth <= 250 m: what a driving stack would get from the model's output as it is.
+  depth_abs_rel_metric, depth_inlier_1.25_metric  each view's z-depth against the truth
+  point_error_metric_m     the predicted points in the predicted first camera's frame against the true
+                           points in the true first camera's frame (scale is the model's own)
+  abs_registration_error_m the predicted points placed in the main vehicle's frame with the true pose
+                           of the first view (so an error of the first view's pose costs here too)
+  rel_rotation_deg, rel_translation_metric_m  per view pair, the relative pose's errors (mean)
+  ate_m                    camera centres after similarity alignment (pose_metrics.py)
+- MapAnything's benchmark set (benchmark_metrics.py): its names, its normalisation, its thresholds;
+  its metric_scale_abs_rel is the one scale metric of both.
+
+MapAnything-style predictions (its output keys, already multiplied by the metric scaling factor):
 
   pts3d_cam          (1, H, W, 3)  points in each view's own camera frame
-  pts3d              (1, H, W, 3)  points in the first view's camera frame
-  cam_trans, cam_quats (1, 3), (1, 4)  camera-to-first-view pose, quaternion x, y, z, w
-
-The predicted world is placed in the main vehicle's frame with the ground-truth pose of the
-first view (the only alignment; scale is the model's own), so the point error also measures
-metric scale.
+  pts3d              (1, H, W, 3)  points in the predicted world (the first view's camera, nearly)
+  cam_trans, cam_quats (1, 3), (1, 4)  camera-to-world pose, quaternion x, y, z, w
 """
 
 from __future__ import annotations
@@ -19,15 +27,18 @@ import math
 
 import torch
 
+from mapanything_ext.evaluation.benchmark_metrics import benchmark_metrics, pose_of
 from mapanything_ext.geometry.depth_metrics import depth_abs_rel
 from mapanything_ext.evaluation.pose_metrics import ate_m, pair_errors
-from mapanything_ext.geometry.rotations import quaternion_to_matrix, rotation_angle_deg
+from mapanything_ext.geometry.rotations import rotation_angle_deg
 
 INLIER_THRESHOLD = 1.25
 # True-depth ranges (m) of the binned results: near, middle, far (the last includes 250 m).
 DEPTH_BINS_M = ((0.0, 30.0), (30.0, 80.0), (80.0, 250.0))
-BINNED = tuple(f"{metric}_{int(lo)}_{int(hi)}m" for metric in ("depth_abs_rel", "point_error_m")
+BINNED = tuple(f"{metric}_{int(lo)}_{int(hi)}m" for metric in ("depth_abs_rel_metric", "point_error_metric_m")
                for lo, hi in DEPTH_BINS_M)
+PER_VIEW_METRIC = ("depth_abs_rel_metric", "depth_inlier_1.25_metric", "point_error_metric_m",
+                   "abs_registration_error_m")
 
 
 def by_true_depth(z_pred, z_gt, pts_pred, pts_gt, valid) -> dict:
@@ -36,8 +47,8 @@ def by_true_depth(z_pred, z_gt, pts_pred, pts_gt, valid) -> dict:
     out = {}
     for lo, hi in DEPTH_BINS_M:
         in_bin = valid & (z_gt >= lo) & ((z_gt < hi) if hi < DEPTH_BINS_M[-1][1] else (z_gt <= hi))
-        out[f"depth_abs_rel_{int(lo)}_{int(hi)}m"] = depth_abs_rel(z_pred, z_gt, in_bin)
-        out[f"point_error_m_{int(lo)}_{int(hi)}m"] = point_error_m(pts_pred, pts_gt, in_bin)
+        out[f"depth_abs_rel_metric_{int(lo)}_{int(hi)}m"] = depth_abs_rel(z_pred, z_gt, in_bin)
+        out[f"point_error_metric_m_{int(lo)}_{int(hi)}m"] = point_error_m(pts_pred, pts_gt, in_bin)
     return out
 
 
@@ -58,14 +69,8 @@ def point_error_m(pts_pred: torch.Tensor, pts_gt: torch.Tensor, valid: torch.Ten
 
 
 def predicted_poses(preds: list[dict]) -> list[torch.Tensor]:
-    """4x4 camera-to-first-view poses from cam_trans / cam_quats."""
-    poses = []
-    for pred in preds:
-        pose = torch.eye(4, dtype=torch.float64)
-        pose[:3, :3] = quaternion_to_matrix(pred["cam_quats"][0].double())
-        pose[:3, 3] = pred["cam_trans"][0].double()
-        poses.append(pose)
-    return poses
+    """4x4 camera-to-world poses from cam_trans / cam_quats (the quaternion normalised)."""
+    return [pose_of(pred["cam_quats"][0], pred["cam_trans"][0]) for pred in preds]
 
 
 def relative_pose_errors(poses_pred: list[torch.Tensor], poses_gt: list[torch.Tensor]) -> tuple[float, float]:
@@ -83,49 +88,40 @@ def relative_pose_errors(poses_pred: list[torch.Tensor], poses_gt: list[torch.Te
     return sum(rot) / len(rot), sum(trans) / len(trans)
 
 
-def metric_scale_error(pts_pred_ref: list[torch.Tensor], pts_gt_ref: list[torch.Tensor],
-                       valid: list[torch.Tensor]) -> float:
-    """|s_pred / s_gt - 1| with s the mean distance of the valid points from the first camera:
-    0 when the predicted scene has the true size, 0.1 when it is 10 % too large or small."""
-    pred = torch.cat([p[v] for p, v in zip(pts_pred_ref, valid)]).norm(dim=-1)
-    gt = torch.cat([p[v] for p, v in zip(pts_gt_ref, valid)]).norm(dim=-1)
-    if gt.numel() == 0:
-        return math.nan
-    return abs(float(pred.mean() / gt.mean()) - 1.0)
-
-
 def sample_metrics(views: list[dict], preds: list[dict]) -> dict:
-    """Per-view and per-sample metrics of one sample (tensors with a batch dimension of 1)."""
+    """Per-view and per-sample metrics of one sample (tensors with a batch dimension of 1), view pairs'
+    pose errors, and MapAnything's benchmark set."""
     gt_poses = [v["camera_pose"][0].double() for v in views]
-    ref_to_main = gt_poses[0]
-    main_to_ref = torch.linalg.inv(ref_to_main)
-    per_view, pts_pred_ref, pts_gt_ref, valids = [], [], [], []
-    for view, pred in zip(views, preds):
+    poses_pred = predicted_poses(preds)
+    gt_first, pred_first = torch.linalg.inv(gt_poses[0]), torch.linalg.inv(poses_pred[0])
+    bench = benchmark_metrics(views, preds)
+    per_view = []
+    for view, pred, bench_view in zip(views, preds, bench["views"]):
         valid = view["valid_mask"][0].bool() & (view["depthmap"][0, ..., 0] > 0)
         z_gt, z_pred = view["depthmap"][0, ..., 0].double(), pred["pts3d_cam"][0, ..., 2].double()
-        pred_ref = pred["pts3d"][0].double()
         gt_main = view["pts3d"][0].double()
-        pred_main = pred_ref @ ref_to_main[:3, :3].T + ref_to_main[:3, 3]
+        pred_world = pred["pts3d"][0].double()
+        pred_in_first, gt_in_first = _moved(pred_world, pred_first), _moved(gt_main, gt_first)
         per_view.append({
             "view": view["instance"][0] if isinstance(view["instance"], (list, tuple)) else view["instance"],
-            "depth_abs_rel": depth_abs_rel(z_pred, z_gt, valid),
-            "depth_inlier_1.25": depth_inlier_ratio(z_pred, z_gt, valid),
-            "point_error_m": point_error_m(pred_main, gt_main, valid),
-            **by_true_depth(z_pred, z_gt, pred_main, gt_main, valid),
+            "depth_abs_rel_metric": depth_abs_rel(z_pred, z_gt, valid),
+            "depth_inlier_1.25_metric": depth_inlier_ratio(z_pred, z_gt, valid),
+            "point_error_metric_m": point_error_m(pred_in_first, gt_in_first, valid),
+            "abs_registration_error_m": point_error_m(_moved(pred_world, gt_poses[0]), gt_main, valid),
+            **by_true_depth(z_pred, z_gt, pred_in_first, gt_in_first, valid),
+            **bench_view,
         })
-        pts_pred_ref.append(pred_ref)
-        pts_gt_ref.append(gt_main @ main_to_ref[:3, :3].T + main_to_ref[:3, 3])
-        valids.append(valid)
-    poses_pred = predicted_poses(preds)
     rot_deg, trans_m = relative_pose_errors(poses_pred, gt_poses)
-    sample = {key: _nanmean([v[key] for v in per_view]) for key in ("depth_abs_rel", "depth_inlier_1.25",
-                                                                     "point_error_m", *BINNED)}
-    sample.update({"rel_rotation_deg": rot_deg, "rel_translation_m": trans_m,
-                   "metric_scale_error": metric_scale_error(pts_pred_ref, pts_gt_ref, valids),
-                   "num_views": len(views),
+    sample = {key: _nanmean([v[key] for v in per_view]) for key in PER_VIEW_METRIC + BINNED}
+    sample.update(bench["sample"])
+    sample.update({"rel_rotation_deg": rot_deg, "rel_translation_metric_m": trans_m, "num_views": len(views),
                    "ate_m": ate_m(torch.stack([p[:3, 3] for p in poses_pred]), torch.stack([p[:3, 3] for p in gt_poses]))})
     pairs = pair_errors(poses_pred, gt_poses, [vehicle_of(v["view"]) for v in per_view])
     return {"sample": sample, "views": per_view, "pairs": pairs}
+
+
+def _moved(points: torch.Tensor, pose: torch.Tensor) -> torch.Tensor:
+    return points @ pose[:3, :3].T + pose[:3, 3]
 
 
 def vehicle_of(instance: str) -> str:

@@ -78,7 +78,7 @@ def depth_error_maps(views: list[dict], preds: list[dict], out_png: Path, title:
     return _save(fig, out_png, top=1.0 - 0.35 / rows if title else 1.0)
 
 
-def metric_vs_views(results: dict[str, dict], out_png: Path, metric: str = "depth_abs_rel") -> Path:
+def metric_vs_views(results: dict[str, dict], out_png: Path, metric: str = "depth_abs_rel_metric") -> Path:
     """A metric of the whole sample against its number of views, one line per checkpoint."""
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, result in results.items():

@@ -18,14 +18,19 @@ from collections import defaultdict
 
 from tqdm import tqdm
 
+from mapanything_ext.evaluation.benchmark_metrics import BENCHMARK
 from mapanything_ext.evaluation.metrics import BINNED, sample_metrics
 from mapanything_ext.evaluation.pose_metrics import pooled
 from mapanything_ext.evaluation.predict import batch_of_one, predict, to_cpu
 
 MAIN_VIEWS = 4
-METRICS = ("depth_abs_rel", "depth_inlier_1.25", "point_error_m", "rel_rotation_deg", "rel_translation_m",
-           "metric_scale_error")
-LOWER_IS_BETTER = {m: m != "depth_inlier_1.25" for m in METRICS}
+METRICS = ("depth_abs_rel_metric", "depth_inlier_1.25_metric", "point_error_metric_m", "abs_registration_error_m",
+           "rel_rotation_deg", "rel_translation_metric_m")
+METRIC_HEADER = "metric, no alignment, delta 1.25, depth <= 250 m; metres, degrees"
+BENCHMARK_HEADER = ("MapAnything's benchmark set: its names and definitions, prediction and truth each normalised by "
+                    "their mean distance from the first camera, inlier threshold 1.03, pose AUC@5 in %; then depth "
+                    "median-aligned per view")
+LOWER_IS_BETTER = {m: not any(word in m for word in ("inlier", "auc")) for m in METRICS + BENCHMARK}
 
 
 def evaluate_model(model, dataset, device, num_samples=None, label: str = "") -> dict:
@@ -76,7 +81,7 @@ def _paired_gain(records: list[dict]) -> dict:
     """Per metric, coop_main minus single over the samples that have both: the mean difference, its
     standard error (paired: the same timestamps) and the count."""
     gain = {}
-    for metric in METRICS:
+    for metric in METRICS + BENCHMARK:
         diffs = [r["coop_main"]["sample"][metric] - r["single"]["sample"][metric] for r in records
                  if "coop_main" in r and metric in r["coop_main"]["sample"] and metric in r["single"]["sample"]]
         diffs = [d for d in diffs if not math.isnan(d)]
@@ -87,7 +92,7 @@ def _paired_gain(records: list[dict]) -> dict:
     return gain
 
 
-def _mean_dicts(dicts: list[dict], keys=METRICS) -> dict:
+def _mean_dicts(dicts: list[dict], keys=METRICS + BENCHMARK) -> dict:
     out = {}
     for key in keys:
         values = [d[key] for d in dicts if key in d and not math.isnan(d[key])]
@@ -97,38 +102,52 @@ def _mean_dicts(dicts: list[dict], keys=METRICS) -> dict:
 
 
 def format_tables(results: dict[str, dict]) -> str:
-    """Markdown: one row per checkpoint and setting, then cooperation gain, then view counts."""
-    lines = ["## Per sample means (main vehicle's frame, metres / degrees)", "",
-             "| checkpoint | setting | samples | " + " | ".join(METRICS) + " |",
-             "|---|---|---|" + "---|" * len(METRICS)]
+    """Markdown: per setting our metric set, then MapAnything's benchmark set, each with the cooperation
+    gain; then depth bins, poses and view counts."""
+    lines = []
+    for title, columns in ((METRIC_HEADER, METRICS), (BENCHMARK_HEADER, BENCHMARK)):
+        lines += _setting_table(results, title, columns) + _gain_table(results, columns)
+    lines += _depth_bin_table(results)
+    lines += _pose_tables(results)
+    lines += ["", "## By number of views (all views of the sample)", "",
+              "| checkpoint | views | samples | depth_abs_rel_metric | point_error_metric_m | rel_rotation_deg | "
+              "pointmaps_abs_rel |", "|---|---|---|---|---|---|---|"]
+    for label, result in results.items():
+        for n, s in result["summary"]["by_num_views"].items():
+            lines.append(f"| {label} | {n} | {s['samples']} | {_fmt(s.get('depth_abs_rel_metric'))} | "
+                         f"{_fmt(s.get('point_error_metric_m'))} | {_fmt(s.get('rel_rotation_deg'))} | "
+                         f"{_fmt(s.get('pointmaps_abs_rel'))} |")
+    return "\n".join(lines).lstrip("\n") + "\n"
+
+
+def _setting_table(results: dict[str, dict], title: str, columns: tuple[str, ...]) -> list[str]:
+    lines = ["", f"## Per sample means ({title})", "",
+             "| checkpoint | setting | samples | " + " | ".join(columns) + " |", "|---|---|---|" + "---|" * len(columns)]
     for label, result in results.items():
         for setting in ("single", "coop_main", "coop_all"):
             if setting in result["summary"]:
                 s = result["summary"][setting]
                 lines.append(f"| {label} | {setting} | {s['samples']} | "
-                             + " | ".join(_fmt(s["per_sample"].get(m)) for m in METRICS) + " |")
+                             + " | ".join(_fmt(s["per_sample"].get(m)) for m in columns) + " |")
+    return lines
+
+
+def _gain_table(results: dict[str, dict], columns: tuple[str, ...]) -> list[str]:
     gains = [(label, r["summary"]) for label, r in results.items() if "coop_main" in r["summary"]]
-    if gains:
-        lines += ["", "## Does the other vehicle help? (main vehicle's 4 views: single -> coop, same timestamps)", "",
-                  "| checkpoint | " + " | ".join(METRICS) + " |", "|---|" + "---|" * len(METRICS)]
-        for label, summary in gains:
-            cells = [_gain(summary["single"]["per_sample"].get(m), summary["coop_main"]["per_sample"].get(m), m,
-                           summary.get("gain", {}).get(m)) for m in METRICS]
-            lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    lines += _depth_bin_table(results)
-    lines += _pose_tables(results)
-    lines += ["", "## By number of views (all views of the sample)", "",
-              "| checkpoint | views | samples | depth_abs_rel | point_error_m | rel_rotation_deg |", "|---|---|---|---|---|---|"]
-    for label, result in results.items():
-        for n, s in result["summary"]["by_num_views"].items():
-            lines.append(f"| {label} | {n} | {s['samples']} | {_fmt(s.get('depth_abs_rel'))} | "
-                         f"{_fmt(s.get('point_error_m'))} | {_fmt(s.get('rel_rotation_deg'))} |")
-    return "\n".join(lines) + "\n"
+    if not gains:
+        return []
+    lines = ["", "### Does the other vehicle help? (main vehicle's 4 views: single -> coop, same timestamps)", "",
+             "| checkpoint | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+    for label, summary in gains:
+        cells = [_gain(summary["single"]["per_sample"].get(m), summary["coop_main"]["per_sample"].get(m), m,
+                       summary.get("gain", {}).get(m)) for m in columns]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _depth_bin_table(results: dict[str, dict]) -> list[str]:
     """Per sample means of depth AbsRel and point error over the pixels of each true-depth range."""
-    lines = ["", "## By true depth (per sample means over the pixels in each range; metres)", "",
+    lines = ["", "## By true depth (metric, no alignment; per sample means over the pixels in each range; metres)", "",
              "| checkpoint | setting | " + " | ".join(BINNED) + " |", "|---|---|" + "---|" * len(BINNED)]
     for label, result in results.items():
         for setting in ("single", "coop_main", "coop_all"):
