@@ -31,6 +31,10 @@ SETTINGS = {
     "frozen_encoder": ["distributed.strategy=ddp", "train_params=freeze_encoder"],
     # the 24 GB profile as users run it: fsdp, offload when the estimate says so, checkpointing
     "gpu24g": ["machine=gpu24g"],
+    # the same with Stage 3's recommended regional compile and the compiled criterion (docs/mapanything.md)
+    "gpu24g_compiled": ["machine=gpu24g", "loss.compile=true",
+                        "train_params.compile=[encoder.model.prepare_tokens_with_masks,encoder.model.blocks.*,"
+                        "info_sharing.self_attention_blocks.*,dpt_feature_head,downstream_head]"],
 }
 
 

@@ -21,7 +21,7 @@ MEASURED = [
     ("ddp", False, False, False, 4, 34.9), ("ddp", False, False, False, 8, 49.2),
     ("ddp", False, True, False, 12, 31.2), ("ddp", False, False, True, 4, 19.5),
     ("ddp", False, False, True, 8, 27.4), ("ddp", False, True, True, 12, 20.8),
-    ("fsdp", True, False, False, 4, 16.9), ("fsdp", True, True, False, 4, 10.4),
+    ("fsdp", True, False, False, 4, 16.9), ("fsdp", True, False, False, 8, 31.2), ("fsdp", True, True, False, 4, 10.4),
     ("fsdp", True, True, False, 8, 14.0), ("fsdp", True, True, False, 12, 17.4),
 ]
 

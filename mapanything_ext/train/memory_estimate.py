@@ -29,7 +29,7 @@ GIB = 2**30
 # encoder trained): (per image, fixed under ddp, fixed under fsdp). Fitted to the table's rows less
 # their state (18.3 GiB, 10.7 with the encoder frozen) and gathered weights (fsdp, 0.55 GiB):
 # - no checkpointing: Stage 1 ddp (34.9 - 18.3) / 4 = 4.15, Stage 2 ddp (49.2 - 18.3) / 8 = 3.86,
-#   Stage 1 fsdp+offload (16.9 - 0.55) / 4 = 4.1; the encoder frozen (19.5 - 10.7) / 4, (27.4 - 10.7) / 8;
+#   Stage 1 fsdp+offload (16.9 - 0.55) / 4 = 4.1, Stage 2 (31.2 - 0.55) / 8 = 3.8; the encoder frozen (19.5 - 10.7) / 4, (27.4 - 10.7) / 8;
 # - checkpointing: fsdp+offload (machine=gpu24g) 10.4, 14.0, 17.4 GiB at 4, 8, 12 images: 0.9 an image
 #   and a fixed 6.8 (6.2 after the 0.55 gathered) that ddp does not have (Stage 3 ddp: 31.2 - 18.3 - 12 x 0.9 = 2.1);
 #   the encoder frozen, Stage 3 ddp: (20.8 - 10.7 - 2.1) / 12 = 0.67, its fixed parts taken as above.
