@@ -276,6 +276,33 @@ def test_a_view_count_whose_compile_fails_runs_eagerly_and_says_so(capsys):
     assert "failed" not in capsys.readouterr().out
 
 
+def test_every_view_count_of_stage_3_compiles_and_a_shape_past_the_limit_runs_eagerly_and_says_so(capsys, monkeypatch):
+    """Stage 3 draws ten view counts and more: past Dynamo's default recompile limit (8) the ninth would
+    run eagerly without a word. The criterion compiles up to SHAPE_LIMIT shapes, then says so."""
+    compiles = []
+
+    def counting_backend(graph, example_inputs):
+        compiles.append(graph)
+        return graph.forward
+
+    criterion = BatchedCriterion(TRAIN)
+    criterion._compiled = torch.compile(criterion.compute, backend=counting_backend, dynamic=False)
+    for n in range(2, 12):  # ten view counts
+        views = random_views(n, seed=n)
+        preds = noisy_predictions(views)
+        before = len(compiles)
+        loss, _ = criterion(views, preds)
+        assert len(compiles) > before, f"{n} views ran without compiling"  # not Dynamo's silent eager fallback
+        assert float(loss) == pytest.approx(float(criterion.compute(views, preds)[0]), rel=1e-6)
+    assert "eagerly" not in capsys.readouterr().out and criterion._eager_shapes == set()
+    monkeypatch.setattr(BatchedCriterion, "SHAPE_LIMIT", 10)
+    views = random_views(12, seed=12)
+    criterion(views, noisy_predictions(views))
+    out = capsys.readouterr().out
+    assert "compiling the batched criterion for 12 views" in out and "runs eagerly" in out
+    assert criterion._eager_shapes == {(12, (1, 12, 16))}
+
+
 @needs_mapanything
 def test_the_preflight_runs_the_self_check_on_the_first_sample(synthetic_root, tmp_path):
     from mapanything_ext import preflight

@@ -108,12 +108,16 @@ class BatchedCriterion(nn.Module):
     """criterion(views, preds) -> (loss, details): MapAnything's factored criterion, all views at once.
 
     `compile=True` runs it through torch.compile: one static graph per shape (views, batch, image
-    size; Stage 3's variable view counts with its image budget make about ten, and past Dynamo's
-    recompile limit, 8 by default, further shapes run eagerly, Dynamo's own fallback), Inductor's split
-    reductions off (with them, Inductor's scheduler failed an assertion compiling it for 12 views of
-    518x392 on an H200, torch 2.11), and the backward compiled with the forward, so that a compile
-    failure shows in the forward call, where it is caught: that shape then runs eagerly, said once
-    on stdout (console.log)."""
+    size; Stage 3's variable view counts with its image budget make about ten, one per view count,
+    and the evaluation's one more), up to SHAPE_LIMIT shapes (Dynamo's own recompile limit, 8, would
+    silently send the ninth and later shapes to eager mode); Inductor's split reductions off (with them,
+    Inductor's scheduler failed an assertion compiling it for 12 views of 518x392 on an H200, torch
+    2.11), and the backward compiled with the forward, so that a compile failure shows in the forward
+    call, where it is caught: that shape then runs eagerly, said once on stdout (console.log). A shape
+    past SHAPE_LIMIT is caught and said the same way."""
+
+    # Shapes compiled at most (Dynamo's recompile limit for this criterion alone).
+    SHAPE_LIMIT = 32
 
     def __init__(self, spec: LossSpec, compile: bool = False):
         super().__init__()
@@ -127,9 +131,9 @@ class BatchedCriterion(nn.Module):
         if self._compiled is None or shape in self._eager_shapes:
             return self.compute(views, preds)
         try:
-            with _backward_compiled_with_forward():
+            with _backward_compiled_with_forward(), _shape_limit(self.SHAPE_LIMIT):
                 return self._compiled(views, preds)
-        except torch._dynamo.exc.BackendCompilerFailed as err:
+        except (torch._dynamo.exc.BackendCompilerFailed, torch._dynamo.exc.FailOnRecompileLimitHit) as err:
             self._eager_shapes.add(shape)
             first_line = str(err).strip().splitlines()[0][:300]
             warn("mapanything_ext", f"compiling the batched criterion for {shape[0]} views of "
@@ -160,6 +164,13 @@ class BatchedCriterion(nn.Module):
         if spec.mask_weight is not None:
             total = total + spec.mask_weight * _mask_part(views, preds, details)
         return total, details
+
+
+def _shape_limit(limit: int):
+    """Dynamo's recompile limit set to `limit` for this call, and reaching it an error (caught by
+    the caller) instead of Dynamo's silent fallback to eager mode: the model's compiled parts keep
+    Dynamo's own limit and fallback."""
+    return torch._dynamo.config.patch(recompile_limit=limit, fail_on_recompile_limit_hit=True)
 
 
 def _backward_compiled_with_forward():
