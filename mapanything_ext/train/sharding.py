@@ -183,7 +183,31 @@ def full_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict
     model_state, optim_state = get_state_dict(model, optimizer, options=options)
     if dist.get_rank() != 0:
         return {}, {}
-    return model_state, _by_index(optim_state)
+    return tied_as_in(model, _own_storage(model_state)), _own_storage(_by_index(optim_state))
+
+
+def tied_as_in(model: nn.Module, state: dict) -> dict:
+    """A gathered state whose names that are one tensor in the model (MapAnything's DPT head is reachable
+    as `dpt_feature_head` and `dense_head.0`, 33 million weights) share one tensor again, as in
+    `model.state_dict()`: torch.save then stores it once (0.13 GB less for the v1.1 model)."""
+    first: dict[int, str] = {}
+    for name, tensor in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
+        owner = first.setdefault(id(tensor), name)
+        if owner != name and owner in state and name in state:
+            state[name] = state[owner]
+    return state
+
+
+def _own_storage(obj):
+    """Every tensor with a storage of its own size: a gathered tensor whose first dimension was padded to
+    the ranks is a view into the padded buffer, and torch.save writes a tensor's whole storage."""
+    if torch.is_tensor(obj):
+        return obj.clone() if obj.untyped_storage().nbytes() != obj.numel() * obj.element_size() else obj
+    if isinstance(obj, dict):
+        return {key: _own_storage(value) for key, value in obj.items()}
+    if isinstance(obj, list):
+        return [_own_storage(value) for value in obj]
+    return obj
 
 
 def load_model_state(model: nn.Module, state: dict, strict: bool = True) -> None:
