@@ -27,7 +27,7 @@ import math
 
 import torch
 
-from mapanything_ext.evaluation.benchmark_metrics import benchmark_metrics, pose_of
+from mapanything_ext.evaluation.benchmark_metrics import benchmark_metrics, moved, pose_of
 from mapanything_ext.geometry.depth_metrics import depth_abs_rel
 from mapanything_ext.evaluation.pose_metrics import ate_m, pair_errors
 from mapanything_ext.geometry.rotations import rotation_angle_deg
@@ -101,13 +101,13 @@ def sample_metrics(views: list[dict], preds: list[dict]) -> dict:
         z_gt, z_pred = view["depthmap"][0, ..., 0].double(), pred["pts3d_cam"][0, ..., 2].double()
         gt_main = view["pts3d"][0].double()
         pred_world = pred["pts3d"][0].double()
-        pred_in_first, gt_in_first = _moved(pred_world, pred_first), _moved(gt_main, gt_first)
+        pred_in_first, gt_in_first = moved(pred_world, pred_first), moved(gt_main, gt_first)
         per_view.append({
             "view": view["instance"][0] if isinstance(view["instance"], (list, tuple)) else view["instance"],
             "depth_abs_rel_metric": depth_abs_rel(z_pred, z_gt, valid),
             "depth_inlier_1.25_metric": depth_inlier_ratio(z_pred, z_gt, valid),
             "point_error_metric_m": point_error_m(pred_in_first, gt_in_first, valid),
-            "abs_registration_error_m": point_error_m(_moved(pred_world, gt_poses[0]), gt_main, valid),
+            "abs_registration_error_m": point_error_m(moved(pred_world, gt_poses[0]), gt_main, valid),
             **by_true_depth(z_pred, z_gt, pred_in_first, gt_in_first, valid),
             **bench_view,
         })
@@ -118,10 +118,6 @@ def sample_metrics(views: list[dict], preds: list[dict]) -> dict:
                    "ate_m": ate_m(torch.stack([p[:3, 3] for p in poses_pred]), torch.stack([p[:3, 3] for p in gt_poses]))})
     pairs = pair_errors(poses_pred, gt_poses, [vehicle_of(v["view"]) for v in per_view])
     return {"sample": sample, "views": per_view, "pairs": pairs}
-
-
-def _moved(points: torch.Tensor, pose: torch.Tensor) -> torch.Tensor:
-    return points @ pose[:3, :3].T + pose[:3, 3]
 
 
 def vehicle_of(instance: str) -> str:

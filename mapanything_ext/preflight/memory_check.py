@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from mapanything_ext import train_params as params
+from mapanything_ext.preflight.run_check import node_device
 from mapanything_ext.train import sharding
 from mapanything_ext.train.memory_estimate import USABLE_FRACTION, fits
 from mapanything_ext.train.optim import freeze_zero_lr
@@ -28,12 +29,8 @@ def planned_world_size(cfg) -> int:
 def check_memory(cfg, model: torch.nn.Module, lines: list[str]) -> None:
     freeze_zero_lr(model, params.load(cfg.train_params))  # the parts the job trains
     world = planned_world_size(cfg)
-    card = (float(cfg.machine.gpu_memory_gib) if cfg.machine.get("gpu_memory_gib") else
-            torch.cuda.get_device_properties(0).total_memory / 2**30 if torch.cuda.is_available() else None)
-    offload = cfg.distributed.get("fsdp_offload")
-    if str(offload).lower() == "auto":
-        offload = card is not None and not fits(sharding.estimate_memory(model, cfg, world, offload=False), card)
-    offload = bool(offload) and sharding.strategy_of(cfg) == "fsdp"
+    card = sharding.card_gib(cfg, node_device())
+    offload = sharding.resolve_offload(model, cfg, world, card)[0] and sharding.strategy_of(cfg) == "fsdp"
     estimate = sharding.estimate_memory(model, cfg, world, offload=offload)
     setting = f"{sharding.strategy_of(cfg)}{' with offload' if offload else ''} at world size {world}"
     if card is None:

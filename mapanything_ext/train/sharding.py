@@ -46,21 +46,28 @@ def wrap(module: nn.Module, cfg, info: dist.DistInfo) -> nn.Module:
 
 
 def offload_wanted(module: nn.Module, cfg, info: dist.DistInfo) -> bool:
-    """distributed.fsdp_offload: true, false, or auto: offload only where the estimate of the run without
-    it (train/memory_estimate.py) does not fit this rank's card (machine.gpu_memory_gib when set)."""
+    """distributed.fsdp_offload for this rank (auto: decided, and the decision printed)."""
+    card = card_gib(cfg, info.device) if info.device.type == "cuda" else None
+    offload, without = resolve_offload(module, cfg, info.world_size, card)
+    if without is not None:
+        say("mapanything_ext", f"distributed.fsdp_offload=auto: without offload {without.describe()} on a "
+            f"{card:.0f} GiB card at world size {info.world_size}: {'offloading' if offload else 'not offloading'}")
+    return offload
+
+
+def resolve_offload(module: nn.Module, cfg, world_size: int, card: float | None):
+    """(offload, the estimate without it where auto decided): distributed.fsdp_offload true or false as
+    set; auto offloads only where the run without it (train/memory_estimate.py) does not fit a card of
+    `card` GiB (none known: no offload). The job and the preflight decide alike."""
     value = cfg.distributed.get("fsdp_offload")
     if str(value).lower() != "auto":
         if not isinstance(value, bool) and value is not None:
             raise ValueError(f"distributed.fsdp_offload={value!r}: choose true, false or auto")
-        return bool(value)
-    if info.device.type != "cuda":
-        return False
-    card = card_gib(cfg, info.device)
-    without = estimate_memory(module, cfg, info.world_size, offload=False)
-    offload = not memory_estimate.fits(without, card)
-    say("mapanything_ext", f"distributed.fsdp_offload=auto: without offload {without.describe()} on a "
-        f"{card:.0f} GiB card at world size {info.world_size}: {'offloading' if offload else 'not offloading'}")
-    return offload
+        return bool(value), None
+    if card is None:
+        return False, None
+    without = estimate_memory(module, cfg, world_size, offload=False)
+    return not memory_estimate.fits(without, card), without
 
 
 def estimate_memory(module: nn.Module, cfg, world_size: int, offload: bool) -> memory_estimate.MemoryEstimate:
@@ -84,10 +91,13 @@ def gathered_bytes(module: nn.Module) -> int:
     return 4 * (sum(own.values()) + sum(sizes[:2]))
 
 
-def card_gib(cfg, device: torch.device) -> float:
-    """The GPU memory one rank may use: machine.gpu_memory_gib (an emulated smaller card) or the card's."""
+def card_gib(cfg, device: torch.device) -> float | None:
+    """The GPU memory one rank may use: machine.gpu_memory_gib (an emulated smaller card), else the
+    card's; None on a CPU without that setting."""
     limit = cfg.machine.get("gpu_memory_gib")
-    return float(limit) if limit else torch.cuda.get_device_properties(device).total_memory / memory_estimate.GIB
+    if limit:
+        return float(limit)
+    return torch.cuda.get_device_properties(device).total_memory / memory_estimate.GIB if device.type == "cuda" else None
 
 
 def offloaded(model: nn.Module, device: torch.device) -> bool:
