@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import pickle
 import re
 import subprocess
 import time
@@ -205,10 +206,36 @@ def barrier() -> None:
         tdist.barrier()
 
 
+# Tensors this module handed to the backend, referenced until its threads have let go of them. A
+# gloo worker thread drops a finished collective's tensors a moment after the caller has its result.
+# Had Python dropped them first, that release must take the GIL, and at interpreter exit taking it
+# ends the thread inside a C++ destructor: std::terminate, "terminate called without an active
+# exception" (pytorch/pytorch#190489; one rank of a stopping job in about a hundred here). Held from
+# Python, the backend's release needs no GIL; cleanup() waits for every release before the exit.
+_LENT: list[torch.Tensor] = []
+
+
+def _lend(*tensors: torch.Tensor) -> None:
+    _LENT[:] = [t for t in _LENT if t._use_count() > 1]  # those only Python still holds are done with
+    _LENT.extend(tensors)
+
+
+def _wait_for_backend_release(wait_s: float = 10.0) -> None:
+    deadline = time.monotonic() + wait_s
+    while any(t._use_count() > 1 for t in _LENT) and time.monotonic() < deadline:
+        time.sleep(0.001)  # without the GIL: a worker thread finishing its release may need it
+    held = sum(t._use_count() > 1 for t in _LENT)
+    if held:
+        say("distributed", f"the backend still holds {held} tensor(s) of our collectives after {wait_s:.0f}s; "
+            f"leaving anyway (the exit may abort: pytorch/pytorch#190489)", every_rank=True)
+    _LENT.clear()
+
+
 def _all_reduce(tensor: torch.Tensor, op) -> torch.Tensor:
     if not is_distributed():
         return tensor.clone()
     work = tensor.to(collective_device(), copy=True)
+    _lend(work)
     tdist.all_reduce(work, op=op)
     return work.to(tensor.device)
 
@@ -233,6 +260,7 @@ def queue_all_reduce_max(values: torch.Tensor) -> HostCopy:
     device = collective_device()
     work = values.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else values.clone()
     if is_distributed():
+        _lend(work)
         tdist.all_reduce(work, op=tdist.ReduceOp.MAX)
     return HostCopy(work)
 
@@ -241,9 +269,19 @@ def all_gather_object(obj) -> list:
     """Every rank's obj, in rank order (a one-element list when not distributed)."""
     if not is_distributed():
         return [obj]
-    out = [None] * get_world_size()
-    tdist.all_gather_object(out, obj)  # serialises through collective_device() itself
-    return out
+    device = collective_device()
+    data = _pickled(obj, device)
+    sizes = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(get_world_size())]
+    size = torch.tensor([data.numel()], dtype=torch.long, device=device)
+    _lend(size, *sizes)
+    tdist.all_gather(sizes, size)
+    longest = max(int(s.item()) for s in sizes)
+    padded = torch.zeros(longest, dtype=torch.uint8, device=device)
+    padded[:data.numel()] = data
+    gathered = [torch.empty(longest, dtype=torch.uint8, device=device) for _ in sizes]
+    _lend(padded, *gathered)
+    tdist.all_gather(gathered, padded)
+    return [_unpickled(g[:int(s.item())]) for g, s in zip(gathered, sizes)]
 
 
 def broadcast_module_(module: torch.nn.Module, src: int = 0) -> None:
@@ -254,35 +292,58 @@ def broadcast_module_(module: torch.nn.Module, src: int = 0) -> None:
         return
     with torch.no_grad():
         for tensor in [*module.parameters(), *module.buffers()]:
-            tdist.broadcast(tensor.data, src=src)
+            data = tensor.data
+            _lend(data)
+            tdist.broadcast(data, src=src)
 
 
 def broadcast_object(obj, src: int = 0):
+    """Rank src's obj on every rank."""
     if not is_distributed():
         return obj
-    holder = [obj]
-    tdist.broadcast_object_list(holder, src=src)
-    return holder[0]
+    device = collective_device()
+    data = _pickled(obj, device) if get_rank() == src else None
+    size = torch.tensor([data.numel() if data is not None else 0], dtype=torch.long, device=device)
+    _lend(size)
+    tdist.broadcast(size, src=src)
+    if data is None:
+        data = torch.empty(int(size.item()), dtype=torch.uint8, device=device)
+    _lend(data)
+    tdist.broadcast(data, src=src)
+    return obj if get_rank() == src else _unpickled(data)
+
+
+# The object collectives pickle through tensors of this module (torch's own create theirs out of reach
+# of _lend). Only the ranks of one job exchange them, as torch's object collectives do.
+def _pickled(obj, device: torch.device) -> torch.Tensor:
+    return torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8).to(device)
+
+
+def _unpickled(data: torch.Tensor):
+    return pickle.loads(data.cpu().numpy().tobytes())
 
 
 def cleanup(graceful: bool = True, wait_s: float = 30.0) -> None:
     """Destroy the process group (every normal exit and every exit for requeue calls this).
 
-    Rank 0's process serves the store the others are connected to; if it left first, a client
-    whose connection breaks under it can abort its process at exit ("terminate called without an
-    active exception"). So every rank meets at a barrier, destroys its group, the others then say
-    on the store that they are done with it and drop it, and rank 0 waits for them (at most wait_s).
-    graceful=False (after an error, when other ranks may be gone): only destroy the group."""
+    Every rank meets at a barrier, destroys its group and waits until the backend's threads have
+    let go of every tensor this module lent them (_LENT: else the exit can abort the process). Rank
+    0's process serves the store the others are connected to, so the others then say on the store
+    that they are done with it and drop it, and rank 0 waits for them (at most wait_s) before it
+    leaves. graceful=False (after an error, when other ranks may be gone): only destroy the group
+    and give the backend's threads a moment."""
     global _STORE
     if not is_distributed():
         return
     if not graceful:
         tdist.destroy_process_group()
+        _wait_for_backend_release(wait_s=2.0)  # a collective stuck on a lost rank never lets go
         _STORE = None
         return
     rank, world = get_rank(), get_world_size()
     tdist.barrier()
     tdist.destroy_process_group()
+    _wait_for_backend_release()
     store, _STORE = _STORE, None
     if store is None or world == 1:
         return
