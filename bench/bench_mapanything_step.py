@@ -31,6 +31,9 @@ generator; 24 views repeat its 12), batch 1, bf16 autocast, random init (full v1
                   DINOv2's encoder.model.prepare_tokens_with_masks):
                   Dynamo traces one block per class, not the whole part (run it instead of, not after,
                   the other compiled variants)
+  batched_compile_regional_parts_loss  batched_compile_regional_loss without
+                  _encode_and_fuse_optional_geometric_inputs (the setting docs/mapanything.md recommends
+                  with gradient checkpointing)
   batched_compile_parts_loss  batched_compile_post_loss without _encode_and_fuse_optional_geometric_inputs
                   (the setting docs/mapanything.md recommends without gradient checkpointing: that method
                   breaks into 16 small graphs that cost ~40 s at every start and no speed)
@@ -88,6 +91,9 @@ POST = HEADS + ["_encode_and_fuse_optional_geometric_inputs", "downstream_head"]
 # kernel thread per output position looping over all 1,536 channels, 14 ms per step on an H200.
 REGIONAL = ["encoder.model.prepare_tokens_with_masks", "encoder.model.blocks.*", "info_sharing.self_attention_blocks.*",
             *POST[2:]]
+# The regional setting docs/mapanything.md recommends with gradient checkpointing: without the geometric
+# inputs' method, whose loop over the views Dynamo unrolls per view count (Stage 3 has 9 of them).
+REGIONAL_PARTS = [*REGIONAL[:3], "dpt_feature_head", "downstream_head"]
 COMPILE = {"engine": (None, False, "default"), "engine_compile": (["encoder", "info_sharing"], False, "default"),
            "engine_compile_heads": (HEADS, False, "default"), "engine_compile_heads_loss": (HEADS, True, "default"),
            "engine_compile_post_loss": (POST, True, "default"), "engine_compile_all": (True, False, "default"),
@@ -96,6 +102,7 @@ COMPILE = {"engine": (None, False, "default"), "engine_compile": (["encoder", "i
            "batched": (None, False, "default"), "batched_compile_post": (POST, False, "default"),
            "batched_compile_post_loss": (POST, True, "default"),
            "batched_compile_regional_loss": (REGIONAL, True, "default"),
+           "batched_compile_regional_parts_loss": (REGIONAL_PARTS, True, "default"),
            "batched_compile_parts_loss": (HEADS + ["downstream_head"], True, "default")}
 TINY = ["model.encoder.size=small", "model.encoder.keep_first_n_layers=2", "model.info_sharing.module_args.depth=3",
         "model.info_sharing.module_args.dim=192", "model.info_sharing.module_args.num_heads=3",

@@ -1,7 +1,7 @@
 """Stage 3 as users run it: the batches its sampler really draws (a view count and batch size that
 change from step to step), MapAnything's own step against ours on the same sequence.
 
-    python bench/bench_stage3_mix.py --data DIR [--steps 100] [--variants reference,batched_compile_regional_loss]
+    python bench/bench_stage3_mix.py --data DIR [--steps 100] [--variants reference,batched_compile_regional_parts_loss]
         [--epoch-size 600] [--workers 8] [--tiny] [--device cuda]
 
 The sequence: `stage=stage3` with `opv2v_coop_ft` as the stage sets it (its image budget, 12 images
@@ -9,7 +9,7 @@ per GPU; its view counts; gradient checkpointing on), `dataset.train_epoch_size=
 synthetic data repeated, as MapAnything's `N @ Dataset` does), our training loader over one or more
 epochs: its first --steps batches, complete views in pinned host memory, fed to both variants in the
 same order. Variants (bench/bench_mapanything_step.py): `reference` is MapAnything's own loop body,
-`batched_compile_regional_loss` the setting docs/mapanything.md recommends with checkpointing.
+`batched_compile_regional_parts_loss` the setting docs/mapanything.md recommends with checkpointing.
 
 Per variant: a warm-up of one batch per distinct shape (for a compiled variant: its compile time),
 then every batch of the sequence timed. Dynamo's silent fallback to eager mode past its recompile
@@ -109,7 +109,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, required=True, help="synthetic OPV2V root (1 scenario, 3 agents)")
     parser.add_argument("--steps", type=int, default=100)
-    parser.add_argument("--variants", default="reference,batched_compile_regional_loss")
+    parser.add_argument("--variants", default="reference,batched_compile_regional_parts_loss")
     parser.add_argument("--epoch-size", type=int, default=600, help="dataset.train_epoch_size")
     parser.add_argument("--workers", type=int, default=8)
     parser.add_argument("--tiny", action="store_true", help="a tiny MapAnything at 112x84, to check the script")

@@ -132,11 +132,49 @@ def test_regional_compilation_of_blocks_checkpointed_each_with_its_own_class_tra
 
     blocks = torch.nn.ModuleList([torch.nn.Linear(2, 2), Other(2, 2)])
     compile_in_place(torch.nn.Sequential(blocks), ["0.*"])
-    assert type(blocks[1]) is Other
+    assert isinstance(blocks[1], Other) and not isinstance(blocks[0], Other)
     # the same code closing over other objects behaves differently: classes kept
     scaled = torch.nn.ModuleList([_wrapped_per_module(torch.nn.Linear(2, 2), f) for f in (1.0, 2.0)])
     compile_in_place(torch.nn.Sequential(scaled), ["0.*"])
     assert type(scaled[0]) is not type(scaled[1])
+
+
+class _PositionedBlock(torch.nn.Module):
+    """A block called as uniception's multi-view transformer calls its blocks: (tokens, positions),
+    the positions a list of one None per token where no positional encoding uses them."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(4, 4)
+
+    def forward(self, x, xpos=None):
+        if torch.is_tensor(xpos):
+            x = x + xpos
+        return self.linear(x).relu()
+
+
+def test_compiled_blocks_take_a_list_of_nones_of_any_length_without_compiling_again():
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    blocks = torch.nn.ModuleList([_PositionedBlock() for _ in range(3)])
+    eager = copy.deepcopy(blocks)
+    compile_in_place(torch.nn.Sequential(blocks), ["0.*"])
+    assert len({type(block) for block in blocks}) == 1
+    torch._dynamo.reset()
+    counters.clear()
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+        for views in range(2, 14):  # more lengths than Dynamo's recompile limit (8)
+            tokens = torch.randn(1, 3 * views, 4)
+            out, plain = tokens, tokens
+            for block, reference in zip(blocks, eager):
+                out, plain = block(out, [None] * (3 * views + 1)), reference(plain, [None] * (3 * views + 1))
+            torch.testing.assert_close(out, plain)
+            if views == 4:  # a static graph, then a dynamic one: no graph per new list length after
+                graphs = counters["stats"]["unique_graphs"]
+    assert graphs > 0 and counters["stats"]["unique_graphs"] == graphs
+    positions = torch.ones(1, 6, 4)  # a tensor (or a list holding one) still reaches the block
+    torch.testing.assert_close(blocks[0](torch.zeros(1, 6, 4), positions), eager[0](torch.zeros(1, 6, 4), positions))
 
 
 def test_compiling_again_replaces_the_earlier_compilation():

@@ -50,6 +50,7 @@ def compile_in_place(module: torch.nn.Module, what, mode: str = "default") -> No
             _share_one_class(blocks)
             for block in blocks:
                 _compile_module(block, options)
+                block.__class__ = _with_none_for_none_lists(type(block))
             continue
         owner_name, _, attr = name.rpartition(".")
         try:
@@ -111,6 +112,35 @@ def _same_attribute(x, y, a: type, b: type) -> bool:
     cells = zip(x.__closure__ or (), y.__closure__ or (), strict=True)
     return all(cx.cell_contents is cy.cell_contents or (cx.cell_contents is a and cy.cell_contents is b)
                for cx, cy in cells)
+
+
+_NONE_LIST_CLASSES: dict[type, type] = {}
+
+
+def _with_none_for_none_lists(cls: type) -> type:
+    """A subclass of a block's class whose call hands the block None for an argument that is a list
+    or tuple of Nones only, before its compiled code sees the argument. uniception's multi-view
+    transformer passes its blocks one position per token, all None where no custom positional
+    encoding is used (its blocks read positions only with one, and then as a tensor). Dynamo guards
+    on that list's length, which changes with the view count: it would compile every block again per
+    view count, and Stage 3's nine view counts pass its recompile limit (8), beyond which the blocks
+    run eagerly. Blocks of one class get one subclass, so they still share their compiled code."""
+    if cls.__dict__.get("_none_lists_as_none"):
+        return cls
+    if cls not in _NONE_LIST_CLASSES:
+        def __call__(self, *args, **kwargs):
+            args = tuple(None if _nones_only(a) else a for a in args)
+            kwargs = {k: None if _nones_only(v) else v for k, v in kwargs.items()}
+            return super(subclass, self).__call__(*args, **kwargs)
+
+        subclass = type(cls.__name__, (cls,), {"__call__": __call__, "_none_lists_as_none": True,
+                                               "__module__": cls.__module__, "__qualname__": cls.__qualname__})
+        _NONE_LIST_CLASSES[cls] = subclass
+    return _NONE_LIST_CLASSES[cls]
+
+
+def _nones_only(value) -> bool:
+    return type(value) in (list, tuple) and len(value) > 0 and value.count(None) == len(value)
 
 
 def mark_step_begin() -> None:
