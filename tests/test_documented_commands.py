@@ -33,10 +33,12 @@ NOT_HERE = {
     "python bench/gpu_stages.py": "needs MapAnything, a GPU and 50 GB of disk; --help is checked below",
     "python bench/bench_scaling.py": "needs MapAnything and several GPUs; --help is checked below",
     "python bench/recipe_gpu.py": "needs MapAnything and a GPU; --help is checked below",
+    "python bench/bench_kernels.py": "needs MapAnything and a GPU; --help is checked below",
     "python -m mapanything_ext.export": "needs MapAnything and a trained MapAnything checkpoint; --help is checked below",
 }
 HELP_ONLY = ["python bench/bench_mapanything_step.py", "python bench/bench_mapanything_loss.py",
              "python bench/gpu_stages.py", "python bench/bench_scaling.py", "python bench/recipe_gpu.py",
+             "python bench/bench_kernels.py", "python bench/bench_stage3_mix.py", "python bench/bench_flops.py",
              "python -m mapanything_ext.export"]
 
 
