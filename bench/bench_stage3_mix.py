@@ -11,7 +11,8 @@ epochs: its first --steps batches, complete views in pinned host memory, fed to 
 same order. Variants (bench/bench_mapanything_step.py): `reference` is MapAnything's own loop body,
 `batched_compile_regional_parts_loss` the setting docs/mapanything.md recommends with checkpointing.
 
-Per variant: a warm-up of one batch per distinct shape (for a compiled variant: its compile time),
+Per variant: a warm-up of one batch per distinct shape (for a compiled variant: its compile time,
+printed per shape as it goes; run again with the same TORCHINDUCTOR_CACHE_DIR: a restart's),
 then every batch of the sequence timed. Dynamo's silent fallback to eager mode past its recompile
 limit is turned into an error here (`fail_on_recompile_limit_hit`): a variant that would fall back
 fails, named. Prints the shape mix, then one row per variant: images/s over the sequence, the ratio to
@@ -86,9 +87,12 @@ def run_variant(step, batches, device) -> dict:
     for batch in batches:
         first_of_shape.setdefault(shape_of(batch), batch)
     graphs, started = graphs_compiled(), time.perf_counter()
-    for batch in first_of_shape.values():
+    for shape, batch in first_of_shape.items():
+        shape_started, shape_graphs = time.perf_counter(), graphs_compiled()
         step(batch)
-    synchronize(device)
+        synchronize(device)
+        print(f"#   warm-up {shape[0]} views x {shape[1]}: {time.perf_counter() - shape_started:.1f}s, "
+              f"{graphs_compiled() - shape_graphs} graphs", flush=True)
     warmup_s, warmup_graphs = time.perf_counter() - started, graphs_compiled() - graphs
     if device.type == "cuda":
         gc.collect()
@@ -103,6 +107,29 @@ def run_variant(step, batches, device) -> dict:
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
     return {"seconds": seconds, "images": images, "images_per_s": images / seconds, "warmup_s": warmup_s,
             "warmup_graphs": warmup_graphs, "late_graphs": graphs_compiled() - graphs, "peak_gib": peak}
+
+
+def measure(cfg, variant: str, batches, device) -> dict:
+    """One variant on a model of its own, built from the same seed: a compiled variant compiles the
+    model in place, and no other variant may run those compiled parts."""
+    torch.manual_seed(0)
+    started = time.perf_counter()
+    model = build_model_on(cfg.model, device)
+    criterion, _ = build_criteria(cfg.loss)
+    criterion.to(device)
+    print(f"# {variant}: model and criterion built in {time.perf_counter() - started:.0f}s", flush=True)
+    if variant == "reference":
+        step, optimizer = reference_stepper(model, criterion.reference, device)
+    else:
+        step, optimizer = engine_stepper(cfg, model, criterion, device, variant)
+    try:
+        return run_variant(step, batches, device)
+    finally:
+        optimizer.zero_grad(set_to_none=True)
+        del step, optimizer, model, criterion
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
 
 
 def main() -> None:
@@ -125,10 +152,6 @@ def main() -> None:
     mix = collections.Counter(map(shape_of, batches))
     print(f"# {len(batches)} batches of Stage 3's sampler loaded in {time.perf_counter() - started:.0f}s; "
           f"(views, samples): count = {dict(sorted(mix.items()))}", flush=True)
-    torch.manual_seed(0)
-    model = build_model_on(cfg.model, device)
-    criterion, _ = build_criteria(cfg.loss)
-    criterion.to(device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"# {name}, torch {torch.__version__}, {'tiny' if args.tiny else 'full v1.1'} MapAnything, gradient "
           f"checkpointing {cfg.model.gradient_checkpointing}, bf16", flush=True)
@@ -136,18 +159,12 @@ def main() -> None:
           "graphs (timed) | peak GiB |\n|---|---|---|---|---|---|---|---|---|---|", flush=True)
     reference = None
     for variant in args.variants.split(","):
-        if variant == "reference":
-            step, optimizer = reference_stepper(model, criterion.reference, device)
-        else:
-            step, optimizer = engine_stepper(cfg, model, criterion, device, variant)
         try:
-            row = run_variant(step, batches, device)
+            row = measure(cfg, variant, batches, device)
         except Exception as err:  # an eager fallback, out of memory, a failed compile: named, then go on
             print(f"| {variant} | failed: {type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''} "
                   f"| | | | | | | | |", flush=True)
             continue
-        finally:
-            optimizer.zero_grad(set_to_none=True)
         if variant == "reference":
             reference = row["images_per_s"]
         ratio = f"{row['images_per_s'] / reference:.2f}x" if reference else "-"

@@ -1,7 +1,8 @@
 """The real model where users run it: MapAnything v1.1, Stage 1 -> 2 -> 3 through our own commands on a GPU.
 
     python bench/gpu_stages.py --work DIR [--data DIR] [--steps 6] [--eval-steps 2] [--skip-preemption]
-        [--export] [--nproc-per-node 1] [--tiny] [--compile-restart [--regional | --parts LIST]]
+        [--export] [--nproc-per-node 1] [--tiny] [--compile-restart [--regional | --parts LIST]
+        [--restart-stage stage1|stage3]]
 
 --tiny uses a tiny MapAnything at 112x84 to check the script anywhere (a CPU too), figures meaningless.
 --compile-restart measures only what a requeue costs with torch.compile on (step 7 below), nothing else.
@@ -24,7 +25,8 @@ What it does, printing a table at the end (and writing DIR/gpu_stages.json):
  5. the per-step losses of the resumed Stage 1 against the pipeline's uninterrupted Stage 1
  6. with --export: Stage 3's best exported (python -m mapanything_ext.export), reloaded with MapAnything's
     own from_pretrained, predictions compared with our checkpoint's on a fixed input
- 7. with --compile-restart (instead of 3 to 6): Stage 1 compiled as fast as it trains (train_params.compile=
+ 7. with --compile-restart (instead of 3 to 6): Stage 1 (or --restart-stage stage3: Stage 3, its
+    variable view counts and checkpointing; two epochs, the signal in the second) compiled as fast as it trains (train_params.compile=
     [encoder,info_sharing,dpt_feature_head,downstream_head] and loss.compile=true; --regional: the encoder
     and info sharing block by block; --parts: any list), stopped by SIGUSR2 at its
     second step (the job stops after its third), then started again in the same run folder
@@ -220,18 +222,28 @@ REGIONAL_PARTS = ("[encoder.model.prepare_tokens_with_masks,encoder.model.blocks
 
 
 def compile_restart(data: Path, work: Path, pretrained: Path, args) -> dict:
-    """Stage 1 compiled, preempted at its second step, requeued: the start-up cost of both starts."""
+    """A stage compiled, preempted at its second step, requeued: the start-up cost of both starts."""
     if args.steps < 4:  # the signal at step 2 stops the job after step 3 (the stop poll answers a step late)
         raise SystemExit("--compile-restart needs --steps 4 or more (the requeued start must have a step left)")
-    run_dir = work / "compile_restart_stage1"
+    stage = args.restart_stage
+    run_dir = work / f"compile_restart_{stage}"
     shutil.rmtree(run_dir, ignore_errors=True)  # a cold first start: its compile cache lies in the run folder
     parts = args.parts or (REGIONAL_PARTS if args.regional else COMPILED_PARTS)
-    overrides = [*common_overrides(data, work / "unused", args), "stage=stage1", f"output_dir={run_dir}",
+    overrides = [*common_overrides(data, work / "unused", args), f"stage={stage}", f"output_dir={run_dir}",
                  f"model.pretrained={pretrained}", f"train_params.compile={parts}", "loss.compile=true"]
-    console = work / "compile_restart_stage1.log"
-    log(f"Stage 1, train_params.compile={parts}, loss.compile=true: first start (cold compile cache), "
-        "SIGUSR2 at its second step")
-    if torchrun(args.nproc_per_node, overrides, {"MAPANYTHING_EXT_FAULT": "SIGUSR2@train_step@0"}, console) == 0:
+    fault, when = "SIGUSR2@train_step@0", "its second step"
+    if stage == "stage3":
+        # The synthetic data repeated, as bench_stage3_mix does (its view counts need samples), and two
+        # epochs, stopped at the second one's second step: the first start has seen a whole epoch of
+        # shapes, as a preempted Stage 3 has, so the requeue's first batch is a shape seen before, but
+        # not necessarily the shape the first start compiled first.
+        overrides = [o for o in overrides if not o.startswith("train_params.epochs=")]
+        overrides += ["dataset.train_epoch_size=600", "train_params.epochs=2"]
+        fault, when = "SIGUSR2@train_step@0@2", "the second step of its second epoch"
+    console = work / f"compile_restart_{stage}.log"
+    log(f"{stage}, train_params.compile={parts}, loss.compile=true: first start (cold compile cache), "
+        f"SIGUSR2 at {when}")
+    if torchrun(args.nproc_per_node, overrides, {"MAPANYTHING_EXT_FAULT": fault}, console) == 0:
         raise RuntimeError(f"the first start did not stop (see {console})")
     log("the same run started again (a requeue)")
     if torchrun(args.nproc_per_node, overrides, log_file=console) != 0:
@@ -317,10 +329,12 @@ def main(argv=None) -> int:
     parser.add_argument("--export", action="store_true")
     parser.add_argument("--tiny", action="store_true", help="a tiny MapAnything at 112x84: checks the script anywhere")
     parser.add_argument("--compile-restart", action="store_true",
-                        help="only: Stage 1 compiled, preempted at its second step and started again; time to the "
+                        help="only: a stage compiled, preempted at its second step and started again; time to the "
                              "first step of both starts (the compile cache of the run folder)")
     parser.add_argument("--regional", action="store_true",
                         help="with --compile-restart: the encoder and info sharing compiled block by block")
+    parser.add_argument("--restart-stage", choices=("stage1", "stage3"), default="stage1",
+                        help="with --compile-restart: the stage started twice (stage3: its variable view counts)")
     parser.add_argument("--parts", default=None,
                         help="with --compile-restart: train_params.compile as a list, e.g. '[encoder,info_sharing]' "
                              "(instead of the whole or --regional parts)")

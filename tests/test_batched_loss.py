@@ -137,7 +137,7 @@ def test_the_compiled_row_by_row_sums_compute_the_same_loss_details_and_gradient
 
 def test_ground_truth_poses_in_view0_agree_with_matrix_algebra():
     views = random_views(4, batch=2, seed=11)
-    quats, trans = batched_loss._poses_in_view0(views)
+    quats, trans = batched_loss._poses_in_view0(batched_loss.stacked(views, batched_loss.VIEW_KEYS))
     from mapanything_ext.geometry.rotations import quaternion_to_matrix
 
     inverse0 = torch.linalg.inv(views[0]["camera_pose"])
@@ -267,7 +267,7 @@ def test_a_view_count_whose_compile_fails_runs_eagerly_and_says_so(capsys):
     views = random_views(3, seed=6)
     preds = noisy_predictions(views)
     criterion = BatchedCriterion(TRAIN)
-    criterion._compiled = torch.compile(criterion.compute, backend=failing_backend, dynamic=False)
+    criterion._compiled = torch.compile(criterion.compute_stacked, backend=failing_backend)
     loss, details = criterion(views, preds)
     assert "compiling the batched criterion for 3 views of (1, 12, 16) failed" in capsys.readouterr().out
     eager_loss, eager_details = criterion.compute(views, preds)
@@ -276,31 +276,39 @@ def test_a_view_count_whose_compile_fails_runs_eagerly_and_says_so(capsys):
     assert "failed" not in capsys.readouterr().out
 
 
-def test_every_view_count_of_stage_3_compiles_and_a_shape_past_the_limit_runs_eagerly_and_says_so(capsys, monkeypatch):
-    """Stage 3 draws ten view counts and more: past Dynamo's default recompile limit (8) the ninth would
-    run eagerly without a word. The criterion compiles up to SHAPE_LIMIT shapes, then says so."""
+def test_stage_3s_view_counts_and_batch_sizes_compile_3_graphs_at_most_and_one_past_the_limit_runs_eagerly(
+        capsys, monkeypatch):
+    """Stage 3 draws nine view counts with five batch sizes. Stacked before the compiled code, they
+    compile the first shape static, then one graph with the view count and batch size symbolic, and
+    one for batch size 1 (a size Dynamo specializes): 3 graphs, each shape computing the eager loss.
+    Past SHAPE_LIMIT graphs a new shape runs eagerly and says so, not Dynamo's silent fallback."""
     compiles = []
 
     def counting_backend(graph, example_inputs):
         compiles.append(graph)
         return graph.forward
 
+    torch._dynamo.reset()  # Dynamo's shape memory is per code object: other tests' shapes out
     criterion = BatchedCriterion(TRAIN)
-    criterion._compiled = torch.compile(criterion.compute, backend=counting_backend, dynamic=False)
-    for n in range(2, 12):  # ten view counts
-        views = random_views(n, seed=n)
+    criterion._compiled = torch.compile(criterion.compute_stacked, backend=counting_backend)
+    stage3 = [(2, 6), (4, 3), (3, 4), (5, 2), (6, 2), (7, 1), (8, 1), (9, 1), (10, 1)]
+    for views_count, batch in stage3:
+        views = random_views(views_count, batch=batch, seed=views_count)
         preds = noisy_predictions(views)
-        before = len(compiles)
-        loss, _ = criterion(views, preds)
-        assert len(compiles) > before, f"{n} views ran without compiling"  # not Dynamo's silent eager fallback
-        assert float(loss) == pytest.approx(float(criterion.compute(views, preds)[0]), rel=1e-6)
+        loss, details = criterion(views, preds)
+        eager_loss, eager_details = criterion.compute(views, preds)
+        assert float(loss) == pytest.approx(float(eager_loss), rel=1e-6)
+        assert dict(details).keys() == dict(eager_details).keys()
+        assert f"{NAME}_pts3d_conf_loss_view{views_count}" in dict(details)
+    graphs = len(compiles)
+    assert graphs <= 3, f"{graphs} graphs for {len(stage3)} shapes"
     assert "eagerly" not in capsys.readouterr().out and criterion._eager_shapes == set()
-    monkeypatch.setattr(BatchedCriterion, "SHAPE_LIMIT", 10)
-    views = random_views(12, seed=12)
+    monkeypatch.setattr(BatchedCriterion, "SHAPE_LIMIT", graphs)
+    views = random_views(4, batch=2, height=8, width=10, seed=12)  # a new image size: a fourth graph
     criterion(views, noisy_predictions(views))
     out = capsys.readouterr().out
-    assert "compiling the batched criterion for 12 views" in out and "runs eagerly" in out
-    assert criterion._eager_shapes == {(12, (1, 12, 16))}
+    assert "compiling the batched criterion for 4 views of (2, 8, 10)" in out and "runs eagerly" in out
+    assert criterion._eager_shapes == {(4, (2, 8, 10))} and len(compiles) == graphs
 
 
 @needs_mapanything

@@ -107,10 +107,13 @@ class LossSpec:
 class BatchedCriterion(nn.Module):
     """criterion(views, preds) -> (loss, details): MapAnything's factored criterion, all views at once.
 
-    `compile=True` runs it through torch.compile: one static graph per shape (views, batch, image
-    size; Stage 3's variable view counts with its image budget make about ten, one per view count,
-    and the evaluation's one more), up to SHAPE_LIMIT shapes (Dynamo's own recompile limit, 8, would
-    silently send the ninth and later shapes to eager mode); Inductor's split reductions off (with them,
+    `compile=True` runs it through torch.compile. The views are stacked before the compiled code
+    (`stacked`), so it sees tensors of (V, B, ...), not lists whose length it would guard on, and
+    Dynamo's automatic dynamic shapes serve every view count and batch size with few graphs: the
+    first shape static, then one graph with V and B symbolic (and one with B = 1, a size Dynamo
+    specializes): Stage 3's nine view counts and five batch sizes compile 3 graphs, not one per
+    shape. At most SHAPE_LIMIT graphs (Dynamo's own recompile limit, 8, would silently send later
+    shapes to eager mode); Inductor's split reductions off (with them,
     Inductor's scheduler failed an assertion compiling it for 12 views of 518x392 on an H200, torch
     2.11), and the backward compiled with the forward, so that a compile failure shows in the forward
     call, where it is caught: that shape then runs eagerly, said once on stdout (console.log). A shape
@@ -123,7 +126,7 @@ class BatchedCriterion(nn.Module):
         super().__init__()
         spec.check()
         self.spec = spec
-        self._compiled = torch.compile(self.compute, dynamic=False, options={"split_reductions": False}) if compile else None
+        self._compiled = torch.compile(self.compute_stacked, options={"split_reductions": False}) if compile else None
         self._eager_shapes: set[tuple] = set()
 
     def forward(self, views: list[dict], preds: list[dict]):
@@ -132,7 +135,7 @@ class BatchedCriterion(nn.Module):
             return self.compute(views, preds)
         try:
             with _backward_compiled_with_forward(), _shape_limit(self.SHAPE_LIMIT):
-                return self._compiled(views, preds)
+                return self._compiled(stacked(views, VIEW_KEYS), stacked(preds, PRED_KEYS))
         except (torch._dynamo.exc.BackendCompilerFailed, torch._dynamo.exc.FailOnRecompileLimitHit) as err:
             self._eager_shapes.add(shape)
             first_line = str(err).strip().splitlines()[0][:300]
@@ -142,6 +145,10 @@ class BatchedCriterion(nn.Module):
 
     def compute(self, views: list[dict], preds: list[dict]):
         """The criterion, eagerly."""
+        return self.compute_stacked(stacked(views, VIEW_KEYS), stacked(preds, PRED_KEYS))
+
+    def compute_stacked(self, views: dict, preds: dict):
+        """The criterion on views and predictions stacked by `stacked` (what torch.compile traces)."""
         spec, fs = self.spec, self.spec.factored
         terms = factored_terms(fs, views, preds)
         details = DeviceDetails()
@@ -183,10 +190,29 @@ def _backward_compiled_with_forward():
     return contextlib.nullcontext()
 
 
+# ---- the views, stacked --------------------------------------------------------------------------
+
+# What the criterion reads of the views and of the predictions.
+VIEW_KEYS = ("valid_mask", "camera_pose", "pts3d", "pts3d_cam", "ray_directions_cam", "depth_along_ray",
+             "camera_pose_quats", "camera_pose_trans", "is_synthetic", "is_metric_scale", "non_ambiguous_mask")
+PRED_KEYS = ("pts3d", "pts3d_cam", "ray_directions", "depth_along_ray", "cam_quats", "cam_trans",
+             "metric_scaling_factor", "conf", "non_ambiguous_mask_logits")
+
+
+def stacked(items: list[dict], keys: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """{key: (V, ...)}: each key of `keys` the first view has, stacked over the views (one copy;
+    its gradient flows back to every view's tensor)."""
+    return {key: torch.stack([item[key] for item in items]) for key in keys if key in items[0]}
+
+
+def _view_count(views: dict) -> int:
+    return views["valid_mask"].shape[0]
+
+
 # ---- the factored loss's terms ------------------------------------------------------------------
 
 
-def factored_terms(fs: FactoredSpec, views: list[dict], preds: list[dict]) -> dict[str, torch.Tensor]:
+def factored_terms(fs: FactoredSpec, views: dict, preds: dict) -> dict[str, torch.Tensor]:
     """Every per-pixel (V, B, H, W), per-view-sample (V, B) and per-view (V,) term, with its validity."""
     gt, pr, valid = _normalized_geometry(fs, views, preds)
     rho = _robust(fs)
@@ -201,35 +227,30 @@ def factored_terms(fs: FactoredSpec, views: list[dict], preds: list[dict]) -> di
     terms["pose_trans"] = rho(pr["trans"], gt["trans"]) * w["pose_trans"]
     _scale_term(fs, gt, pr, views, valid, terms)
     if fs.normal_and_gm:
-        surface = valid & views_field(views, "is_synthetic")[:, :, None, None] if fs.normal_and_gm_synthetic_only else valid
+        surface = valid & views["is_synthetic"][:, :, None, None] if fs.normal_and_gm_synthetic_only else valid
         terms["normal"] = normal_loss(pr["pts3d_cam"], gt["pts3d_cam"], surface) * w["normal"]
         terms["gradient_matching"] = gradient_matching_loss(
             _log_norm(pr["pts3d_cam"][..., 2:]), _log_norm(gt["pts3d_cam"][..., 2:]), surface) * w["gradient_matching"]
     return terms
 
 
-def views_field(items: list[dict], key: str) -> torch.Tensor:
-    return torch.stack([item[key] for item in items])
-
-
 def _normalized_geometry(fs: FactoredSpec, views, preds):
     """Ground truth and predictions as MapAnything's loss compares them: in view 0's camera frame,
     predictions without their metric scale, each set divided by its own avg_dis factor."""
-    valid = views_field(views, "valid_mask")  # (V, B, H, W)
-    pose0 = views[0]["camera_pose"]
+    valid = views["valid_mask"]  # (V, B, H, W)
+    pose0 = views["camera_pose"][0]
     rot0, trans0 = pose0[:, :3, :3], pose0[:, :3, 3]
-    world = views_field(views, "pts3d")
+    world = views["pts3d"]
     gt = {"pts3d": torch.einsum("bji,vbhwj->vbhwi", rot0, world) - torch.einsum("bji,bj->bi", rot0, trans0)[None, :, None, None],
-          "pts3d_cam": views_field(views, "pts3d_cam"), "rays": views_field(views, "ray_directions_cam")}
-    gt["depth"] = views_field(views, "depth_along_ray") if fs.depth_type == "depth_along_ray" else gt["pts3d_cam"][..., 2:]
+          "pts3d_cam": views["pts3d_cam"], "rays": views["ray_directions_cam"]}
+    gt["depth"] = views["depth_along_ray"] if fs.depth_type == "depth_along_ray" else gt["pts3d_cam"][..., 2:]
     gt["quats"], gt["trans"] = _poses_in_view0(views)
-    pr = {"pts3d": views_field(preds, "pts3d"), "pts3d_cam": views_field(preds, "pts3d_cam"),
-          "rays": views_field(preds, "ray_directions"), "quats": views_field(preds, "cam_quats"),
-          "trans": views_field(preds, "cam_trans")}
-    pr["depth"] = views_field(preds, "depth_along_ray") if fs.depth_type == "depth_along_ray" else pr["pts3d_cam"][..., 2:]
+    pr = {"pts3d": preds["pts3d"], "pts3d_cam": preds["pts3d_cam"], "rays": preds["ray_directions"],
+          "quats": preds["cam_quats"], "trans": preds["cam_trans"]}
+    pr["depth"] = preds["depth_along_ray"] if fs.depth_type == "depth_along_ray" else pr["pts3d_cam"][..., 2:]
     height = valid.shape[2]
-    if "metric_scaling_factor" in preds[0]:
-        scale = views_field(preds, "metric_scaling_factor")  # (V, B, 1)
+    if "metric_scaling_factor" in preds:
+        scale = preds["metric_scaling_factor"]  # (V, B, 1)
         dense = _over_rows(scale[..., None, None], height)
         for key in ("pts3d", "pts3d_cam", "depth"):
             pr[key] = pr[key] / dense
@@ -277,12 +298,12 @@ def _image_sum(x: torch.Tensor, dims: tuple[int, ...] = ()) -> torch.Tensor:
 
 def _poses_in_view0(views) -> tuple[torch.Tensor, torch.Tensor]:
     """(V, B, 4), (V, B, 3): every camera's pose in view 0's frame; view 0 itself exactly identity."""
-    quats, trans = views_field(views, "camera_pose_quats"), views_field(views, "camera_pose_trans")
+    quats, trans = views["camera_pose_quats"], views["camera_pose_trans"]
     inverse0 = quats[0] * quats.new_tensor([-1.0, -1.0, -1.0, 1.0]) / (quats[0] * quats[0]).sum(-1, keepdim=True)
     rot_inv0 = _quaternion_matrix(inverse0)
     rel_quats = quaternion_multiply(inverse0.expand_as(quats), quats)
     rel_trans = torch.einsum("bij,vbj->vbi", rot_inv0, trans) - torch.einsum("bij,bj->bi", rot_inv0, trans[0])
-    first = torch.arange(len(views), device=quats.device)[:, None, None] == 0
+    first = torch.arange(_view_count(views), device=quats.device)[:, None, None] == 0
     identity = quats.new_tensor([0.0, 0.0, 0.0, 1.0])
     return torch.where(first, identity, rel_quats), torch.where(first, 0.0, rel_trans)
 
@@ -311,7 +332,7 @@ def _robust(fs: FactoredSpec):
 def _scale_term(fs: FactoredSpec, gt, pr, views, valid, terms) -> None:
     """Robust loss between predicted and true metric factors, on metric samples whose ground truth
     has a valid point; `scale_count` 0 means MapAnything has no scale term this batch."""
-    usable = views[0]["is_metric_scale"] & (gt["factor"] > 1e-8)
+    usable = views["is_metric_scale"][0] & (gt["factor"] > 1e-8)
     log = _log_norm if fs.loss_in_log else (lambda x: x)
     predicted = avg_dis_factor(pr["metric_pts3d"], valid)
     per_sample = _robust(fs)(log(predicted[:, None]), log(gt["factor"][:, None])) * fs.weights["scale"]
@@ -370,7 +391,7 @@ def _masked_mean_per_view(values: torch.Tensor, valid: torch.Tensor) -> tuple[to
 
 
 def _conf_part(spec: LossSpec, name: str, terms, preds, details: "DeviceDetails") -> torch.Tensor:
-    conf = views_field(preds, "conf")
+    conf = preds["conf"]
     valid = terms["valid"]
     weighted = terms[name] * conf - spec.conf_alpha * torch.log(torch.where(valid, conf, 1))
     mean, count = _masked_mean_per_view(weighted, valid)
@@ -381,7 +402,7 @@ def _conf_part(spec: LossSpec, name: str, terms, preds, details: "DeviceDetails"
 def _exclude_part(spec: LossSpec, name: str, terms, views, details: "DeviceDetails") -> torch.Tensor:
     values, valid = terms[name], terms["valid"]
     bottom = 100 - spec.top_n_percent
-    real = ~views_field(views, "is_synthetic") if spec.exclude_real_only else torch.ones_like(valid[..., 0, 0])
+    real = ~views["is_synthetic"] if spec.exclude_real_only else torch.ones_like(valid[..., 0, 0])
     num_valid = _image_sum(valid)
     keep = (num_valid * bottom / 100).long()
     ordered = torch.sort(torch.where(valid, values, math.inf).flatten(2), dim=-1).values
@@ -425,10 +446,10 @@ def _factored_details(fs: FactoredSpec, terms, means, details: "DeviceDetails") 
 
 
 def _mask_part(views, preds, details: "DeviceDetails") -> torch.Tensor:
-    logits = views_field(preds, "non_ambiguous_mask_logits")
-    target = views_field(views, "non_ambiguous_mask").float()  # as MapAnything's BCELoss casts it
+    logits = preds["non_ambiguous_mask_logits"]
+    target = views["non_ambiguous_mask"].float()  # as MapAnything's BCELoss casts it
     per_pixel = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
-    image = per_pixel.reshape(len(views), 1, -1, views[0]["valid_mask"].shape[-1])  # (V, 1, B x H, W)
+    image = per_pixel.reshape(_view_count(views), 1, -1, per_pixel.shape[-1])  # (V, 1, B x H, W)
     per_view = _image_sum(image, (1,)) / per_pixel[0].numel()
     details.add_views("NonAmbiguousMaskLoss_mask", per_view, torch.ones_like(per_view, dtype=torch.bool),
                       average_over_all=True)
@@ -440,19 +461,21 @@ class DeviceDetails(Mapping):
     transfer: per-view entries `<prefix>_view<k>` where present, and `<prefix>_avg` over them."""
 
     def __init__(self):
-        self._groups: list[tuple[str, int, bool]] = []  # (prefix, number of views or 0 for one value, average all)
+        # (prefix, one value per view or one in all, average over all views). The number of views is
+        # not kept: compiled, it is a symbolic size (BatchedCriterion); _assemble counts it.
+        self._groups: list[tuple[str, bool, bool]] = []
         self._values: list[torch.Tensor] = []
         self._present: list[torch.Tensor] = []
         self._read: dict | None = None
         self._copy: HostCopy | None = None
 
     def add_views(self, prefix: str, values: torch.Tensor, present: torch.Tensor, average_over_all=False) -> None:
-        self._groups.append((prefix, values.shape[0], average_over_all))
+        self._groups.append((prefix, True, average_over_all))
         self._values.append(values.detach().double())
         self._present.append(present)
 
     def add(self, name: str, value: torch.Tensor, present: torch.Tensor) -> None:
-        self._groups.append((name, 0, False))
+        self._groups.append((name, False, False))
         self._values.append(value.detach().double().reshape(1))
         self._present.append(present.reshape(1))
 
@@ -481,9 +504,11 @@ class DeviceDetails(Mapping):
 
 
 def _assemble(groups, values: list[float], present: list[float]) -> dict:
+    per_view_groups = sum(per_view for _, per_view, _ in groups)
+    views = (len(values) - (len(groups) - per_view_groups)) // max(per_view_groups, 1)
     details, at = {}, 0
-    for prefix, views, average_over_all in groups:
-        if views == 0:
+    for prefix, per_view, average_over_all in groups:
+        if not per_view:
             if present[at]:
                 details[prefix] = values[at]
             at += 1
