@@ -135,6 +135,28 @@ def test_the_compiled_row_by_row_sums_compute_the_same_loss_details_and_gradient
     assert any(grad.abs().max() > 0 for key, grad in one_reduction[2].items() if key[1] == "metric_scaling_factor")
 
 
+@pytest.mark.slow
+def test_inductors_symbolic_view_count_kernels_compute_the_eager_loss_details_and_gradients():
+    """The graphs Stage 3 trains with: Inductor's kernels with the view count and batch size symbolic
+    (the second shape on) and with a batch of one, each against the eager criterion."""
+    from mapanything_ext.losses.loss_selfcheck import loss_details_gradients
+
+    torch._dynamo.reset()
+    criterion = BatchedCriterion(TRAIN, compile=True)
+    for views_count, batch in ((4, 2), (6, 2), (3, 3), (7, 1)):
+        views = random_views(views_count, batch=batch, seed=views_count, metric=[True] + [False] * (batch - 1))
+        preds = noisy_predictions(views, seed=views_count)
+        compiled = loss_details_gradients(criterion, views, preds)
+        eager = loss_details_gradients(criterion.compute, views, preds)
+        assert compiled[0] == pytest.approx(eager[0], rel=1e-5), (views_count, batch)
+        assert compiled[1].keys() == eager[1].keys()
+        for key, value in eager[1].items():
+            assert compiled[1][key] == pytest.approx(value, rel=1e-4, abs=1e-6), (views_count, batch, key)
+        for key, grad in eager[2].items():
+            torch.testing.assert_close(compiled[2][key], grad, rtol=1e-3, atol=1e-6, msg=f"{views_count}x{batch} {key}")
+    assert criterion._eager_shapes == set()
+
+
 def test_ground_truth_poses_in_view0_agree_with_matrix_algebra():
     views = random_views(4, batch=2, seed=11)
     quats, trans = batched_loss._poses_in_view0(batched_loss.stacked(views, batched_loss.VIEW_KEYS))
