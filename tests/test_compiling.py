@@ -177,6 +177,48 @@ def test_compiled_blocks_take_a_list_of_nones_of_any_length_without_compiling_ag
     torch.testing.assert_close(blocks[0](torch.zeros(1, 6, 4), positions), eager[0](torch.zeros(1, 6, 4), positions))
 
 
+class _Mixer(torch.nn.Module):
+    """Images (N, 3, H, W) or tokens (B, T, C) in, as the image-batched and view-batched parts."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(4, 4)
+        self.blocks = torch.nn.ModuleList([torch.nn.Linear(4, 4) for _ in range(2)])
+
+    def forward(self, x):
+        return self.linear(x).softmax(dim=1)
+
+    def pooled(self, x):
+        return x.mean(dim=(2, 3)) * x.shape[0]
+
+
+def test_every_compiled_part_compiles_one_graph_for_all_leading_sizes_but_one():
+    """Stage 3 changes images per batch (views x samples) and tokens per sample (views x tokens):
+    each compiled part (a module, a method, regional blocks) compiles one graph for all of them,
+    where Dynamo alone compiled a static graph first and a symbolic one at the first change, part
+    by part. A size of 1 (one sample) is still its own graph."""
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    model = _Mixer()
+    eager = copy.deepcopy(model)
+    compile_in_place(model, ["", "pooled", "blocks.*"])
+    torch._dynamo.reset()
+    counters.clear()
+    graphs = []
+    for batch, tokens in [(12, 6), (12, 6), (8, 24), (5, 40), (3, 7)]:
+        x = torch.randn(batch, tokens, 4)
+        torch.testing.assert_close(model(x), eager(x))
+        for block, reference in zip(model.blocks, eager.blocks):
+            torch.testing.assert_close(block(x), reference(x))
+        images = torch.randn(batch, 3, 5, 7)
+        torch.testing.assert_close(model.pooled(images), eager.pooled(images))
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[0] > 0 and graphs == [graphs[0]] * len(graphs)  # the first sizes' graphs serve all
+    model(torch.randn(1, 6, 4))
+    assert counters["stats"]["unique_graphs"] > graphs[0]
+
+
 def test_compiling_again_replaces_the_earlier_compilation():
     model = CompactMapAnything(dim=32, depth=1, num_heads=2)
     compile_in_place(model, ["_dense", "head_norm"])

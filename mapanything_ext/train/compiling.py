@@ -60,6 +60,7 @@ def compile_in_place(module: torch.nn.Module, what, mode: str = "default") -> No
             raise ValueError(f"train_params.compile names {name!r}, which the model does not have: {err}") from err
         if isinstance(target, torch.nn.Module):
             _compile_module(target, options)
+            target.__class__ = _with_batch_dims_marked(type(target))
         elif callable(target):
             original = getattr(target, "_uncompiled", target)
             setattr(owner, attr, _with_contiguous_output(torch.compile(original, **options), original))
@@ -115,6 +116,23 @@ def _same_attribute(x, y, a: type, b: type) -> bool:
 
 
 _NONE_LIST_CLASSES: dict[type, type] = {}
+_MARKING_CLASSES: dict[type, type] = {}
+
+
+def _with_batch_dims_marked(cls: type) -> type:
+    """A subclass of a compiled module's class whose call marks its inputs' leading dimensions
+    dynamic (`_mark_batch_dims_dynamic`) before the compiled code sees them."""
+    if cls.__dict__.get("_batch_dims_marked"):
+        return cls
+    if cls not in _MARKING_CLASSES:
+        def __call__(self, *args, **kwargs):
+            _mark_batch_dims_dynamic((args, kwargs))
+            return super(subclass, self).__call__(*args, **kwargs)
+
+        subclass = type(cls.__name__, (cls,), {"__call__": __call__, "_batch_dims_marked": True,
+                                               "__module__": cls.__module__, "__qualname__": cls.__qualname__})
+        _MARKING_CLASSES[cls] = subclass
+    return _MARKING_CLASSES[cls]
 
 
 def _with_none_for_none_lists(cls: type) -> type:
@@ -131,12 +149,36 @@ def _with_none_for_none_lists(cls: type) -> type:
         def __call__(self, *args, **kwargs):
             args = tuple(None if _nones_only(a) else a for a in args)
             kwargs = {k: None if _nones_only(v) else v for k, v in kwargs.items()}
+            _mark_batch_dims_dynamic((args, kwargs))
             return super(subclass, self).__call__(*args, **kwargs)
 
-        subclass = type(cls.__name__, (cls,), {"__call__": __call__, "_none_lists_as_none": True,
+        subclass = type(cls.__name__, (cls,), {"__call__": __call__, "_none_lists_as_none": True, "_batch_dims_marked": True,
                                                "__module__": cls.__module__, "__qualname__": cls.__qualname__})
         _NONE_LIST_CLASSES[cls] = subclass
     return _NONE_LIST_CLASSES[cls]
+
+
+# The leading dimensions of a compiled part's inputs: images (views x samples), samples, or tokens
+# (views x tokens per view), which Stage 3 changes from batch to batch.
+BATCH_DIMS = (0, 1)
+
+
+def _mark_batch_dims_dynamic(value) -> None:
+    """Tell Dynamo that the leading dimensions of the tensors a compiled part is called with may
+    change, before it compiles the part's first graph. Without this it compiles a static graph for
+    the first shape and a symbolic one at the first change, for each part in turn as its sizes change
+    (Stage 3's third shape, 8 views of 1 sample after 12 images twice, recompiled the image-batched
+    parts); with it, one graph per part serves every shape. Dynamo still specializes a size of 1 (a
+    batch of one sample), and a size a part's code ties to a constant (a channel count)."""
+    if torch.is_tensor(value):
+        for dim in BATCH_DIMS[:value.dim()]:
+            torch._dynamo.maybe_mark_dynamic(value, dim)
+    elif type(value) in (list, tuple):
+        for item in value:
+            _mark_batch_dims_dynamic(item)
+    elif isinstance(value, dict):
+        for item in value.values():
+            _mark_batch_dims_dynamic(item)
 
 
 def _nones_only(value) -> bool:
@@ -168,6 +210,7 @@ def _compile_module(target: torch.nn.Module, options: dict) -> None:
 def _with_contiguous_output(function, original):
     @functools.wraps(original)
     def call(*args, **kwargs):
+        _mark_batch_dims_dynamic((args, kwargs))
         return _contiguous(function(*args, **kwargs))
 
     call._uncompiled = original
