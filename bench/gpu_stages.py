@@ -2,7 +2,7 @@
 
     python bench/gpu_stages.py --work DIR [--data DIR] [--steps 6] [--eval-steps 2] [--skip-preemption]
         [--export] [--nproc-per-node 1] [--tiny] [--compile-restart [--regional | --parts LIST]
-        [--restart-stage stage1|stage3]]
+        [--restart-stage stage1|stage3] [--compile-cache DIR]]
 
 --tiny uses a tiny MapAnything at 112x84 to check the script anywhere (a CPU too), figures meaningless.
 --compile-restart measures only what a requeue costs with torch.compile on (step 7 below), nothing else.
@@ -31,7 +31,8 @@ What it does, printing a table at the end (and writing DIR/gpu_stages.json):
     and info sharing block by block; --parts: any list), stopped by SIGUSR2 at its
     second step (the job stops after its third), then started again in the same run folder
     (a requeue): time from start to the first training step of both starts, and what the second took
-    from the run's compile cache (train_params.compile_cache, <run>/compile_cache/)
+    from the run's compile cache (train_params.compile_cache, <run>/compile_cache/; --compile-cache DIR:
+    a shared one, e.g. the folder bench_stage3_mix.py filled, so that both starts find it warm)
 """
 
 from __future__ import annotations
@@ -231,6 +232,8 @@ def compile_restart(data: Path, work: Path, pretrained: Path, args) -> dict:
     parts = args.parts or (REGIONAL_PARTS if args.regional else COMPILED_PARTS)
     overrides = [*common_overrides(data, work / "unused", args), f"stage={stage}", f"output_dir={run_dir}",
                  f"model.pretrained={pretrained}", f"train_params.compile={parts}", "loss.compile=true"]
+    if args.compile_cache:
+        overrides.append(f"train_params.compile_cache={args.compile_cache.absolute()}")
     fault, when = "SIGUSR2@train_step@0", "its second step"
     if stage == "stage3":
         # The synthetic data repeated, as bench_stage3_mix does (its view counts need samples), and two
@@ -241,7 +244,8 @@ def compile_restart(data: Path, work: Path, pretrained: Path, args) -> dict:
         overrides += ["dataset.train_epoch_size=600", "train_params.epochs=2"]
         fault, when = "SIGUSR2@train_step@0@2", "the second step of its second epoch"
     console = work / f"compile_restart_{stage}.log"
-    log(f"{stage}, train_params.compile={parts}, loss.compile=true: first start (cold compile cache), "
+    log(f"{stage}, train_params.compile={parts}, loss.compile=true: first start "
+        f"({'the shared compile cache ' + str(args.compile_cache) if args.compile_cache else 'cold compile cache'}), "
         f"SIGUSR2 at {when}")
     if torchrun(args.nproc_per_node, overrides, {"MAPANYTHING_EXT_FAULT": fault}, console) == 0:
         raise RuntimeError(f"the first start did not stop (see {console})")
@@ -250,7 +254,7 @@ def compile_restart(data: Path, work: Path, pretrained: Path, args) -> dict:
         raise RuntimeError(f"the requeued start failed (see {console})")
     text = (run_dir / "console.log").read_text(errors="replace")
     first = console_figures(run_dir)["first_step_s"]
-    cache = run_dir / "compile_cache"
+    cache = args.compile_cache or run_dir / "compile_cache"
     figures = {"first_step_s": first,
                "cache_at_start": re.findall(r"\[compile_cache\] torch\.compile cache: \S+ \((.*?), checked in", text),
                "cache_at_first_step": re.findall(r"\[compile_cache\] first step: (.*)", text),
@@ -338,6 +342,10 @@ def main(argv=None) -> int:
     parser.add_argument("--parts", default=None,
                         help="with --compile-restart: train_params.compile as a list, e.g. '[encoder,info_sharing]' "
                              "(instead of the whole or --regional parts)")
+    parser.add_argument("--compile-cache", type=Path, default=None,
+                        help="with --compile-restart: train_params.compile_cache=DIR, a cache folder shared beyond "
+                             "the run (a profile's machine.compile_cache), e.g. one a benchmark filled: both starts "
+                             "find it warm (default: the run's own, cold at the first start)")
     args = parser.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
     results: dict = {}
