@@ -12,7 +12,8 @@ same order. Variants (bench/bench_mapanything_step.py): `reference` is MapAnythi
 `batched_compile_regional_parts_loss` the setting docs/mapanything.md recommends with checkpointing.
 
 Per variant: a warm-up of one batch per distinct shape (for a compiled variant: its compile time,
-printed per shape as it goes; run again with the same TORCHINDUCTOR_CACHE_DIR: a restart's),
+printed per shape as it goes, with the graphs Inductor loaded from its cache or compiled; run again
+with the same TORCHINDUCTOR_CACHE_DIR: a restart's),
 then every batch of the sequence timed. Dynamo's silent fallback to eager mode past its recompile
 limit is turned into an error here (`fail_on_recompile_limit_hit`): a variant that would fall back
 fails, named. Prints the shape mix, then one row per variant: images/s over the sequence, the ratio to
@@ -81,6 +82,14 @@ def graphs_compiled() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
+def cache_lookups() -> tuple[int, int]:
+    """(hits, misses) of Inductor's FX graph cache so far: a graph loaded from, or compiled into,
+    TORCHINDUCTOR_CACHE_DIR."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["inductor"]["fxgraph_cache_hit"]), int(counters["inductor"]["fxgraph_cache_miss"])
+
+
 def run_variant(step, batches, device) -> dict:
     """Warm-up over one batch per shape, then the whole sequence timed."""
     first_of_shape = {}
@@ -88,11 +97,13 @@ def run_variant(step, batches, device) -> dict:
         first_of_shape.setdefault(shape_of(batch), batch)
     graphs, started = graphs_compiled(), time.perf_counter()
     for shape, batch in first_of_shape.items():
-        shape_started, shape_graphs = time.perf_counter(), graphs_compiled()
+        shape_started, shape_graphs, (hits, misses) = time.perf_counter(), graphs_compiled(), cache_lookups()
         step(batch)
         synchronize(device)
+        now_hits, now_misses = cache_lookups()
         print(f"#   warm-up {shape[0]} views x {shape[1]}: {time.perf_counter() - shape_started:.1f}s, "
-              f"{graphs_compiled() - shape_graphs} graphs", flush=True)
+              f"{graphs_compiled() - shape_graphs} graphs (FX graph cache: {now_hits - hits} loaded, "
+              f"{now_misses - misses} compiled)", flush=True)
     warmup_s, warmup_graphs = time.perf_counter() - started, graphs_compiled() - graphs
     if device.type == "cuda":
         gc.collect()
