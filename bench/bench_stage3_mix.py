@@ -41,6 +41,7 @@ from mapanything_ext.config import compose_training  # noqa: E402
 from mapanything_ext.datasets.build import build_dataset  # noqa: E402
 from mapanything_ext.models.registry import build_criteria, build_model_on  # noqa: E402
 from mapanything_ext.train.build import epoch_of_size  # noqa: E402
+from mapanything_ext.train.compile_cache import cache_counters  # noqa: E402
 from mapanything_ext.train.data import build_loader  # noqa: E402
 
 
@@ -82,14 +83,6 @@ def graphs_compiled() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
-def cache_lookups() -> tuple[int, int]:
-    """(hits, misses) of Inductor's FX graph cache so far: a graph loaded from, or compiled into,
-    TORCHINDUCTOR_CACHE_DIR."""
-    from torch._dynamo.utils import counters
-
-    return int(counters["inductor"]["fxgraph_cache_hit"]), int(counters["inductor"]["fxgraph_cache_miss"])
-
-
 def run_variant(step, batches, device) -> dict:
     """Warm-up over one batch per shape, then the whole sequence timed."""
     first_of_shape = {}
@@ -97,13 +90,14 @@ def run_variant(step, batches, device) -> dict:
         first_of_shape.setdefault(shape_of(batch), batch)
     graphs, started = graphs_compiled(), time.perf_counter()
     for shape, batch in first_of_shape.items():
-        shape_started, shape_graphs, (hits, misses) = time.perf_counter(), graphs_compiled(), cache_lookups()
+        shape_started, shape_graphs, lookups = time.perf_counter(), graphs_compiled(), cache_counters()
         step(batch)
         synchronize(device)
-        now_hits, now_misses = cache_lookups()
+        now = cache_counters()
         print(f"#   warm-up {shape[0]} views x {shape[1]}: {time.perf_counter() - shape_started:.1f}s, "
-              f"{graphs_compiled() - shape_graphs} graphs (FX graph cache: {now_hits - hits} loaded, "
-              f"{now_misses - misses} compiled)", flush=True)
+              f"{graphs_compiled() - shape_graphs} graphs (FX graph cache: "
+              f"{now['fxgraph_cache_hit'] - lookups['fxgraph_cache_hit']} loaded, "
+              f"{now['fxgraph_cache_miss'] - lookups['fxgraph_cache_miss']} compiled)", flush=True)
     warmup_s, warmup_graphs = time.perf_counter() - started, graphs_compiled() - graphs
     if device.type == "cuda":
         gc.collect()

@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mapanything_ext.console import warn
+from mapanything_ext.dynamic_dims import mark_leading_dims_dynamic
 from mapanything_ext.geometry.rotations import quaternion_multiply, quaternion_to_matrix
 from mapanything_ext.readback import HostCopy
 
@@ -109,9 +110,10 @@ class BatchedCriterion(nn.Module):
 
     `compile=True` runs it through torch.compile. The views are stacked before the compiled code
     (`stacked`), so it sees tensors of (V, B, ...), not lists whose length it would guard on, and
-    V and B are marked dynamic before the first graph, so one graph with both symbolic serves every
-    view count and batch size (and one more with B = 1, a size Dynamo specializes): Stage 3's nine
-    view counts and five batch sizes compile 2 graphs, not one per shape. At most SHAPE_LIMIT graphs (Dynamo's own recompile limit, 8, would silently send later
+    V and B are marked dynamic before the first graph (`dynamic_dims`), so one graph with both
+    symbolic serves every view count and batch size (and one more with B = 1, a size Dynamo
+    specializes): Stage 3's nine view counts and five batch sizes compile 2 graphs, not one per
+    shape. At most SHAPE_LIMIT graphs (Dynamo's own recompile limit, 8, would silently send later
     shapes to eager mode); Inductor's split reductions off (with them,
     Inductor's scheduler failed an assertion compiling it for 12 views of 518x392 on an H200, torch
     2.11), and the backward compiled with the forward, so that a compile failure shows in the forward
@@ -134,7 +136,9 @@ class BatchedCriterion(nn.Module):
             return self.compute(views, preds)
         try:
             with _backward_compiled_with_forward(), _shape_limit(self.SHAPE_LIMIT):
-                return self._compiled(*_views_and_batch_dynamic(stacked(views, VIEW_KEYS), stacked(preds, PRED_KEYS)))
+                stacks = stacked(views, VIEW_KEYS), stacked(preds, PRED_KEYS)
+                mark_leading_dims_dynamic(stacks)  # V and B: one graph for all of them
+                return self._compiled(*stacks)
         except (torch._dynamo.exc.BackendCompilerFailed, torch._dynamo.exc.FailOnRecompileLimitHit) as err:
             self._eager_shapes.add(shape)
             first_line = str(err).strip().splitlines()[0][:300]
@@ -170,17 +174,6 @@ class BatchedCriterion(nn.Module):
         if spec.mask_weight is not None:
             total = total + spec.mask_weight * _mask_part(views, preds, details)
         return total, details
-
-
-def _views_and_batch_dynamic(*stacks: dict) -> tuple:
-    """The stacked tensors with their view and batch dimensions marked dynamic before Dynamo compiles
-    its first graph: it would otherwise compile a static graph for the first shape, then a symbolic
-    one at the first change."""
-    for stack in stacks:
-        for tensor in stack.values():
-            for dim in range(min(tensor.dim(), 2)):
-                torch._dynamo.maybe_mark_dynamic(tensor, dim)
-    return stacks
 
 
 def _shape_limit(limit: int):

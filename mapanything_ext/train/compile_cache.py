@@ -86,7 +86,7 @@ class CompileCache:
                 _restart_compile_workers()
             os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(self.folder)
             os.environ["TRITON_CACHE_DIR"] = str(self.folder / "triton")
-            self._counters_at_start = _cache_counters()
+            self._counters_at_start = cache_counters()
         return self
 
     def __exit__(self, *exc) -> bool:
@@ -102,7 +102,7 @@ class CompileCache:
         """Say what the cache gave this process so far (rank 0's line, after the first training step)."""
         if self.folder is None:
             return
-        now, start = _cache_counters(), self._counters_at_start
+        now, start = cache_counters(), self._counters_at_start
         d = {k: now[k] - start.get(k, 0) for k in now}
         hits, misses = d["fxgraph_cache_hit"], d["fxgraph_cache_miss"]
         if hits + misses == 0:
@@ -177,7 +177,8 @@ def _compile_seconds() -> str:
     return f"; compile time (s): {', '.join(parts)}" if parts else ""
 
 
-def _cache_counters() -> dict:
+def cache_counters() -> dict:
+    """Inductor's FX graph cache and AOTAutograd's cache lookups so far in this process."""
     from torch._dynamo.utils import counters
 
     return {**{k: counters["inductor"][k] for k in ("fxgraph_cache_hit", "fxgraph_cache_miss", "fxgraph_cache_bypass")},

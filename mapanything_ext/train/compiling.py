@@ -14,6 +14,8 @@ import types
 
 import torch
 
+from mapanything_ext.dynamic_dims import mark_leading_dims_dynamic
+
 # torch.compile's modes; "default" is torch.compile's own default.
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 # The modes that replay compiled parts as CUDA graphs (on a GPU; on a CPU they compile as "default").
@@ -49,8 +51,7 @@ def compile_in_place(module: torch.nn.Module, what, mode: str = "default") -> No
             blocks = _blocks(module, name[:-2])
             _share_one_class(blocks)
             for block in blocks:
-                _compile_module(block, options)
-                block.__class__ = _with_none_for_none_lists(type(block))
+                _compile_module(block, options, none_lists_as_none=True)
             continue
         owner_name, _, attr = name.rpartition(".")
         try:
@@ -60,7 +61,6 @@ def compile_in_place(module: torch.nn.Module, what, mode: str = "default") -> No
             raise ValueError(f"train_params.compile names {name!r}, which the model does not have: {err}") from err
         if isinstance(target, torch.nn.Module):
             _compile_module(target, options)
-            target.__class__ = _with_batch_dims_marked(type(target))
         elif callable(target):
             original = getattr(target, "_uncompiled", target)
             setattr(owner, attr, _with_contiguous_output(torch.compile(original, **options), original))
@@ -115,70 +115,33 @@ def _same_attribute(x, y, a: type, b: type) -> bool:
                for cx, cy in cells)
 
 
-_NONE_LIST_CLASSES: dict[type, type] = {}
-_MARKING_CLASSES: dict[type, type] = {}
+_CALLING_CLASSES: dict[tuple[type, bool], type] = {}
 
 
-def _with_batch_dims_marked(cls: type) -> type:
-    """A subclass of a compiled module's class whose call marks its inputs' leading dimensions
-    dynamic (`_mark_batch_dims_dynamic`) before the compiled code sees them."""
-    if cls.__dict__.get("_batch_dims_marked"):
-        return cls
-    if cls not in _MARKING_CLASSES:
+def _calling_class(cls: type, none_lists_as_none: bool = False) -> type:
+    """A subclass of a compiled module's class whose call prepares the arguments before its compiled
+    code sees them: their leading dimensions marked dynamic (`dynamic_dims`), one graph for every
+    view count and batch size. With `none_lists_as_none` (regional blocks), an argument that is a
+    list or tuple of Nones only is passed as None: uniception's multi-view transformer passes its
+    blocks one position per token, all None where no custom positional encoding is used (its blocks
+    read positions only with one, and then as a tensor), and Dynamo guards on that list's length,
+    which changes with the view count; past its recompile limit (8; Stage 3 has nine view counts) the
+    blocks would run eagerly. Modules of one class get one subclass, so blocks still share their
+    compiled code."""
+    base = cls.__dict__.get("_calling_base", cls)  # compiled again: the class under our subclass
+    key = (base, none_lists_as_none)
+    if key not in _CALLING_CLASSES:
         def __call__(self, *args, **kwargs):
-            _mark_batch_dims_dynamic((args, kwargs))
+            if none_lists_as_none:
+                args = tuple(None if _nones_only(a) else a for a in args)
+                kwargs = {k: None if _nones_only(v) else v for k, v in kwargs.items()}
+            mark_leading_dims_dynamic((args, kwargs))
             return super(subclass, self).__call__(*args, **kwargs)
 
-        subclass = type(cls.__name__, (cls,), {"__call__": __call__, "_batch_dims_marked": True,
-                                               "__module__": cls.__module__, "__qualname__": cls.__qualname__})
-        _MARKING_CLASSES[cls] = subclass
-    return _MARKING_CLASSES[cls]
-
-
-def _with_none_for_none_lists(cls: type) -> type:
-    """A subclass of a block's class whose call hands the block None for an argument that is a list
-    or tuple of Nones only, before its compiled code sees the argument. uniception's multi-view
-    transformer passes its blocks one position per token, all None where no custom positional
-    encoding is used (its blocks read positions only with one, and then as a tensor). Dynamo guards
-    on that list's length, which changes with the view count: it would compile every block again per
-    view count, and Stage 3's nine view counts pass its recompile limit (8), beyond which the blocks
-    run eagerly. Blocks of one class get one subclass, so they still share their compiled code."""
-    if cls.__dict__.get("_none_lists_as_none"):
-        return cls
-    if cls not in _NONE_LIST_CLASSES:
-        def __call__(self, *args, **kwargs):
-            args = tuple(None if _nones_only(a) else a for a in args)
-            kwargs = {k: None if _nones_only(v) else v for k, v in kwargs.items()}
-            _mark_batch_dims_dynamic((args, kwargs))
-            return super(subclass, self).__call__(*args, **kwargs)
-
-        subclass = type(cls.__name__, (cls,), {"__call__": __call__, "_none_lists_as_none": True, "_batch_dims_marked": True,
-                                               "__module__": cls.__module__, "__qualname__": cls.__qualname__})
-        _NONE_LIST_CLASSES[cls] = subclass
-    return _NONE_LIST_CLASSES[cls]
-
-
-# The leading dimensions of a compiled part's inputs: images (views x samples), samples, or tokens
-# (views x tokens per view), which Stage 3 changes from batch to batch.
-BATCH_DIMS = (0, 1)
-
-
-def _mark_batch_dims_dynamic(value) -> None:
-    """Tell Dynamo that the leading dimensions of the tensors a compiled part is called with may
-    change, before it compiles the part's first graph. Without this it compiles a static graph for
-    the first shape and a symbolic one at the first change, for each part in turn as its sizes change
-    (Stage 3's third shape, 8 views of 1 sample after 12 images twice, recompiled the image-batched
-    parts); with it, one graph per part serves every shape. Dynamo still specializes a size of 1 (a
-    batch of one sample), and a size a part's code ties to a constant (a channel count)."""
-    if torch.is_tensor(value):
-        for dim in BATCH_DIMS[:value.dim()]:
-            torch._dynamo.maybe_mark_dynamic(value, dim)
-    elif type(value) in (list, tuple):
-        for item in value:
-            _mark_batch_dims_dynamic(item)
-    elif isinstance(value, dict):
-        for item in value.values():
-            _mark_batch_dims_dynamic(item)
+        subclass = type(base.__name__, (base,), {"__call__": __call__, "_calling_base": base,
+                                                 "__module__": base.__module__, "__qualname__": base.__qualname__})
+        _CALLING_CLASSES[key] = subclass
+    return _CALLING_CLASSES[key]
 
 
 def _nones_only(value) -> bool:
@@ -198,19 +161,20 @@ def _checked_mode(mode: str) -> str:
     return mode
 
 
-def _compile_module(target: torch.nn.Module, options: dict) -> None:
+def _compile_module(target: torch.nn.Module, options: dict, none_lists_as_none: bool = False) -> None:
     # Compiled kernels may return other memory layouts than eager ones (channels-last convolution
     # outputs); code after the compiled part (a loss calling .view) expects eager's layouts.
     if not getattr(target, "_contiguous_hook", False):
         target.register_forward_hook(lambda _module, _inputs, output: _contiguous(output))
         target._contiguous_hook = True
     target.compile(**options)
+    target.__class__ = _calling_class(type(target), none_lists_as_none)
 
 
 def _with_contiguous_output(function, original):
     @functools.wraps(original)
     def call(*args, **kwargs):
-        _mark_batch_dims_dynamic((args, kwargs))
+        mark_leading_dims_dynamic((args, kwargs))
         return _contiguous(function(*args, **kwargs))
 
     call._uncompiled = original
