@@ -138,7 +138,7 @@ def test_the_compiled_row_by_row_sums_compute_the_same_loss_details_and_gradient
 @pytest.mark.slow
 def test_inductors_symbolic_view_count_kernels_compute_the_eager_loss_details_and_gradients():
     """The graphs Stage 3 trains with: Inductor's kernels with the view count and batch size symbolic
-    (the second shape on) and with a batch of one, each against the eager criterion."""
+    (marked dynamic from the first shape) and with a batch of one, each against the eager criterion."""
     from mapanything_ext.losses.loss_selfcheck import loss_details_gradients
 
     torch._dynamo.reset()
