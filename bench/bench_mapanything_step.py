@@ -44,8 +44,9 @@ notes the worst relative difference (loss, details, gradients).
 
 Variants run in the order given on the same model object and compiling is cumulative, so list
 them from least to most compiled (the reference first). --profile writes, per (variant, views),
-the wall and GPU time of each engine phase (forward, loss, backward, optimizer), the operator
-table and the gzipped Chrome trace.
+the wall and GPU time of each engine phase (forward, loss, backward, optimizer), each phase's GPU
+time by kind of kernel (attention, convolution, layout conversion, matrix product, optimizer,
+Triton, copies, other: `KERNEL_KINDS`), the operator table and the gzipped Chrome trace.
 
 A config `Ngc` builds the model with all gradient-checkpointing switches on. Prints one
 table row per (config, variant): seconds per step, images/s, peak GPU memory allocated and
@@ -283,10 +284,41 @@ def phase_table(events: list[dict]) -> str:
         top = "; ".join(f"{n} {t:.1f}" for n, t in sorted(by_name.items(), key=lambda kv: -kv[1])[:4])
         lines.append(f"| {p['name']} | {p['dur'] / 1e3:.1f} | {sum(k['dur'] for k in mine) / 1e3:.1f} | "
                      f"{len(mine)} | {top} |")
+    lines += ["", kind_table(per_phase)]
     if kernels:
         span = max(k["ts"] + k["dur"] for k in kernels) - min(k["ts"] for k in kernels)
         lines.append(f"GPU busy {sum(k['dur'] for k in kernels) / 1e3:.1f} ms of a {span / 1e3:.1f} ms kernel span, "
                      f"{len(kernels)} kernels")
+    return "\n".join(lines)
+
+
+# What a kernel is, by its name (first match wins): where the GPU time goes beyond the top kernels.
+KERNEL_KINDS = (
+    ("attention", ("fmha", "flash", "sdpa", "attention", "attn")),
+    ("convolution", ("conv", "wgrad", "dgrad", "fprop", "implicit_gemm", "xmma_fprop", "winograd")),
+    ("layout", ("nchwtonhwc", "nhwctonchw", "transpose", "permute")),
+    ("matrix product", ("gemm", "nvjet", "cutlass", "xmma", "sm90_", "sm80_", "cublas")),
+    ("optimizer", ("adam", "multi_tensor", "foreach", "lpnorm")),
+    ("compiled (triton)", ("triton",)),
+    ("copy / fill", ("memcpy", "memset", "copy", "fill")),
+)
+
+
+def kernel_kind(name: str) -> str:
+    low = name.lower()
+    return next((kind for kind, keys in KERNEL_KINDS if any(k in low for k in keys)), "other (eager elementwise, norms)")
+
+
+def kind_table(per_phase: dict[str, list[dict]]) -> str:
+    """GPU ms per (phase, kind of kernel): how much of each phase is matrix products and attention,
+    the work that counts toward MFU, and how much is everything between them."""
+    kinds = [k for k, _ in KERNEL_KINDS] + ["other (eager elementwise, norms)"]
+    lines = ["| phase | " + " | ".join(kinds) + " |", "|---|" + "---|" * len(kinds)]
+    for phase, mine in per_phase.items():
+        ms = dict.fromkeys(kinds, 0.0)
+        for k in mine:
+            ms[kernel_kind(k["name"])] += k["dur"] / 1e3
+        lines.append(f"| {phase} | " + " | ".join(f"{ms[k]:.1f}" for k in kinds) + " |")
     return "\n".join(lines)
 
 

@@ -102,6 +102,47 @@ def test_content_problems_are_detected(tmp_path, edit, reason):
     assert not result.valid and reason in result.reason
 
 
+def _with(tensor):
+    return lambda c: c["model"].__setitem__("w", tensor)
+
+
+@pytest.mark.parametrize("edit,finite", [
+    (_with(torch.tensor([1.0, float("nan")], dtype=torch.bfloat16)), False),
+    (_with(torch.tensor([float("-inf"), 2.0], dtype=torch.bfloat16)), False),
+    (_with(torch.tensor([torch.finfo(torch.bfloat16).max, -0.0, 1e-40], dtype=torch.bfloat16)), True),
+    (_with(torch.tensor([float("inf")], dtype=torch.float16)), False),
+    (_with(torch.tensor([0.5, float("nan")], dtype=torch.float64)), False),
+    (_with(torch.zeros(3, 4).index_fill_(1, torch.tensor([3]), float("nan")).t()), False),  # strided view
+    (_with(torch.full((2, 3), torch.finfo(torch.float32).max).t()), True),
+])
+def test_every_float_dtype_is_checked_for_nan_and_inf(tmp_path, edit, finite):
+    """The finite check reads each dtype's bits its own way (numpy for float16/32/64, the exponent
+    bits for bfloat16): a NaN or an infinity in any of them is found, the largest finite value is not."""
+    ckpt = state()
+    edit(ckpt)
+    path = save_on_master(ckpt, tmp_path / "c.pth")
+    result = verify_checkpoint(path)
+    assert result.valid is finite and (finite or "non-finite" in result.reason)
+
+
+def test_a_flipped_byte_deep_in_a_record_larger_than_a_read_is_found_and_named(tmp_path):
+    """The CRC check reads each record in CRC_CHUNK pieces: a byte flipped in the second piece of a
+    large record is found, and the record is named."""
+    from mapanything_ext.checkpoint.verify import CRC_CHUNK
+
+    ckpt = state()
+    ckpt["model"]["big"] = torch.arange(CRC_CHUNK // 4 + 1024, dtype=torch.float32)
+    path = save_on_master(ckpt, tmp_path / "c.pth")
+    data = bytearray(path.read_bytes())
+    value = CRC_CHUNK // 4 + 100  # an element past the first CRC_CHUNK bytes of the record
+    offset = data.find(torch.tensor([float(value)]).numpy().tobytes(), CRC_CHUNK)
+    assert offset > CRC_CHUNK
+    data[offset] ^= 0x01
+    path.write_bytes(data)
+    result = verify_checkpoint(path)
+    assert not result.valid and "integrity mismatch: CRC-32 of record" in result.reason and "data/" in result.reason
+
+
 def test_tampered_manifest_is_an_integrity_mismatch(tmp_path):
     path = save_on_master(state(), tmp_path / "c.pth")
     ckpt = torch.load(path, weights_only=True)

@@ -159,6 +159,28 @@ def test_compile_workers_start_early_only_for_compiling_on_a_gpu_and_never_stop_
     assert "compile workers not started early (RuntimeError: no processes here)" in capsys.readouterr().out
 
 
+def test_the_first_step_counts_graphs_the_cache_cannot_hold_and_names_torchs_reason(tmp_path, caplog):
+    """A post-grad custom pass (as a user's config may set) makes Inductor bypass its FX graph cache:
+    the graph is compiled at every start. The first-step line must not call that "from the cache",
+    and says torch's reason; warnings of the loggers it listens to still reach torch's handlers."""
+    import logging
+
+    cache = CompileCache(tmp_path, tmp_path / "rank0")
+    with cache, torch._inductor.config.patch(post_grad_custom_post_pass=lambda graph: None):
+        torch._dynamo.reset()
+        compiled = torch.compile(lambda x: (x * 2).sin().sum())
+        compiled(torch.randn(8, requires_grad=True)).backward()
+        logging.getLogger("torch._inductor.codecache").warning("a warning passes through")
+        cache.report_first_step()
+    line = next(line for line in caplog.text.splitlines() if "first step:" in line)
+    assert "first step: all " not in line and "compiled now" in line and "at every start: the cache cannot hold them" in line, line
+    assert re.search(r"FX graph cache 0 hits, 0 misses, [1-9]\d* bypasses", line), line
+    assert "not cached: Bypassing FX Graph Cache because 'Unsupported post grad custom pass'" in line, line
+    assert "a warning passes through" in caplog.text
+    logger = logging.getLogger("torch._inductor.codecache")
+    assert logger.propagate and logger.level != logging.INFO and cache._bypasses not in logger.handlers
+
+
 def test_check_ckpt_does_not_search_the_cache(tmp_path):
     (tmp_path / "checkpoint-last.pth").write_bytes(b"")
     cache = tmp_path / "compile_cache" / "torch-x" / "rank0" / "ab"

@@ -27,7 +27,9 @@ folder that cannot be used leaves torch's default folder (/tmp) in place and the
 killed job left broken are removed and listed. At the first training step rank 0 logs how many
 compiled graphs came from the cache. Inductor loads kernels one by one in the training process until
 its compile workers are up, so the engine starts them right after the caches are set
-(start_compile_workers); what that saves is in docs/mapanything.md (Compile cache).
+(start_compile_workers); what that saves is in docs/mapanything.md (Compile cache). A graph torch's
+caches will not hold is compiled at every start; the first-step line counts such graphs and names
+torch's reasons (cache_bypass.py).
 
 Not used: torch.compiler.save_cache_artifacts/load_cache_artifacts (the "mega cache"). It bundles
 the same entries into one blob that load_cache_artifacts writes back into the cache folder; with
@@ -48,6 +50,7 @@ import torch
 
 from mapanything_ext.cluster import distributed as dist
 from mapanything_ext.console import say, warn
+from mapanything_ext.train.cache_bypass import BypassReasons
 from mapanything_ext.train.compile_cache_repair import check_folder, prepare
 
 _ENV = ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")
@@ -61,6 +64,7 @@ class CompileCache:
         self.root, self.folder = root, folder
         self._previous_env: dict = {}
         self._counters_at_start: dict = {}
+        self._bypasses = BypassReasons()
 
     @classmethod
     def for_run(cls, cfg, info: dist.DistInfo, output_dir: Path) -> "CompileCache":
@@ -87,6 +91,7 @@ class CompileCache:
             os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(self.folder)
             os.environ["TRITON_CACHE_DIR"] = str(self.folder / "triton")
             self._counters_at_start = cache_counters()
+            self._bypasses.attach()
         return self
 
     def __exit__(self, *exc) -> bool:
@@ -96,6 +101,7 @@ class CompileCache:
             else:
                 os.environ[name] = value
         self._previous_env = {}
+        self._bypasses.detach()
         return False
 
     def report_first_step(self) -> None:
@@ -104,16 +110,20 @@ class CompileCache:
             return
         now, start = cache_counters(), self._counters_at_start
         d = {k: now[k] - start.get(k, 0) for k in now}
-        hits, misses = d["fxgraph_cache_hit"], d["fxgraph_cache_miss"]
-        if hits + misses == 0:
+        hits, misses, bypasses = d["fxgraph_cache_hit"], d["fxgraph_cache_miss"], d["fxgraph_cache_bypass"]
+        # A bypassed graph is compiled now and at every later start: the cache cannot hold it.
+        compiled = misses + bypasses
+        if hits + compiled == 0:
             verdict = "nothing compiled yet"
-        elif misses == 0:
+        elif compiled == 0:
             verdict = f"all {hits} compiled graphs from the cache"
         else:
-            verdict = f"{hits} of {hits + misses} compiled graphs from the cache, {misses} compiled now"
+            verdict = f"{hits} of {hits + compiled} compiled graphs from the cache, {compiled} compiled now" + (
+                f" ({bypasses} of them at every start: the cache cannot hold them)" if bypasses else "")
         say("compile_cache", f"first step: {verdict} (FX graph cache {hits} hits, {misses} misses, "
-            f"{d['fxgraph_cache_bypass']} bypasses; AOTAutograd cache {d['autograd_cache_hit']} hits, "
-            f"{d['autograd_cache_miss']} misses; rank 0){_compile_seconds()}")
+            f"{bypasses} bypasses; AOTAutograd cache {d['autograd_cache_hit']} hits, "
+            f"{d['autograd_cache_miss']} misses; rank 0){self._bypasses.summary()}{_compile_seconds()}")
+        self._bypasses.detach()
 
 
 def cache_root(cfg, output_dir: Path) -> Path | None:
