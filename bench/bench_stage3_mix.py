@@ -12,8 +12,8 @@ same order. Variants (bench/bench_mapanything_step.py): `reference` is MapAnythi
 `batched_compile_regional_parts_loss` the setting docs/mapanything.md recommends with checkpointing.
 
 Per variant: a warm-up of one batch per distinct shape (for a compiled variant: its compile time,
-printed per shape as it goes, with the graphs Inductor loaded from its cache or compiled; run again
-with the same TORCHINDUCTOR_CACHE_DIR: a restart's),
+printed per shape as it goes, with the graphs Inductor loaded from its cache, compiled, or compiled
+and could not cache; run again with the same TORCHINDUCTOR_CACHE_DIR: a restart's),
 then every batch of the sequence timed. Dynamo's silent fallback to eager mode past its recompile
 limit is turned into an error here (`fail_on_recompile_limit_hit`): a variant that would fall back
 fails, named. Prints the shape mix, then one row per variant: images/s over the sequence, the ratio to
@@ -93,11 +93,11 @@ def run_variant(step, batches, device) -> dict:
         shape_started, shape_graphs, lookups = time.perf_counter(), graphs_compiled(), cache_counters()
         step(batch)
         synchronize(device)
-        now = cache_counters()
+        d = {key: value - lookups[key] for key, value in cache_counters().items()}
         print(f"#   warm-up {shape[0]} views x {shape[1]}: {time.perf_counter() - shape_started:.1f}s, "
-              f"{graphs_compiled() - shape_graphs} graphs (FX graph cache: "
-              f"{now['fxgraph_cache_hit'] - lookups['fxgraph_cache_hit']} loaded, "
-              f"{now['fxgraph_cache_miss'] - lookups['fxgraph_cache_miss']} compiled)", flush=True)
+              f"{graphs_compiled() - shape_graphs} graphs (FX graph cache: {d['fxgraph_cache_hit']} loaded, "
+              f"{d['fxgraph_cache_miss']} compiled, {d['fxgraph_cache_bypass']} compiled that it cannot hold)",
+              flush=True)
     warmup_s, warmup_graphs = time.perf_counter() - started, graphs_compiled() - graphs
     if device.type == "cuda":
         gc.collect()
