@@ -81,8 +81,8 @@ def verify_checkpoint(path) -> CheckResult:
 def _read_failure(err: BaseException) -> CheckpointReadError | None:
     """err as a read failure of the machine, or None when it speaks about the file's content."""
     if isinstance(err, MemoryError):
-        text = str(err).strip()  # often empty: say what a MemoryError is
-        return CheckpointReadError(f"MemoryError: {text.splitlines()[0][:200] if text else os.strerror(errno.ENOMEM)}")
+        # Its text is often empty: then say what a MemoryError is.
+        return CheckpointReadError(f"MemoryError: {_first_line(err) if str(err).strip() else os.strerror(errno.ENOMEM)}")
     if isinstance(err, OSError) and err.errno is not None:
         return CheckpointReadError(f"{errno.errorcode.get(err.errno, err.errno)}: {err.strerror or err}")
     if isinstance(err, RuntimeError) and any(text in str(err) for text in _OS_ERROR_TEXTS):
@@ -219,7 +219,7 @@ def _content_problem(ckpt) -> str | None:
     actual = tensor_manifest({**body, "format_version": FORMAT_VERSION})
     if not isinstance(expected, dict) or any(expected.get(k) != actual[k] for k in ("num_tensors", "num_bytes")):
         return f"integrity mismatch: manifest says {expected}, file holds {actual}"
-    floats = [tensor for tensor in iter_tensors(body) if tensor.is_floating_point() and tensor.numel()]
+    floats = [tensor for tensor in iter_tensors(body) if tensor.is_floating_point()]
     if not _all_finite(floats):
         return "non-finite tensors: NaN or Inf in the saved state"
     return _range_problem(ckpt)
