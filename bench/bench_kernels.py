@@ -25,6 +25,8 @@ loss of one forward against the same weights under torch's choices (bf16 noise o
 and the achieved TFLOP/s where the profiler counts FLOPs: matrix products and convolutions), which
 names what to work on next. A compiled variant compiles once with the baseline's choices; the SDPA
 settings then take effect only in what runs eagerly, so compare SDPA backends without --compiled.
+A setting that changes the weights' layout (channels_last_heads) compiles the parts again for itself
+(the compiled code asserts the strides it was traced with), its compile falling in the warm-up steps.
 Needs MapAnything, the DINOv2 hub code in $TORCH_HOME/hub and a GPU (--tiny --device cpu checks the
 script anywhere).
 """
@@ -53,6 +55,8 @@ from mapanything_ext.models.registry import build_criteria, build_model_on  # no
 from mapanything_ext.train.data import to_device  # noqa: E402
 
 DPT_HEADS = ("dpt_feature_head", "dpt_regressor_head")
+# Settings that change a weight's strides: compiled code traced before them asserts the old strides.
+RELAYOUT = {"channels_last_heads"}
 
 
 def _sdpa_first(*first: SDPBackend):
@@ -174,14 +178,20 @@ def main() -> None:
         for setting in settings:
             gc.collect()
             plain = fixed_loss(model, criterion.batched, on_device)  # the same weights, torch's choices
+            recompile = setting in RELAYOUT and args.compiled != "batched"
             with SETTINGS[setting](model, optimizer):
-                loss = fixed_loss(model, criterion.batched, on_device)
                 try:
+                    if recompile:
+                        torch._dynamo.reset()
+                    loss = fixed_loss(model, criterion.batched, on_device)
                     seconds, peak, _ = measure(step, batch, args.steps, args.warmup, device)
                 except Exception as err:  # a backend that refuses a shape: named, then go on
                     print(f"| {setting} | failed: {type(err).__name__}: {str(err)[:150]} | | | | | |", flush=True)
                     optimizer.zero_grad(set_to_none=True)
                     continue
+                finally:
+                    if recompile:  # back to the layout the next setting's compiled code expects
+                        torch._dynamo.reset()
                 if setting == "baseline":
                     base = seconds
                     if args.profile and device.type == "cuda":

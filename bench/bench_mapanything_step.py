@@ -37,6 +37,8 @@ generator; 24 views repeat its 12), batch 1, bf16 autocast, random init (full v1
   batched_compile_parts_loss  batched_compile_post_loss without _encode_and_fuse_optional_geometric_inputs
                   (the setting docs/mapanything.md recommends without gradient checkpointing: that method
                   breaks into 16 small graphs that cost ~40 s at every start and no speed)
+  batched_graphs_parts_loss  batched_compile_parts_loss with train_params.compile_mode=reduce-overhead
+                  (each compiled part replayed as one CUDA graph: what the host's launches cost)
 
 Before the batched variants run, each view count's batch goes through both criteria once
 (losses/loss_selfcheck.compare, float32 on the GPU, the model's own predictions) and the table
@@ -104,7 +106,8 @@ COMPILE = {"engine": (None, False, "default"), "engine_compile": (["encoder", "i
            "batched_compile_post_loss": (POST, True, "default"),
            "batched_compile_regional_loss": (REGIONAL, True, "default"),
            "batched_compile_regional_parts_loss": (REGIONAL_PARTS, True, "default"),
-           "batched_compile_parts_loss": (HEADS + ["downstream_head"], True, "default")}
+           "batched_compile_parts_loss": (HEADS + ["downstream_head"], True, "default"),
+           "batched_graphs_parts_loss": (HEADS + ["downstream_head"], True, "reduce-overhead")}
 TINY = ["model.encoder.size=small", "model.encoder.keep_first_n_layers=2", "model.info_sharing.module_args.depth=3",
         "model.info_sharing.module_args.dim=192", "model.info_sharing.module_args.num_heads=3",
         "model.info_sharing.module_args.indices=[0,1]", "model.pred_head.feature_head.feature_dim=32"]
