@@ -159,6 +159,25 @@ def test_compile_workers_start_early_only_for_compiling_on_a_gpu_and_never_stop_
     assert "compile workers not started early (RuntimeError: no processes here)" in capsys.readouterr().out
 
 
+def test_the_bypass_listener_passes_a_child_loggers_warning_on_once(caplog):
+    """A warning of a logger below a listened one reaches the handlers above exactly once (the
+    listened logger does not propagate; its listener hands warnings on), and its INFO reasons count."""
+    import logging
+
+    from mapanything_ext.train.cache_bypass import LOGGERS, BypassReasons
+
+    child = logging.getLogger(LOGGERS[0] + ".child")
+    with caplog.at_level(logging.WARNING):
+        listener = BypassReasons().attach()
+        try:
+            child.warning("disk cache full")
+            child.info("Bypassing FX Graph Cache because 'a reason'")
+        finally:
+            listener.detach()
+    assert [r.getMessage() for r in caplog.records if r.name == child.name] == ["disk cache full"]
+    assert listener.reasons == {"Bypassing FX Graph Cache because 'a reason'": 1}
+
+
 def test_the_first_step_counts_graphs_the_cache_cannot_hold_and_names_torchs_reason(tmp_path, caplog):
     """A post-grad custom pass (as a user's config may set) makes Inductor bypass its FX graph cache:
     the graph is compiled at every start. The first-step line must not call that "from the cache",

@@ -44,13 +44,19 @@ class BypassReasons(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         if record.levelno >= logging.WARNING:
-            logger = logging.getLogger(record.name)
-            if logger.parent is not None:
-                logger.parent.handle(record)
+            # On to the handlers above the listened logger (which stops propagation), not above the
+            # record's own logger: a child's parent is the listened logger, whose handler is this one.
+            parent = self._listened(record.name).parent
+            if parent is not None:
+                parent.handle(record)
             return
         message = record.getMessage().strip()
         if any(key in message for key in _KEPT):
             self.reasons[" ".join(message.splitlines()[0].split())[:200]] += 1
+
+    def _listened(self, name: str) -> logging.Logger:
+        return next(logger for logger, _, _ in self._attached
+                    if name == logger.name or name.startswith(logger.name + "."))
 
     def summary(self) -> str:
         """'; not cached: <reason> (x2); <reason>' or '' when nothing was bypassed."""
